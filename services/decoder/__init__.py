@@ -1,0 +1,1 @@
+"""Decoder workers: continuous batching of Pixtral's language model over a paged KV cache."""

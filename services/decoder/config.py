@@ -1,0 +1,42 @@
+"""Decoder configuration: flags or PIXTRAL_* environment variables, read once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.settings import load_config, option
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Pixtral decoder worker: continuous batching over a paged KV cache, tokens streamed over gRPC."""
+
+    model: str = option("tiny", "checkpoint directory, or 'tiny' for the built-in tiny model")
+    redis: str = option("redis://127.0.0.1:6379/0", "Redis URL of the embedding cache")
+    host: str = option("0.0.0.0", "address to listen on")
+    port: int = option(50061, "gRPC port")
+    device: str = option("cpu", "cpu or cuda")
+    max_num_seqs: int = option(64, "sequences decoded together at most")
+    max_num_batched_tokens: int = option(2048, "tokens in one forward pass (chunked-prefill budget)")
+    max_queued: int = option(256, "requests queued beyond max_num_seqs before RESOURCE_EXHAUSTED")
+    max_model_len: int = option(0, "prompt + generated tokens per request; 0: the model's, capped by the KV cache")
+    block_size: int = option(16, "tokens per KV-cache block")
+    kv_cache_gib: float = option(0.0, "KV cache size; 0: 0.25 GiB on CPU, what is free after the weights on CUDA")
+    gpu_memory_utilization: float = option(0.9, "share of the GPU's memory this process may use (CUDA, auto KV)")
+    cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (CUDA only)")
+    drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
+    log_level: str = option("info", "log level")
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size) <= 0:
+            raise ValueError("--max-num-seqs, --max-num-batched-tokens and --block-size must be positive")
+        if self.max_queued < 0 or self.max_model_len < 0 or self.kv_cache_gib < 0:
+            raise ValueError("--max-queued, --max-model-len and --kv-cache-gib must not be negative")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+
+    @staticmethod
+    def load(argv=None) -> DecoderConfig:
+        return load_config(DecoderConfig, argv)

@@ -1,0 +1,70 @@
+"""Builds the engine from the config: loads the weights, sizes the KV cache once, wires the parts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from services.decoder.attention import KVCache
+from services.decoder.block_manager import BlockManager
+from services.decoder.config import DecoderConfig
+from services.decoder.engine import Engine
+from services.decoder.model import PixtralDecoder, TextModelSpec, load_decoder
+from services.decoder.model_runner import ModelRunner
+from services.decoder.scheduler import Scheduler, SchedulerConfig
+from shared import checkpoint
+from shared.tiny import resolve_model
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+CPU_KV_GIB = 0.25
+# Activations of one forward pass, per batched token (hidden, fused qkv and gate/up, attention output), with room.
+ACTIVATION_BYTES_PER_TOKEN = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedEngine:
+    engine: Engine
+    spec: TextModelSpec
+    fingerprint: str
+    max_model_len: int
+
+
+def kv_budget_bytes(config: DecoderConfig, device: torch.device) -> int:
+    if config.kv_cache_gib:
+        return int(config.kv_cache_gib * GIB)
+    if device.type != "cuda":
+        return int(CPU_KV_GIB * GIB)
+    free, total = torch.cuda.mem_get_info(device)
+    reserve = GIB + config.max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN
+    return int(total * config.gpu_memory_utilization) - (total - free) - reserve
+
+
+def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch.device) -> tuple[Engine, int]:
+    """An engine over `model` with the KV cache sized by the config; returns it and the context length."""
+    spec, dtype = model.spec, model.embed_tokens.weight.dtype
+    block_bytes = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, dtype)
+    num_blocks = kv_budget_bytes(config, device) // block_bytes
+    if num_blocks < 1:
+        raise MemoryError("no memory left for the KV cache: lower --max-num-batched-tokens or free the device")
+    cache = KVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
+    max_model_len = min(config.max_model_len or spec.max_position_embeddings, num_blocks * config.block_size)
+    scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+                          BlockManager(num_blocks, config.block_size))
+    log.info("KV cache: %d blocks of %d tokens, %.2f GiB, %d tokens in all; context length %d",
+             num_blocks, config.block_size, cache.num_bytes / GIB, num_blocks * config.block_size, max_model_len)
+    return Engine(ModelRunner(model, cache, device), scheduler, config.max_queued), max_model_len
+
+
+def build_engine(config: DecoderConfig) -> LoadedEngine:
+    model_dir = resolve_model(config.model)
+    device = torch.device(config.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_decoder(model_dir, dtype, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    log.info("decoder weights: %.2f GiB (%s on %s)", weight_bytes / GIB, dtype, device)
+    engine, max_model_len = build_engine_for(model, config, device)
+    return LoadedEngine(engine, model.spec, checkpoint.vision_fingerprint(model_dir), max_model_len)

@@ -1,0 +1,232 @@
+"""The Pixtral language model (Mistral-NeMo architecture) plus the multimodal projector, over a paged KV cache.
+
+Numerically this follows transformers' MistralForCausalLM op for op (RMSNorm in float32, rotate-half RoPE with
+float32 angles, SDPA with the same scale), so float32 greedy output equals LlavaForConditionalGeneration on CPU.
+Differences from it are for serving: q/k/v and gate/up projections are fused into one matmul each, tokens of
+all sequences of a step are flattened into one [T, hidden] batch, and attention reads and writes the paged cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.decoder.attention import AttentionBackend, AttentionMetadata
+from shared import checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class TextModelSpec:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    vision_hidden_size: int   # input width of the projector (features are cached before it)
+    image_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+
+    @staticmethod
+    def from_config(config) -> TextModelSpec:
+        text = config.text_config
+        rope = getattr(text, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise checkpoint.CheckpointError(f"unsupported text rope_type {rope.get('rope_type')}")
+        if config.projector_hidden_act != "gelu" or text.hidden_act != "silu":
+            raise checkpoint.CheckpointError("expected a gelu projector and a silu text MLP")
+        return TextModelSpec(
+            vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 1e9))),
+            rms_norm_eps=text.rms_norm_eps, max_position_embeddings=text.max_position_embeddings,
+            vision_hidden_size=config.vision_config.hidden_size, image_token_id=config.image_token_index,
+            bos_token_id=text.bos_token_id if text.bos_token_id is not None else 1,
+            eos_token_id=text.eos_token_id if text.eos_token_id is not None else 2)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Per token, all layers, keys and values, at 2 bytes (bf16) an element; scale for other dtypes."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE; angles in float32, as in transformers' default rope."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]   # [T, head_dim / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)                    # [T, head_dim]
+        return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: TextModelSpec, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(spec.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = Rotary.apply(q.view(-1, self.num_heads, self.head_dim), *cos_sin)     # [T, H, D]
+        k = Rotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)  # [T, Hkv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = backend.forward(self.layer_index, q, k, v, meta)                    # [T, H, D]
+        return self.o_proj(out.reshape(out.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: TextModelSpec) -> None:
+        super().__init__()
+        self.intermediate_size = spec.intermediate_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: TextModelSpec, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer_index)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos_sin, meta, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Projector(nn.Module):
+    """Vision features [N, vision_hidden] -> text embeddings [N, hidden] (LlavaMultiModalProjector)."""
+
+    def __init__(self, spec: TextModelSpec) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(spec.vision_hidden_size, spec.hidden_size, bias=True)
+        self.linear_2 = nn.Linear(spec.hidden_size, spec.hidden_size, bias=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(features)))
+
+
+class PixtralDecoder(nn.Module):
+    def __init__(self, spec: TextModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.projector = Projector(spec)
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None,
+              image_rows: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with projected image features written at the [IMG] rows (others keep theirs)."""
+        hidden = self.embed_tokens(input_ids)                                    # [T, hidden]
+        if image_features is not None and image_rows is not None and image_rows.numel():
+            projected = self.projector(image_features.to(hidden.dtype))          # [N, hidden]
+            hidden = hidden.index_copy(0, image_rows, projected)
+        return hidden
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                backend: AttentionBackend, logits_rows: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] embeddings -> [len(logits_rows), vocab] float32 logits of the selected rows."""
+        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos_sin, meta, backend)
+        hidden = self.norm(hidden.index_select(0, logits_rows))
+        return self.lm_head(hidden).float()
+
+
+def _fuse(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> this module's names, concatenating q/k/v and gate/up."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.startswith("layers."):
+            continue
+        out[name] = tensor
+    for i in range(num_layers):
+        p = f"layers.{i}."
+        out[p + "self_attn.qkv_proj.weight"] = torch.cat(
+            [tensors.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
+        out[p + "self_attn.o_proj.weight"] = tensors.pop(p + "self_attn.o_proj.weight")
+        out[p + "mlp.gate_up_proj.weight"] = torch.cat(
+            [tensors.pop(p + "mlp.gate_proj.weight"), tensors.pop(p + "mlp.up_proj.weight")], dim=0)
+        out[p + "mlp.down_proj.weight"] = tensors.pop(p + "mlp.down_proj.weight")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[p + norm + ".weight"] = tensors.pop(p + norm + ".weight")
+    return out
+
+
+def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device) -> PixtralDecoder:
+    """Reads only `language_model.*` and `multi_modal_projector.*` from the checkpoint."""
+    config = checkpoint.load_config(model_dir)
+    spec = TextModelSpec.from_config(config)
+    text = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("language_model"), dtype, device)
+    projector = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("projector"), dtype, device)
+    state = _fuse(text, spec.num_layers)
+    state.update({"projector." + name: tensor for name, tensor in projector.items()})
+    with torch.device("meta"):
+        model = PixtralDecoder(spec)
+    model.load_state_dict(state, strict=False, assign=True)
+    # Non-persistent buffers are not in the checkpoint: rebuild them on the real device.
+    model.rotary = Rotary(spec.head_dim, spec.rope_theta).to(device)
+    missing = [name for name, param in model.named_parameters() if param.is_meta]
+    if missing:
+        raise checkpoint.CheckpointError(f"{model_dir}: missing tensors {missing[:5]}")
+    return model.eval().requires_grad_(False)
+
+
+def random_decoder(spec: TextModelSpec, dtype: torch.dtype, device: torch.device, seed: int = 0) -> PixtralDecoder:
+    """Random weights at `spec`'s shape, made directly on `device` (benchmarks of the full shape)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = PixtralDecoder(spec).to(dtype)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            continue
+        param.data.normal_(0.0, 0.02)
+    model.rotary = Rotary(spec.head_dim, spec.rope_theta).to(device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,143 @@
+"""Continuous batching: which sequences run in the next forward pass, and how many of their tokens.
+
+Pure Python (no torch), unit tested on its own. Every step has a token budget shared by all sequences:
+decoding sequences take one token each, prompts are prefilled in chunks of what is left of the budget, so a
+long image prompt never stalls the streams that are decoding. Older sequences come first; when KV blocks run
+out, the newest running sequence is preempted (its blocks freed) and recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.decoder.block_manager import BlockManager
+from services.decoder.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int            # sequences holding KV blocks at once
+    max_num_batched_tokens: int  # tokens in one forward pass (the chunked-prefill budget)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int        # position of the first token computed in this step
+    num_tokens: int   # tokens computed in this step
+
+    @property
+    def is_sampling(self) -> bool:
+        """The chunk reaches the end of the sequence, so its last logits give the next token."""
+        return self.start + self.num_tokens == len(self.seq)
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(chunk.num_tokens == 1 and chunk.is_sampling for chunk in self.chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()   # by arrival; preempted sequences return to the front
+        self.running: list[Sequence] = []         # by arrival
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, num_tokens, batch):
+                break  # seq itself was preempted: it was the newest left
+            self.block_manager.allocate(seq, num_tokens)
+            batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+            index += 1
+        # Admit new sequences only when nothing had to be preempted: they would take the blocks just freed.
+        while (self.waiting and budget > 0 and not batch.preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, num_tokens):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.block_manager.allocate(seq, num_tokens)
+            self.running.append(seq)
+            batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+        return batch
+
+    def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Preempts the newest running sequences until `seq` fits; False if `seq` had to go itself."""
+        while not self.block_manager.can_allocate(seq, num_tokens):
+            victim = self.running.pop()
+            self.block_manager.free(victim)
+            victim.reset_for_recompute()
+            self.waiting.appendleft(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Records the step's results; `sampled[i]` is the token of chunk i (None if it was not sampling).
+
+        Returns the sequences that gained a token, finished ones included.
+        """
+        advanced = []
+        for chunk, token_id in zip(batch.chunks, sampled, strict=True):
+            seq = chunk.seq
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += chunk.num_tokens
+            if not chunk.is_sampling:
+                continue
+            reason = seq.append_token(token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+            advanced.append(seq)
+        return advanced
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                self.finish(seq, reason)
+                return seq
+        return None

@@ -1,0 +1,85 @@
+"""Per-request state of the decoder engine. Pure Python: the scheduler and block manager read nothing else."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"    # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"    # holds KV blocks; prefilling in chunks or decoding
+    FINISHED = "finished"  # done; its blocks are free
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"            # end-of-sequence token
+    LENGTH = "length"        # max_tokens or the context length
+    CANCELLED = "cancelled"  # the caller went away or the engine shut down
+    ERROR = "error"          # the forward pass failed
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Resolved sampling parameters (defaults applied and validated upstream)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0        # in (0, 1]
+    top_k: int = 0            # 0: no limit
+    seed: int = 0             # the sampler's noise is a function of (seed, output index)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class Sequence:
+    request_id: str
+    token_ids: list[int]            # prompt followed by the generated tokens
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    max_model_len: int              # prompt + generated tokens never exceed this
+    arrival: int                    # admission order: older sequences are served first, newer ones preempted first
+    images: Any = None              # opaque to the scheduler: the model runner's image features for [IMG] positions
+    eos_token_id: int = 2
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0    # tokens whose KV entries are written
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> FinishReason | None:
+        """Adds a sampled token and says whether the sequence is now finished."""
+        self.token_ids.append(token_id)
+        if token_id == self.eos_token_id:
+            return FinishReason.STOP
+        if self.num_output_tokens >= self.sampling.max_tokens or len(self.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def reset_for_recompute(self) -> None:
+        """After preemption its KV entries are gone: the prompt and the tokens so far are prefilled again."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING

@@ -1,0 +1,98 @@
+"""The decoder's request logic between the transport and the engine: validation, image features, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from services.decoder.engine import Engine, EngineOutput
+from services.decoder.features import FeatureStore
+from services.decoder.model import TextModelSpec
+from services.decoder.model_runner import ImageInputs
+from services.decoder.sequence import FinishReason, SamplingParams, Sequence
+from shared.errors import InvalidRequest, Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    sha256: str
+    grid_height: int
+    grid_width: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    images: list[ImageRef]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
+class DecoderService:
+    def __init__(self, engine: Engine, features: FeatureStore, spec: TextModelSpec, max_model_len: int) -> None:
+        self.engine = engine
+        self.features = features
+        self.spec = spec
+        self.max_model_len = max_model_len
+        self._arrivals = itertools.count()
+
+    def _validate(self, request: GenerateRequest) -> None:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequest("prompt_token_ids: empty")
+        if max(ids) >= self.spec.vocab_size:
+            raise InvalidRequest(f"prompt_token_ids: id {max(ids)} outside the vocabulary of {self.spec.vocab_size}")
+        if request.max_tokens <= 0:
+            raise InvalidRequest(f"sampling.max_tokens: must be > 0, got {request.max_tokens}")
+        if len(ids) + request.max_tokens > self.max_model_len:
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                                 f"context length of {self.max_model_len}")
+        num_image_tokens = sum(1 for token in ids if token == self.spec.image_token_id)
+        num_rows = sum(image.grid_height * image.grid_width for image in request.images)
+        if num_image_tokens != num_rows:
+            raise InvalidRequest(f"images: {num_rows} embedding rows for {num_image_tokens} [IMG] tokens")
+
+    async def _image_inputs(self, request: GenerateRequest) -> ImageInputs | None:
+        if not request.images:
+            return None
+        features = await self.features.fetch(
+            [(image.sha256, (image.grid_height, image.grid_width)) for image in request.images])
+        ids = torch.tensor(request.prompt_token_ids)
+        positions = torch.nonzero(ids == self.spec.image_token_id).flatten()
+        return ImageInputs(features=features, positions=positions)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
+        """Streams the engine's outputs; the last one has finish_reason. Cancelling the iteration aborts."""
+        self._validate(request)
+        images = await self._image_inputs(request)
+        arrival = next(self._arrivals)
+        sampling = SamplingParams(
+            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+            top_k=request.top_k, seed=request.seed if request.seed is not None else secrets.randbits(63))
+        seq = Sequence(request_id=f"{request.request_id}#{arrival}", token_ids=list(request.prompt_token_ids),
+                       num_prompt_tokens=len(request.prompt_token_ids), sampling=sampling,
+                       max_model_len=self.max_model_len, arrival=arrival, images=images,
+                       eos_token_id=self.spec.eos_token_id)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self.engine.add(seq, lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output))
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                finished = output.finish_reason is not None
+                yield output
+                if output.finish_reason is FinishReason.ERROR:
+                    raise Unavailable(f"decoder failed during generation: {output.error}")
+        finally:
+            if not finished:
+                self.engine.abort(seq.request_id)

@@ -1,0 +1,1 @@
+"""The public gateway: validation, tokenization, image encoding through the pool, streaming from a decoder."""

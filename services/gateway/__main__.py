@@ -1,0 +1,66 @@
+"""`python -m services.gateway`: the public gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aioredis
+
+from pixtral.v1 import gateway_pb2_grpc
+from services.gateway.chat import ChatService
+from services.gateway.config import GatewayConfig
+from services.gateway.decoders import DecoderPool
+from services.gateway.prompt import PromptBuilder
+from services.gateway.server import GatewayServicer
+from services.gateway.vision_pool import VisionPool
+from shared import checkpoint
+from shared.grpc_server import GrpcServer, install_stop_signals
+from shared.health import watch_redis
+from shared.logs import setup_logging
+from shared.tiny import resolve_model
+
+log = logging.getLogger("services.gateway")
+
+# Pixtral-12B's context; its config's max_position_embeddings (1024000) is larger than what it was trained for.
+DEFAULT_CONTEXT = 131072
+
+
+async def serve(config: GatewayConfig) -> None:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    server = GrpcServer(f"{config.host}:{config.port}", max_message_bytes=config.max_message_bytes)
+    servicer = GatewayServicer()
+    server.add(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, "pixtral.v1.Gateway")
+    server.enable_reflection()
+    await server.start()
+    model_dir = resolve_model(config.model)
+    model_config = await asyncio.to_thread(checkpoint.load_config, model_dir)
+    fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
+    max_model_len = config.max_model_len or min(DEFAULT_CONTEXT, model_config.text_config.max_position_embeddings)
+    builder = await asyncio.to_thread(PromptBuilder, config.max_image_pixels)
+    client = aioredis.from_url(config.redis)
+    pool = VisionPool(client, fingerprint, config.lock_ttl_s)
+    await pool.start()
+    decoders = DecoderPool(config.decoder_addresses)
+    servicer.service = ChatService(config, builder, pool, decoders, max_model_len)
+    watcher = asyncio.create_task(watch_redis(client, server.set_serving))
+    log.info("ready on port %d (model fingerprint %s, context %d, decoders %s)", server.port, fingerprint,
+             max_model_len, ",".join(config.decoder_addresses))
+    await stop.wait()
+    log.info("draining for up to %.0f s", config.drain_grace_s)
+    watcher.cancel()
+    await server.stop(config.drain_grace_s)
+    await pool.close()
+    await decoders.close()
+    await client.aclose()
+
+
+def main() -> None:
+    config = GatewayConfig.load()
+    setup_logging("gateway", config.log_level)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The gateway's request logic: validate, tokenize, get images encoded, stream text from a decoder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.gateway.config import GatewayConfig
+from services.gateway.decoders import DecodeRequest, DecoderPool
+from services.gateway.detokenizer import IncrementalDetokenizer, StopMatcher
+from services.gateway.prompt import ImageFile, Prompt, PromptBuilder, resolve_image
+from services.gateway.request import ChatInput, ImageSource, Role, Sampling, validate_sampling
+from services.gateway.vision_pool import EnsureResult, VisionPool
+from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest, ServiceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int
+    cached_images: int
+    encoded_images: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDelta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None   # on the last delta: "stop", "length", "cancelled" or "error"
+    usage: Usage | None = None         # on the last delta
+
+
+class ChatService:
+    def __init__(self, config: GatewayConfig, builder: PromptBuilder, pool: VisionPool, decoders: DecoderPool,
+                 max_model_len: int) -> None:
+        self.config = config
+        self.builder = builder
+        self.pool = pool
+        self.decoders = decoders
+        self.max_model_len = max_model_len
+
+    # -- prompt -------------------------------------------------------------------------------------------------
+
+    def _check_messages(self, chat: ChatInput) -> list[ImageSource]:
+        if not chat.messages:
+            raise InvalidRequest("messages: at least one message is needed")
+        images = []
+        for message in chat.messages:
+            if message.role is None:
+                raise InvalidRequest(f"{message.field}.role: must be system, user or assistant")
+            for part in message.parts:
+                if isinstance(part, ImageSource):
+                    if message.role is not Role.USER:
+                        raise InvalidRequest(f"{part.field}: only user messages may hold images")
+                    images.append(part)
+        if chat.messages[-1].role is not Role.USER:
+            raise InvalidRequest(f"messages[{len(chat.messages) - 1}].role: the last message must be the user's")
+        # Counted before anything is decoded or hashed.
+        if len(images) > self.config.max_images:
+            raise InvalidRequest(f"messages: at most {self.config.max_images} images, got {len(images)}")
+        return images
+
+    async def prompt(self, chat: ChatInput) -> Prompt:
+        sources = self._check_messages(chat)
+        files: dict[str, ImageFile] = {src.field: resolve_image(src, self.config.max_image_bytes) for src in sources}
+        ref_grids = {}
+        for file in files.values():
+            if file.data is None and file.sha256 not in ref_grids:
+                header = await self.pool.probe(file.sha256)
+                if header is None:
+                    raise ImageNotCached(f"{file.field}.sha256: image {file.sha256} is not cached; send its bytes",
+                                         file.sha256)
+                ref_grids[file.sha256] = (header.grid_height, header.grid_width)
+        # mistral-common is CPU work: keep the event loop free for other streams.
+        return await asyncio.to_thread(self.builder.build, chat.messages, files, ref_grids)
+
+    def _max_tokens(self, prompt: Prompt, sampling: Sampling) -> int:
+        room = self.max_model_len - len(prompt.token_ids)
+        if sampling.max_tokens is None:
+            if room <= 0:
+                raise InvalidRequest(f"messages: the prompt has {len(prompt.token_ids)} tokens, the context "
+                                     f"length is {self.max_model_len}")
+            return min(self.config.default_max_tokens, room)
+        if sampling.max_tokens > room:
+            raise InvalidRequest(f"sampling.max_tokens: prompt ({len(prompt.token_ids)} tokens) + max_tokens "
+                                 f"({sampling.max_tokens}) exceeds the context length of {self.max_model_len}")
+        return sampling.max_tokens
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    async def chat(self, chat: ChatInput, timeout_s: float | None) -> AsyncIterator[ChatDelta]:
+        """Streams text deltas; the last delta carries finish_reason and usage."""
+        give_up = None if timeout_s is None else time.monotonic() + timeout_s
+        sampling = validate_sampling(chat.sampling, self.config.max_stop_strings)
+        prompt = await self.prompt(chat)
+        request = DecodeRequest(
+            request_id=chat.request_id, token_ids=prompt.token_ids,
+            images=[(image.sha256, image.grid_height, image.grid_width) for image in prompt.images],
+            max_tokens=self._max_tokens(prompt, sampling), temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, seed=sampling.seed)
+        ensured = await self._ensure_images(prompt, chat.request_id, give_up)
+        detokenizer = IncrementalDetokenizer(self.builder.tokenizer)
+        stops = StopMatcher(sampling.stop)
+        num_completion, finish_reason = 0, None
+        try:
+            async for output in self._decode(request, prompt, ensured, give_up):
+                if isinstance(output, EnsureResult):
+                    ensured = output
+                    continue
+                num_completion += len(output.token_ids)
+                text, is_stopped = stops.feed(detokenizer.add(output.token_ids))
+                if is_stopped:
+                    finish_reason = "stop"
+                elif output.finish_reason is not None:
+                    finish_reason = output.finish_reason
+                    text += stops.feed(detokenizer.flush())[0] + stops.flush()
+                if text or output.token_ids:
+                    yield ChatDelta(text, output.token_ids)
+                if finish_reason is not None:
+                    break  # leaving the decoder stream cancels it, which frees its slot at once
+        except ServiceError:
+            if num_completion:
+                yield ChatDelta("", [], "error", self._usage(prompt, num_completion, ensured))
+            raise
+        yield ChatDelta("", [], finish_reason or "error", self._usage(prompt, num_completion, ensured))
+
+    async def _ensure_images(self, prompt: Prompt, request_id: str, give_up: float | None) -> EnsureResult:
+        timeout = self.config.encode_timeout_s
+        if give_up is not None:
+            timeout = min(timeout, give_up - time.monotonic())
+            if timeout <= 0:
+                raise DeadlineExceeded("deadline exceeded before the images were encoded")
+        return await self.pool.ensure(prompt.images, request_id, timeout)
+
+    async def _decode(self, request: DecodeRequest, prompt: Prompt, ensured: EnsureResult,
+                      give_up: float | None):
+        """The decoder's outputs; if it finds an embedding gone (evicted, corrupt), re-encode once and retry."""
+        for attempt in range(2):
+            timeout = None if give_up is None else max(0.0, give_up - time.monotonic())
+            try:
+                async for output in self.decoders.generate(request, timeout):
+                    yield output
+                return
+            except ImageNotCached as error:
+                if attempt or not error.sha256:
+                    raise
+                log.warning("decoder found no valid embedding of %s: re-encoding", error.sha256)
+                await self.pool.invalidate(error.sha256)
+                again = await self._ensure_images(prompt, request.request_id, give_up)
+                yield EnsureResult(ensured.num_cached - again.num_encoded, ensured.num_encoded + again.num_encoded)
+
+    @staticmethod
+    def _usage(prompt: Prompt, num_completion: int, ensured: EnsureResult) -> Usage:
+        return Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=num_completion,
+                     image_tokens=prompt.num_image_tokens, cached_images=ensured.num_cached,
+                     encoded_images=ensured.num_encoded)

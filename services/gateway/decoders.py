@@ -1,0 +1,115 @@
+"""The gateway's client of the decoder workers: balancing, retry before the first token, error mapping."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest, Overloaded, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+
+
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    request_id: str
+    token_ids: list[int]
+    images: list[tuple[str, int, int]]   # (sha256, grid_height, grid_width) in prompt order
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+    def to_pb(self) -> decoder_pb2.GenerateRequest:
+        sampling = common_pb2.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+                                             top_p=self.top_p, top_k=self.top_k)
+        if self.seed is not None:
+            sampling.seed = self.seed
+        return decoder_pb2.GenerateRequest(
+            request_id=self.request_id, prompt_token_ids=self.token_ids, sampling=sampling,
+            images=[decoder_pb2.ImageRef(sha256=sha, grid_height=gh, grid_width=gw) for sha, gh, gw in self.images])
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOutput:
+    token_ids: list[int]
+    finish_reason: str | None   # "stop", "length", "cancelled" or "error" on the last output
+
+
+class _Decoder:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
+        self.num_outstanding = 0
+
+
+def _domain_error(error: grpc.aio.AioRpcError, request: DecodeRequest) -> ServiceError:
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        missing = next((sha for sha, _, _ in request.images if sha in details), "")
+        return ImageNotCached(details, missing)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded("deadline exceeded while generating")
+    return Unavailable(f"decoder unavailable: {code.name}")
+
+
+class DecoderPool:
+    """Sends each request to the decoder with the fewest requests in flight (ties in turn)."""
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        self.decoders = [_Decoder(address) for address in addresses]
+        self._turn = itertools.count()
+
+    def _ranked(self) -> list[_Decoder]:
+        start = next(self._turn) % len(self.decoders)
+        rotated = self.decoders[start:] + self.decoders[:start]
+        return sorted(rotated, key=lambda decoder: decoder.num_outstanding)
+
+    async def generate(self, request: DecodeRequest, timeout_s: float | None) -> AsyncIterator[DecodeOutput]:
+        """Streams the decoder's outputs. A decoder that is UNAVAILABLE before sending anything is skipped."""
+        last_error: ServiceError | None = None
+        message = request.to_pb()
+        for decoder in self._ranked():
+            call = decoder.stub.Generate(message, timeout=timeout_s)
+            decoder.num_outstanding += 1
+            has_output = False
+            try:
+                async for response in call:
+                    has_output = True
+                    yield DecodeOutput(list(response.token_ids), FINISH_REASONS.get(response.finish_reason))
+                return
+            except grpc.aio.AioRpcError as error:
+                last_error = _domain_error(error, request)
+                if error.code() != grpc.StatusCode.UNAVAILABLE or has_output:
+                    raise last_error from None
+                log.warning("decoder %s unavailable; trying another", decoder.address)
+            finally:
+                decoder.num_outstanding -= 1
+                call.cancel()  # no-op when finished; frees the decoder's slot when our caller went away
+        raise last_error or Unavailable("no decoder available")
+
+    async def close(self) -> None:
+        for decoder in self.decoders:
+            await decoder.channel.close()

@@ -1,0 +1,92 @@
+"""gRPC transport of the gateway: proto <-> domain, nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gateway.chat import ChatDelta, ChatService
+from services.gateway.request import ChatInput, ChatMessage, ImageSource, Role, SamplingInput, TextPart
+from shared.errors import Unavailable
+from shared.grpc_server import map_errors
+from shared.logs import request_id_var
+
+ROLES = {gateway_pb2.ROLE_SYSTEM: Role.SYSTEM, gateway_pb2.ROLE_USER: Role.USER,
+         gateway_pb2.ROLE_ASSISTANT: Role.ASSISTANT}
+FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+                  "cancelled": common_pb2.FINISH_REASON_CANCELLED, "error": common_pb2.FINISH_REASON_ERROR}
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def chat_from_pb(request: gateway_pb2.ChatRequest) -> ChatInput:
+    messages = []
+    for i, message in enumerate(request.messages):
+        parts = []
+        for j, part in enumerate(message.content):
+            field = f"messages[{i}].content[{j}]"
+            kind = part.WhichOneof("part")
+            if kind == "text":
+                parts.append(TextPart(part.text))
+            elif kind == "image":
+                source = part.image.WhichOneof("source")
+                parts.append(ImageSource(field=f"{field}.image", **({source: getattr(part.image, source)}
+                                                                    if source else {"data": b""})))
+            else:
+                parts.append(TextPart(""))
+        messages.append(ChatMessage(ROLES.get(message.role), parts, f"messages[{i}]"))
+    sampling = request.sampling
+    return ChatInput(
+        request_id=request.request_id or uuid.uuid4().hex,
+        messages=messages,
+        sampling=SamplingInput(
+            max_tokens=_optional(sampling, "max_tokens"), temperature=_optional(sampling, "temperature"),
+            top_p=_optional(sampling, "top_p"), top_k=_optional(sampling, "top_k"),
+            seed=_optional(sampling, "seed"), stop=tuple(sampling.stop)))
+
+
+def delta_to_pb(delta: ChatDelta, request_id: str) -> gateway_pb2.ChatResponse:
+    response = gateway_pb2.ChatResponse(text=delta.text, token_ids=delta.token_ids)
+    if delta.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[delta.finish_reason]
+        response.request_id = request_id
+    if delta.usage is not None:
+        response.usage.CopyFrom(common_pb2.Usage(**dataclasses.asdict(delta.usage)))
+    return response
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self) -> None:
+        self.service: ChatService | None = None  # set once the gateway is ready
+
+    def _ready(self) -> ChatService:
+        if self.service is None:
+            raise Unavailable("gateway is starting")
+        return self.service
+
+    @map_errors
+    async def Chat(self, request, context):
+        service = self._ready()
+        chat = chat_from_pb(request)
+        request_id_var.set(chat.request_id)
+        is_first = True
+        async for delta in service.chat(chat, context.time_remaining()):
+            response = delta_to_pb(delta, chat.request_id)
+            if is_first:
+                response.request_id = chat.request_id
+                is_first = False
+            yield response
+
+    @map_errors
+    async def Tokenize(self, request, context):
+        chat = chat_from_pb(request)
+        request_id_var.set(chat.request_id)
+        prompt = await self._ready().prompt(chat)
+        return gateway_pb2.TokenizeResponse(token_ids=prompt.token_ids, images=[
+            gateway_pb2.ImageInfo(sha256=image.sha256, width=image.width, height=image.height,
+                                  grid_width=image.grid_width, grid_height=image.grid_height,
+                                  num_tokens=image.num_tokens)
+            for image in prompt.images])

@@ -1,0 +1,57 @@
+"""`python -m services.vision`: one vision worker (start as many as you like)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aioredis
+import torch
+
+from services.vision.config import VisionConfig
+from services.vision.encoder import load_vision_encoder
+from services.vision.worker import VisionWorker
+from shared import checkpoint
+from shared.grpc_server import GrpcServer, install_stop_signals
+from shared.health import watch_redis
+from shared.logs import setup_logging
+from shared.tiny import resolve_model
+
+log = logging.getLogger("services.vision")
+
+
+async def serve(config: VisionConfig) -> None:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    server = GrpcServer(f"{config.host}:{config.port}")  # health only: for probes and the launcher
+    await server.start()
+    model_dir = resolve_model(config.model)
+    device = torch.device(config.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype)
+    fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
+    client = aioredis.from_url(config.redis)
+    worker = VisionWorker(client, encoder, fingerprint, config)
+    watcher = asyncio.create_task(watch_redis(client, server.set_serving))
+    work = asyncio.create_task(worker.run(stop))
+    log.info("ready: consumer %s, model fingerprint %s, health on port %d", worker.consumer, fingerprint,
+             server.port)
+    await stop.wait()
+    # The job in hand finishes (bounded by the grace period); jobs not taken stay in the stream for others.
+    try:
+        await asyncio.wait_for(work, timeout=config.drain_grace_s + config.read_block_ms / 1000)
+    except asyncio.TimeoutError:
+        log.warning("job still running after the grace period; it will be reclaimed by another worker")
+    watcher.cancel()
+    await server.stop(1.0)
+    await client.aclose()
+
+
+def main() -> None:
+    config = VisionConfig.load()
+    setup_logging("vision", config.log_level)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

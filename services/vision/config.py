@@ -1,0 +1,38 @@
+"""Vision worker configuration: flags or PIXTRAL_* environment variables, read once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.settings import load_config, option
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Pixtral vision worker: encodes images from the job stream into the embedding cache."""
+
+    model: str = option("tiny", "checkpoint directory, or 'tiny' for the built-in tiny model")
+    redis: str = option("redis://127.0.0.1:6379/0", "Redis URL of the job stream and the embedding cache")
+    device: str = option("cpu", "cpu or cuda")
+    host: str = option("0.0.0.0", "address of the health server")
+    port: int = option(50071, "gRPC port of the health server")
+    consumer: str = option("", "name in the consumer group; empty: host-pid")
+    max_batch_images: int = option(8, "jobs taken and encoded together at most")
+    read_block_ms: int = option(1000, "how long one read of the stream waits for jobs")
+    claim_idle_ms: int = option(10000, "a job pending this long (its worker died) is reclaimed")
+    max_deliveries: int = option(3, "deliveries of a job before it goes to the dead-letter stream")
+    max_image_pixels: int = option(50_000_000, "pixels an image may have (checked from its header)")
+    embedding_ttl_s: int = option(0, "expiry of cached embeddings; 0: none (rely on Redis eviction)")
+    drain_grace_s: float = option(30.0, "on SIGTERM, seconds the job in hand may take to finish")
+    log_level: str = option("info", "log level")
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if min(self.max_batch_images, self.read_block_ms, self.claim_idle_ms, self.max_deliveries) <= 0:
+            raise ValueError("--max-batch-images, --read-block-ms, --claim-idle-ms and --max-deliveries "
+                             "must be positive")
+
+    @staticmethod
+    def load(argv=None) -> VisionConfig:
+        return load_config(VisionConfig, argv)

@@ -1,0 +1,186 @@
+"""The vision worker loop: take encode jobs from the stream, encode them in batches, write the cache.
+
+Any number of workers share the consumer group: each job goes to one of them. A job is acknowledged (and its
+entry deleted) only after its embedding is written, so a worker killed mid-job leaves it pending and another
+worker reclaims it (XAUTOCLAIM) once it has been idle for `claim_idle_ms`; a job delivered more than
+`max_deliveries` times goes to the dead-letter stream and its waiters get an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from services.vision.config import VisionConfig
+from services.vision.encoder import VisionEncoder
+from shared import encode_jobs
+from shared.embedding_cache import CorruptEntry, HEADER_BYTES, cache_key, check_length, encode_entry, parse_header
+from shared.encode_jobs import EncodeJob, EncodeResult, MalformedJob
+from shared.images import InvalidImage, preprocess
+
+log = logging.getLogger(__name__)
+
+PATCH_SIZE = 16
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    num_encoded: int = 0        # images encoded and written
+    num_deduplicated: int = 0   # jobs whose embedding was already valid in the cache
+    num_invalid: int = 0        # images rejected (not decodable)
+    num_dead_lettered: int = 0  # jobs given up after max_deliveries
+
+
+class VisionWorker:
+    def __init__(self, client: aioredis.Redis, encoder: VisionEncoder, fingerprint: str,
+                 config: VisionConfig) -> None:
+        self.client = client
+        self.encoder = encoder
+        self.fingerprint = fingerprint
+        self.config = config
+        self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.stats = WorkerStats()
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.client.xgroup_create(encode_jobs.STREAM, encode_jobs.GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure_group()
+        while not stop.is_set():
+            try:
+                entries = await self._reclaim() or await self._read()
+                if entries:
+                    await self._process(entries)
+            except redis.exceptions.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                log.warning("consumer group missing (Redis restarted?): recreating it")
+                await self.ensure_group()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                log.warning("redis unavailable (%s); retrying", type(error).__name__)
+                await asyncio.sleep(1.0)
+
+    async def _read(self) -> list[tuple[bytes, dict]]:
+        response = await self.client.xreadgroup(encode_jobs.GROUP, self.consumer, {encode_jobs.STREAM: ">"},
+                                                count=self.config.max_batch_images, block=self.config.read_block_ms)
+        return [entry for _, entries in response or [] for entry in entries if entry[1]]
+
+    async def _reclaim(self) -> list[tuple[bytes, dict]]:
+        """Jobs of dead workers; those delivered too often go to the dead-letter stream instead."""
+        _, entries, _ = await self.client.xautoclaim(
+            encode_jobs.STREAM, encode_jobs.GROUP, self.consumer, min_idle_time=self.config.claim_idle_ms,
+            start_id="0-0", count=self.config.max_batch_images)
+        entries = [entry for entry in entries if entry[1]]
+        if not entries:
+            return []
+        pending = await self.client.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, min=entries[0][0],
+                                                   max=entries[-1][0], count=len(entries) * 2,
+                                                   consumername=self.consumer)
+        deliveries = {item["message_id"]: item["times_delivered"] for item in pending}
+        kept = []
+        for entry_id, fields in entries:
+            if deliveries.get(entry_id, 0) > self.config.max_deliveries:
+                await self._dead_letter(entry_id, fields, f"failed on {self.config.max_deliveries} deliveries")
+            else:
+                log.info("reclaimed job %s", entry_id.decode())
+                kept.append((entry_id, fields))
+        return kept
+
+    async def _dead_letter(self, entry_id: bytes, fields: dict, reason: str) -> None:
+        sha = fields.get(b"sha256", b"").decode(errors="replace")
+        log.error("job %s (image %s) to the dead-letter stream: %s", entry_id.decode(), sha, reason)
+        record = {k: v for k, v in fields.items() if k != b"image"}
+        record.update({b"entry_id": entry_id, b"reason": reason.encode()})
+        await self.client.xadd(encode_jobs.DEAD_LETTER_STREAM, record, maxlen=10000, approximate=True)
+        fingerprint = fields.get(b"fingerprint", b"").decode(errors="replace")
+        if sha and fingerprint:
+            await self._finish(entry_id, fingerprint,
+                               EncodeResult(sha, encode_jobs.FAILED, f"encoding failed: {reason}"))
+        else:
+            await self._ack(entry_id)
+        self.stats.num_dead_lettered += 1
+
+    async def _process(self, entries: list[tuple[bytes, dict]]) -> None:
+        todo: list[tuple[bytes, EncodeJob, np.ndarray]] = []
+        for entry_id, fields in entries:
+            try:
+                job = EncodeJob.from_fields(fields)
+            except MalformedJob as error:
+                await self._dead_letter(entry_id, fields, str(error))
+                continue
+            if job.fingerprint != self.fingerprint:
+                await self._finish(entry_id, job.fingerprint, EncodeResult(
+                    job.sha256, encode_jobs.FAILED, "vision worker serves another model version"))
+            elif await self._is_cached(job.sha256):
+                self.stats.num_deduplicated += 1
+                await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
+            else:
+                try:
+                    pixels = await asyncio.to_thread(preprocess, job.image, self.config.max_image_pixels)
+                except InvalidImage as error:
+                    self.stats.num_invalid += 1
+                    await self._finish(entry_id, job.fingerprint,
+                                       EncodeResult(job.sha256, encode_jobs.INVALID_IMAGE, str(error)))
+                    continue
+                todo.append((entry_id, job, pixels))
+        if todo:
+            await self._encode_and_write(todo)
+
+    async def _encode_and_write(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
+        try:
+            features = await asyncio.to_thread(self.encoder.encode, [pixels for _, _, pixels in todo])
+        except Exception:  # noqa: BLE001 - isolate the failing image: encode one at a time
+            if len(todo) > 1:
+                for item in todo:
+                    await self._encode_and_write([item])
+                return
+            log.exception("encoding image %s failed; the job stays pending for a retry", todo[0][1].sha256)
+            return
+        for (entry_id, job, pixels), feats in zip(todo, features, strict=True):
+            grid = (pixels.shape[1] // PATCH_SIZE, pixels.shape[2] // PATCH_SIZE)
+            value = encode_entry(feats, grid, self.fingerprint, job.sha256)
+            key = cache_key(self.fingerprint, job.sha256)
+            await self.client.set(key, value, ex=self.config.embedding_ttl_s or None)
+            self.stats.num_encoded += 1
+            await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
+
+    async def _is_cached(self, sha: str) -> bool:
+        key = cache_key(self.fingerprint, sha)
+        async with self.client.pipeline(transaction=False) as pipe:
+            prefix, length = await pipe.getrange(key, 0, HEADER_BYTES - 1).strlen(key).execute()
+        if not prefix:
+            return False
+        try:
+            check_length(parse_header(prefix, fingerprint=self.fingerprint, sha256=sha,
+                                      num_columns=self.encoder.num_columns), length)
+        except CorruptEntry as error:
+            log.warning("cached embedding of %s is invalid (%s): re-encoding", sha, error)
+            return False
+        return True
+
+    async def _finish(self, entry_id: bytes, fingerprint: str, result: EncodeResult) -> None:
+        """Tells the waiters (who listen under the job's fingerprint), releases the lock, retires the job."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            if not result.ok:
+                pipe.set(encode_jobs.error_key(fingerprint, result.sha256), result.to_json(),
+                         ex=encode_jobs.ERROR_TTL_S)
+            pipe.publish(encode_jobs.done_channel(fingerprint), result.to_json())
+            pipe.delete(encode_jobs.lock_key(fingerprint, result.sha256))
+            await pipe.execute()
+        await self._ack(entry_id)
+
+    async def _ack(self, entry_id: bytes) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            await pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM,
+                                                                                   entry_id).execute()

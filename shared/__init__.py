@@ -1,0 +1,1 @@
+"""Code shared by the gateway, vision and decoder roles."""

@@ -1,0 +1,117 @@
+"""Bootstrap of every role's grpc.aio server: health, optional reflection, error mapping, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from shared.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Large enough for a request with several images of a few MB each; larger messages get RESOURCE_EXHAUSTED
+# from gRPC itself before any of our code runs.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def status_code(error: ServiceError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
+
+
+def map_errors(method: Callable) -> Callable:
+    """Turns ServiceError into the matching gRPC status; anything else becomes INTERNAL without details.
+
+    Works for unary methods and for server-streaming methods written as async generators.
+    """
+    name = method.__qualname__
+
+    async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+        if isinstance(error, ServiceError):
+            await context.abort(status_code(error), error.message)
+        log.exception("unexpected error in %s", name, exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name.split('.')[-1]}")
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as error:  # noqa: BLE001 - mapped to a status, logged when unexpected
+                await abort(context, error)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001
+            await abort(context, error)
+    return unary
+
+
+class GrpcServer:
+    """A grpc.aio server with grpc.health.v1 and, optionally, reflection.
+
+    `health` answers for the overall service ("") and for each registered service name.
+    """
+
+    def __init__(self, address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Iterable[tuple[str, object]] = ()) -> None:
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Bound the metadata a client may send (reliability case 9: huge metadata).
+            ("grpc.max_metadata_size", 64 * 1024),
+            *options,
+        ])
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self._service_names: list[str] = []
+
+    def add(self, add_to_server: Callable, servicer: object, service_name: str) -> None:
+        add_to_server(servicer, self.server)
+        self._service_names.append(service_name)
+
+    def enable_reflection(self) -> None:
+        reflection.enable_server_reflection([*self._service_names, "grpc.health.v1.Health",
+                                             reflection.SERVICE_NAME], self.server)
+
+    async def set_serving(self, is_serving: bool) -> None:
+        status = SERVING if is_serving else NOT_SERVING
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop` so the role drains instead of dying mid-stream."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
