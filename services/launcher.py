@@ -119,19 +119,21 @@ class Launcher:
         for index in range(c.decoders):
             port = free_port()
             self.spawn(f"decoder {index}", [*python, "services.decoder", "--model", model, "--redis", redis_url,
-                                            "--port", str(port), "--host", "127.0.0.1", "--device", c.device])
+                                            "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
+                                            "--metrics-port", "0"])
             decoder_addresses.append(f"127.0.0.1:{port}")
         vision_addresses = []
         for index in range(c.vision_workers):
             port = free_port()
             self.spawn(f"vision {index}", [*python, "services.vision", "--model", model, "--redis", redis_url,
                                            "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
-                                           "--consumer", f"vision-{index}-{os.getpid()}"])
+                                           "--consumer", f"vision-{index}-{os.getpid()}", "--metrics-port", "0"])
             vision_addresses.append(f"127.0.0.1:{port}")
         for address in decoder_addresses + vision_addresses:
             self.wait_for(address, lambda address=address: is_serving(address))
         self.spawn("gateway", [*python, "services.gateway", "--model", model, "--redis", redis_url, "--port",
-                               str(c.port), "--host", c.host, "--decoder-addresses", ",".join(decoder_addresses)])
+                               str(c.port), "--host", c.host, "--decoder-addresses", ",".join(decoder_addresses),
+                               "--metrics-port", "0"])
         gateway = f"{c.host}:{c.port}"
         self.wait_for("gateway", lambda: is_serving(gateway))
         return gateway

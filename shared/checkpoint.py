@@ -11,6 +11,7 @@ role's weights are never materialized.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -121,17 +122,18 @@ def vision_fingerprint(model_dir: Path) -> str:
     digest.update(PREPROCESSING_VERSION.encode())
     digest.update(json.dumps(config.vision_config.to_dict(), sort_keys=True, default=str).encode())
     rename = part_renamer("vision_tower")
-    by_file: dict[Path, list[str]] = {}
-    for key, file in tensor_files(model_dir).items():
-        if rename(key) is not None:
-            by_file.setdefault(file, []).append(key)
-    for file, keys in sorted(by_file.items()):
-        header = _header(file)
-        with open(file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    tensors = sorted((rename(key), key, file) for key, file in tensor_files(model_dir).items()
+                     if rename(key) is not None)
+    headers = {file: _header(file) for file in {file for _, _, file in tensors}}
+    with contextlib.ExitStack() as stack:
+        maps = {}
+        for file in headers:
+            handle = stack.enter_context(open(file, "rb"))
+            maps[file] = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        for name, key, file in tensors:  # in name order: the same bytes in any sharding give the same digest
+            data, entry = maps[file], headers[file][key]
             base = 8 + struct.unpack("<Q", data[:8])[0]
-            for key in sorted(keys, key=rename):
-                entry = header[key]
-                start, end = entry["data_offsets"]
-                digest.update(f"{rename(key)}:{entry['dtype']}:{entry['shape']}".encode())
-                digest.update(data[base + start: base + end])
+            start, end = entry["data_offsets"]
+            digest.update(f"{name}:{entry['dtype']}:{entry['shape']}".encode())
+            digest.update(data[base + start: base + end])
     return digest.hexdigest()[:16]

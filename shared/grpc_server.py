@@ -15,11 +15,15 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from shared.errors import ServiceError
+from shared.metrics import GRPC_REQUESTS
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Health service name that is SERVING as long as the process runs: for liveness probes, which must not depend
+# on Redis or on the model being loaded ("" and the API service names are the readiness signal).
+LIVENESS_SERVICE = "liveness"
 
 # Large enough for a request with several images of a few MB each; larger messages get RESOURCE_EXHAUSTED
 # from gRPC itself before any of our code runs.
@@ -36,12 +40,15 @@ def map_errors(method: Callable) -> Callable:
     Works for unary methods and for server-streaming methods written as async generators.
     """
     name = method.__qualname__
+    rpc = name.split(".")[-1]
 
     async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
         if isinstance(error, ServiceError):
+            GRPC_REQUESTS.labels(rpc, status_code(error).name).inc()
             await context.abort(status_code(error), error.message)
         log.exception("unexpected error in %s", name, exc_info=error)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name.split('.')[-1]}")
+        GRPC_REQUESTS.labels(rpc, "INTERNAL").inc()
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}")
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
@@ -49,7 +56,11 @@ def map_errors(method: Callable) -> Callable:
             try:
                 async for item in method(self, request, context):
                     yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+                GRPC_REQUESTS.labels(rpc, "OK").inc()
+            except asyncio.CancelledError:
+                GRPC_REQUESTS.labels(rpc, "CANCELLED").inc()
+                raise
+            except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001 - mapped to a status, logged when unexpected
                 await abort(context, error)
@@ -58,8 +69,13 @@ def map_errors(method: Callable) -> Callable:
     @functools.wraps(method)
     async def unary(self, request, context):
         try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            response = await method(self, request, context)
+            GRPC_REQUESTS.labels(rpc, "OK").inc()
+            return response
+        except asyncio.CancelledError:
+            GRPC_REQUESTS.labels(rpc, "CANCELLED").inc()
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001
             await abort(context, error)
@@ -103,6 +119,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.server.start()
 
     async def stop(self, grace_s: float) -> None:

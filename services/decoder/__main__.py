@@ -10,12 +10,14 @@ import redis.asyncio as aioredis
 from pixtral.v1 import decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
 from services.decoder.factory import build_engine
+from services.decoder import metrics
 from services.decoder.features import FeatureStore
 from services.decoder.server import DecoderServicer
 from services.decoder.service import DecoderService
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
+from shared.metrics import serve_metrics
 
 log = logging.getLogger("services.decoder")
 
@@ -30,6 +32,8 @@ async def serve(config: DecoderConfig) -> None:
     log.info("listening on port %d; loading %s", server.port, config.model)
     loaded = await asyncio.to_thread(build_engine, config)
     loaded.engine.start()
+    metrics.register(loaded.engine)
+    serve_metrics(config.metrics_port)
     client = aioredis.from_url(config.redis)
     features = FeatureStore(client, loaded.fingerprint, loaded.spec.vision_hidden_size)
     servicer.service = DecoderService(loaded.engine, features, loaded.spec, loaded.max_model_len)

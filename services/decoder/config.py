@@ -25,6 +25,7 @@ class DecoderConfig:
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory this process may use (CUDA, auto KV)")
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (CUDA only)")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
+    metrics_port: int = option(9101, "port of the Prometheus /metrics endpoint; 0: none")
     log_level: str = option("info", "log level")
 
     def __post_init__(self) -> None:

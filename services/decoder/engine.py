@@ -31,10 +31,15 @@ class EngineOutput:
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    num_running: int             # sequences holding KV blocks
+    num_waiting: int             # admitted, waiting for a slot or blocks
     num_free_blocks: int
     num_blocks: int
+    num_steps: int               # forward passes so far
+    num_generated_tokens: int    # tokens sampled so far
+    num_computed_tokens: int     # tokens run through the model so far (prompts, recomputation, decode)
+    num_preempted: int           # preemptions so far
+    last_batch_size: int         # sequences in the latest forward pass
 
 
 Sink = Callable[[EngineOutput], None]
@@ -51,6 +56,8 @@ class Engine:
         self._num_unfinished = 0       # added and not yet finished; guarded by _lock
         self._thread: threading.Thread | None = None
         self._is_stopping = False
+        self._counters = {"num_steps": 0, "num_generated_tokens": 0, "num_computed_tokens": 0, "num_preempted": 0,
+                          "last_batch_size": 0}
 
     # -- called from any thread ---------------------------------------------------------------------------------
 
@@ -67,7 +74,7 @@ class Engine:
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_free_blocks,
-                           bm.num_blocks)
+                           bm.num_blocks, **self._counters)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -83,35 +90,37 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._is_stopping:
-            self._drain_inbox(block=self.scheduler.num_unfinished == 0)
-            if self.scheduler.num_unfinished:
-                self.step()
+            if self.scheduler.num_unfinished == 0:
+                try:
+                    self._apply(self._inbox.get(timeout=0.5))  # idle: sleep until work arrives
+                except queue.Empty:
+                    continue
+            self.step()
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.finish(seq, FinishReason.CANCELLED)
             self._emit(seq, [])
 
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(block=block, timeout=0.5 if block else None)
-        except queue.Empty:
-            return
-        while True:
-            kind, payload, sink = item
-            if kind == "add":
-                self._sinks[payload.request_id] = sink
-                self.scheduler.add(payload)
-            elif kind == "abort":
-                seq = self.scheduler.abort(payload)
-                if seq is not None:
-                    self._emit(seq, [])
-            else:
-                self._is_stopping = True
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+    def _apply(self, item: tuple) -> None:
+        kind, payload, sink = item
+        if kind == "add":
+            self._sinks[payload.request_id] = sink
+            self.scheduler.add(payload)
+        elif kind == "abort":
+            seq = self.scheduler.abort(payload)
+            if seq is not None:
+                self._emit(seq, [])
+        else:
+            self._is_stopping = True
 
     def step(self) -> None:
+        """Applies arrivals and cancellations, then schedule -> run -> postprocess."""
+        while True:
+            try:
+                self._apply(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        if self._is_stopping:
+            return
         batch = self.scheduler.schedule()
         if not batch:
             return
@@ -123,8 +132,15 @@ class Engine:
                 self.scheduler.finish(chunk.seq, FinishReason.ERROR)
                 self._emit(chunk.seq, [], error=f"forward pass failed: {type(error).__name__}")
             return
-        for seq in self.scheduler.postprocess(batch, sampled):
+        advanced = self.scheduler.postprocess(batch, sampled)
+        for seq in advanced:
             self._emit(seq, seq.token_ids[-1:])
+        counters = self._counters
+        counters["num_steps"] += 1
+        counters["num_generated_tokens"] += len(advanced)
+        counters["num_computed_tokens"] += batch.num_tokens
+        counters["num_preempted"] += len(batch.preempted)
+        counters["last_batch_size"] = len(batch.chunks)
 
     def _emit(self, seq: Sequence, token_ids: list[int], error: str = "") -> None:
         sink = self._sinks.get(seq.request_id)

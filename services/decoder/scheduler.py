@@ -72,6 +72,10 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if self.block_manager.num_new_blocks(seq, num_tokens) > self.block_manager.num_blocks - len(
+                    seq.block_table):
+                self.finish(seq, FinishReason.LENGTH)  # longer than the whole cache: it can never continue
+                continue
             if not self._make_room(seq, num_tokens, batch):
                 break  # seq itself was preempted: it was the newest left
             self.block_manager.allocate(seq, num_tokens)

@@ -18,6 +18,7 @@ from shared import checkpoint
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
+from shared.metrics import serve_metrics
 from shared.tiny import resolve_model
 
 log = logging.getLogger("services.gateway")
@@ -44,6 +45,7 @@ async def serve(config: GatewayConfig) -> None:
     await pool.start()
     decoders = DecoderPool(config.decoder_addresses)
     servicer.service = ChatService(config, builder, pool, decoders, max_model_len)
+    serve_metrics(config.metrics_port)
     watcher = asyncio.create_task(watch_redis(client, server.set_serving))
     log.info("ready on port %d (model fingerprint %s, context %d, decoders %s)", server.port, fingerprint,
              max_model_len, ",".join(config.decoder_addresses))

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from services.gateway import metrics
 from services.gateway.config import GatewayConfig
 from services.gateway.decoders import DecodeRequest, DecoderPool
 from services.gateway.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -96,7 +97,16 @@ class ChatService:
 
     async def chat(self, chat: ChatInput, timeout_s: float | None) -> AsyncIterator[ChatDelta]:
         """Streams text deltas; the last delta carries finish_reason and usage."""
-        give_up = None if timeout_s is None else time.monotonic() + timeout_s
+        metrics.IN_FLIGHT.inc()
+        try:
+            async for delta in self._chat(chat, timeout_s):
+                yield delta
+        finally:
+            metrics.IN_FLIGHT.dec()
+
+    async def _chat(self, chat: ChatInput, timeout_s: float | None) -> AsyncIterator[ChatDelta]:
+        started = time.monotonic()
+        give_up = None if timeout_s is None else started + timeout_s
         sampling = validate_sampling(chat.sampling, self.config.max_stop_strings)
         prompt = await self.prompt(chat)
         request = DecodeRequest(
@@ -107,12 +117,20 @@ class ChatService:
         ensured = await self._ensure_images(prompt, chat.request_id, give_up)
         detokenizer = IncrementalDetokenizer(self.builder.tokenizer)
         stops = StopMatcher(sampling.stop)
-        num_completion, finish_reason = 0, None
+        num_completion, finish_reason, last_token_at = 0, None, None
         try:
             async for output in self._decode(request, prompt, ensured, give_up):
                 if isinstance(output, EnsureResult):
                     ensured = output
                     continue
+                now = time.monotonic()
+                if output.token_ids:
+                    if last_token_at is None:
+                        metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
+                    else:
+                        metrics.TIME_PER_OUTPUT_TOKEN.observe((now - last_token_at) / len(output.token_ids))
+                    last_token_at = now
+                    metrics.GENERATED_TOKENS.inc(len(output.token_ids))
                 num_completion += len(output.token_ids)
                 text, is_stopped = stops.feed(detokenizer.add(output.token_ids))
                 if is_stopped:
@@ -157,6 +175,8 @@ class ChatService:
 
     @staticmethod
     def _usage(prompt: Prompt, num_completion: int, ensured: EnsureResult) -> Usage:
+        metrics.IMAGES.labels("cache").inc(ensured.num_cached)
+        metrics.IMAGES.labels("encoded").inc(ensured.num_encoded)
         return Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=num_completion,
                      image_tokens=prompt.num_image_tokens, cached_images=ensured.num_cached,
                      encoded_images=ensured.num_encoded)

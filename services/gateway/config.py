@@ -26,6 +26,7 @@ class GatewayConfig:
     lock_ttl_s: float = option(30.0, "expiry of the single-flight lock on an image being encoded")
     max_message_bytes: int = option(64 * 1024 * 1024, "largest request message gRPC accepts")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
+    metrics_port: int = option(9100, "port of the Prometheus /metrics endpoint; 0: none")
     log_level: str = option("info", "log level")
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import redis.asyncio as aioredis
 import torch
 
+from services.vision import metrics
 from services.vision.config import VisionConfig
 from services.vision.encoder import load_vision_encoder
 from services.vision.worker import VisionWorker
@@ -15,6 +16,7 @@ from shared import checkpoint
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
+from shared.metrics import serve_metrics
 from shared.tiny import resolve_model
 
 log = logging.getLogger("services.vision")
@@ -31,7 +33,9 @@ async def serve(config: VisionConfig) -> None:
     encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     client = aioredis.from_url(config.redis)
-    worker = VisionWorker(client, encoder, fingerprint, config)
+    worker = VisionWorker(client, encoder, fingerprint, config, on_encoded=metrics.observe_batch)
+    metrics.register(worker, config.redis)
+    serve_metrics(config.metrics_port)
     watcher = asyncio.create_task(watch_redis(client, server.set_serving))
     work = asyncio.create_task(worker.run(stop))
     log.info("ready: consumer %s, model fingerprint %s, health on port %d", worker.consumer, fingerprint,

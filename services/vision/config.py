@@ -24,6 +24,7 @@ class VisionConfig:
     max_image_pixels: int = option(50_000_000, "pixels an image may have (checked from its header)")
     embedding_ttl_s: int = option(0, "expiry of cached embeddings; 0: none (rely on Redis eviction)")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds the job in hand may take to finish")
+    metrics_port: int = option(9102, "port of the Prometheus /metrics endpoint; 0: none")
     log_level: str = option("info", "log level")
 
     def __post_init__(self) -> None:

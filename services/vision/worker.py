@@ -12,6 +12,8 @@ import asyncio
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,9 +41,10 @@ class WorkerStats:
 
 
 class VisionWorker:
-    def __init__(self, client: aioredis.Redis, encoder: VisionEncoder, fingerprint: str,
-                 config: VisionConfig) -> None:
+    def __init__(self, client: aioredis.Redis, encoder: VisionEncoder, fingerprint: str, config: VisionConfig,
+                 on_encoded: Callable[[int, float], None] = lambda num_images, seconds: None) -> None:
         self.client = client
+        self.on_encoded = on_encoded  # (images in the batch, seconds of the forward pass)
         self.encoder = encoder
         self.fingerprint = fingerprint
         self.config = config
@@ -139,7 +142,9 @@ class VisionWorker:
 
     async def _encode_and_write(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
         try:
+            started = time.perf_counter()
             features = await asyncio.to_thread(self.encoder.encode, [pixels for _, _, pixels in todo])
+            self.on_encoded(len(todo), time.perf_counter() - started)
         except Exception:  # noqa: BLE001 - isolate the failing image: encode one at a time
             if len(todo) > 1:
                 for item in todo:
@@ -153,6 +158,7 @@ class VisionWorker:
             key = cache_key(self.fingerprint, job.sha256)
             await self.client.set(key, value, ex=self.config.embedding_ttl_s or None)
             self.stats.num_encoded += 1
+            log.info("encoded image %s (%dx%d patches) for %s", job.sha256, *grid, job.request_id)
             await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
 
     async def _is_cached(self, sha: str) -> bool:

@@ -1,0 +1,35 @@
+"""Decoder metrics, read from the engine at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+
+from services.decoder.engine import Engine
+
+
+class EngineCollector:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        yield GaugeMetricFamily("pixtral_decoder_running_requests", "Sequences holding KV blocks",
+                                value=stats.num_running)
+        yield GaugeMetricFamily("pixtral_decoder_waiting_requests", "Requests waiting for a slot (autoscaling)",
+                                value=stats.num_waiting)
+        used = stats.num_blocks - stats.num_free_blocks
+        yield GaugeMetricFamily("pixtral_decoder_kv_cache_usage_ratio", "Share of KV blocks in use",
+                                value=used / stats.num_blocks if stats.num_blocks else 0.0)
+        yield GaugeMetricFamily("pixtral_decoder_batch_size", "Sequences in the latest forward pass",
+                                value=stats.last_batch_size)
+        yield CounterMetricFamily("pixtral_decoder_steps", "Forward passes", value=stats.num_steps)
+        yield CounterMetricFamily("pixtral_decoder_generated_tokens", "Tokens sampled",
+                                  value=stats.num_generated_tokens)
+        yield CounterMetricFamily("pixtral_decoder_computed_tokens", "Tokens run through the model",
+                                  value=stats.num_computed_tokens)
+        yield CounterMetricFamily("pixtral_decoder_preemptions", "Sequences preempted for KV memory",
+                                  value=stats.num_preempted)
+
+
+def register(engine: Engine) -> None:
+    REGISTRY.register(EngineCollector(engine))

@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, RedisServer, Stack, child_env
+
+
+def make_tiny_checkpoint(directory: Path, seed: int = 0, shards: int = 1) -> Path:
+    """Through the console script, as users make one (python -m when it is not on PATH)."""
+    script = Path(sys.executable).parent / "pixtral-make-tiny"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "shared.tiny"]
+    subprocess.run([*command, str(directory), "--seed", str(seed), "--shards", str(shards)], check=True,
+                   cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny checkpoint in three shards with an index, as large checkpoints are laid out."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0, shards=3)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_model, redis_server, tmp_path_factory):
+    """One decoder, one vision worker, one gateway: shared by the tests that do not change the stack."""
+    running = Stack(tiny_model, redis_server.url, tmp_path_factory.mktemp("stack")).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_pixtral_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("PIXTRAL_"):
+            monkeypatch.delenv(name)

@@ -1,0 +1,176 @@
+"""The decoder engine on CPU: batching never changes a request's tokens; memory and admission are bounded."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from services.decoder.config import DecoderConfig
+from services.decoder.engine import Engine, EngineOutput
+from services.decoder.factory import build_engine_for
+from services.decoder.model import load_decoder
+from services.decoder.model_runner import ImageInputs
+from services.decoder.sequence import FinishReason, SamplingParams, Sequence
+from shared.errors import Overloaded
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load_decoder(tiny_model, torch.float32, CPU)
+
+
+def make_engine(model, *flags: str) -> Engine:
+    engine, _ = build_engine_for(model, DecoderConfig.load(list(flags)), CPU)
+    return engine
+
+
+def make_request(index: int, num_prompt: int, num_images: int, sampling: SamplingParams) -> Sequence:
+    """A prompt of `num_prompt` tokens whose first `num_images * 6` positions after BOS are [IMG] tokens."""
+    rng = random.Random(index)
+    ids = [1] + [rng.randrange(1000, 130000) for _ in range(num_prompt - 1)]
+    positions = list(range(1, 1 + 6 * num_images))
+    for p in positions:
+        ids[p] = 10
+    images = None
+    if positions:
+        features = torch.randn(len(positions), 64, generator=torch.Generator().manual_seed(index))
+        images = ImageInputs(features, torch.tensor(positions))
+    return Sequence(f"r{index}", ids, len(ids), sampling, max_model_len=4096, arrival=index, images=images)
+
+
+def clone(seq: Sequence) -> Sequence:
+    return Sequence(seq.request_id, list(seq.token_ids[:seq.num_prompt_tokens]), seq.num_prompt_tokens,
+                    seq.sampling, seq.max_model_len, seq.arrival, seq.images)
+
+
+class Collector:
+    def __init__(self):
+        self.outputs: dict[str, list[EngineOutput]] = {}
+
+    def sink(self, output: EngineOutput) -> None:
+        self.outputs.setdefault(output.request_id, []).append(output)
+
+    def tokens(self, request_id: str) -> list[int]:
+        return [t for output in self.outputs[request_id] for t in output.token_ids]
+
+    def finish_reason(self, request_id: str):
+        return self.outputs[request_id][-1].finish_reason
+
+
+def run_alone(model, seq: Sequence) -> list[int]:
+    engine = make_engine(model)
+    collector = Collector()
+    engine.add(seq, collector.sink)
+    while collector.outputs.get(seq.request_id, [None])[-1] is None or \
+            collector.finish_reason(seq.request_id) is None:
+        engine.step()
+    return collector.tokens(seq.request_id)
+
+
+SAMPLINGS = [SamplingParams(9), SamplingParams(7, temperature=0.9, seed=5),
+             SamplingParams(11, temperature=1.2, top_k=40, top_p=0.8, seed=77), SamplingParams(5),
+             SamplingParams(8, temperature=0.7, top_p=0.5, seed=3), SamplingParams(6)]
+
+
+def test_requests_joining_and_leaving_mid_way_get_their_single_request_tokens(model):
+    requests = [make_request(i, num_prompt=n, num_images=k, sampling=s) for i, (n, k, s) in
+                enumerate(zip([30, 75, 12, 140, 9, 55], [1, 2, 0, 3, 0, 1], SAMPLINGS))]
+    expected = {seq.request_id: run_alone(model, clone(seq)) for seq in requests}
+
+    # A small budget forces chunked prefill; requests arrive while others decode and finish.
+    engine = make_engine(model, "--max-num-batched-tokens", "24", "--max-num-seqs", "3")
+    collector = Collector()
+    arrivals = {0: [0, 1], 2: [2], 5: [3], 9: [4, 5]}
+    for step in range(400):
+        for index in arrivals.get(step, []):
+            engine.add(requests[index], collector.sink)
+        engine.step()
+        if len(collector.outputs) == len(requests) and all(
+                collector.finish_reason(r.request_id) is not None for r in requests):
+            break
+    for seq in requests:
+        assert collector.tokens(seq.request_id) == expected[seq.request_id], seq.request_id
+        assert collector.finish_reason(seq.request_id) is FinishReason.LENGTH
+        assert len(collector.tokens(seq.request_id)) == seq.sampling.max_tokens
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0
+
+
+def test_preemption_and_recomputation_keep_the_tokens(model):
+    requests = [make_request(10 + i, num_prompt=45, num_images=1, sampling=SAMPLINGS[i % 3]) for i in range(4)]
+    expected = {seq.request_id: run_alone(model, clone(seq)) for seq in requests}
+    # 7 blocks of 16 tokens (8 KiB each in the tiny model): two of these 52- to 56-token sequences do not fit.
+    engine = make_engine(model, "--kv-cache-gib", str(7 * 8192 / 2**30))
+    assert engine.scheduler.block_manager.num_blocks == 7
+    collector = Collector()
+    for seq in requests:
+        engine.add(seq, collector.sink)
+    for _ in range(500):
+        engine.step()
+        if all(s.is_finished for s in requests):
+            break
+    assert engine.stats().num_preempted > 0
+    for seq in requests:
+        assert collector.tokens(seq.request_id) == expected[seq.request_id]
+
+
+def test_cancel_returns_kv_memory_at_once_and_ends_the_stream(model):
+    engine = make_engine(model)
+    collector = Collector()
+    baseline = engine.stats().num_free_blocks
+    a = make_request(20, num_prompt=60, num_images=1, sampling=SamplingParams(100))
+    b = make_request(21, num_prompt=20, num_images=0, sampling=SamplingParams(5))
+    engine.add(a, collector.sink)
+    engine.add(b, collector.sink)
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().num_free_blocks < baseline
+    engine.abort(a.request_id)
+    engine.step()
+    assert collector.finish_reason(a.request_id) is FinishReason.CANCELLED
+    while not b.is_finished:
+        engine.step()
+    assert collector.finish_reason(b.request_id) is FinishReason.LENGTH
+    assert engine.stats().num_free_blocks == baseline
+
+
+def test_a_flood_is_queued_up_to_the_bound_then_refused(model):
+    engine = make_engine(model, "--max-num-seqs", "2", "--max-queued", "3")
+    collector = Collector()
+    accepted, refused = [], 0
+    for i in range(8):
+        seq = make_request(30 + i, num_prompt=10, num_images=0, sampling=SamplingParams(3))
+        try:
+            engine.add(seq, collector.sink)
+            accepted.append(seq)
+        except Overloaded:
+            refused += 1
+    assert len(accepted) == 5 and refused == 3
+    for _ in range(100):
+        engine.step()
+    assert all(collector.finish_reason(seq.request_id) is FinishReason.LENGTH for seq in accepted)
+    late = make_request(40, num_prompt=10, num_images=0, sampling=SamplingParams(3))
+    engine.add(late, collector.sink)   # room again once the flood drained
+
+
+def test_a_failing_forward_pass_ends_its_streams_with_error_and_the_engine_goes_on(model, monkeypatch):
+    engine = make_engine(model)
+    collector = Collector()
+    a = make_request(50, num_prompt=12, num_images=0, sampling=SamplingParams(4))
+    engine.add(a, collector.sink)
+    original = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("injected")))
+    engine.step()
+    assert collector.finish_reason(a.request_id) is FinishReason.ERROR
+    assert "RuntimeError" in collector.outputs[a.request_id][-1].error
+    monkeypatch.setattr(engine.runner, "run", original)
+    b = make_request(51, num_prompt=12, num_images=0, sampling=SamplingParams(4))
+    engine.add(b, collector.sink)
+    while not b.is_finished:
+        engine.step()
+    assert collector.finish_reason(b.request_id) is FinishReason.LENGTH
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks

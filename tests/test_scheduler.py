@@ -1,0 +1,132 @@
+"""Continuous batching logic, without torch."""
+
+from __future__ import annotations
+
+from services.decoder.block_manager import BlockManager
+from services.decoder.scheduler import Scheduler, SchedulerConfig
+from services.decoder.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+
+
+def seq(request_id: str, num_prompt: int, arrival: int, max_tokens: int = 4) -> Sequence:
+    return Sequence(request_id, list(range(100, 100 + num_prompt)), num_prompt, SamplingParams(max_tokens),
+                    max_model_len=10_000, arrival=arrival)
+
+
+def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs, budget), BlockManager(num_blocks, block_size))
+
+
+def run_step(s: Scheduler, token: int = 7):
+    batch = s.schedule()
+    return batch, s.postprocess(batch, [token if chunk.is_sampling else None for chunk in batch.chunks])
+
+
+def test_long_prompt_is_prefilled_in_chunks_within_the_budget():
+    s = scheduler(budget=16)
+    a = seq("a", 40, 0)
+    s.add(a)
+    sizes = []
+    while a.num_output_tokens == 0:
+        batch, _ = run_step(s)
+        sizes.append(batch.num_tokens)
+    assert sizes == [16, 16, 8]
+    assert a.num_computed_tokens == 40 and len(a) == 41
+
+
+def test_decoding_sequences_keep_running_while_a_long_prompt_prefills():
+    s = scheduler(budget=8)
+    a = seq("a", 4, 0, max_tokens=50)
+    s.add(a)
+    run_step(s)                       # a: prompt done, first token sampled
+    b = seq("b", 30, 1)
+    s.add(b)
+    for _ in range(4):
+        batch, advanced = run_step(s)
+        by_seq = {chunk.seq.request_id: chunk.num_tokens for chunk in batch.chunks}
+        assert by_seq["a"] == 1 and a in advanced   # a decodes every step
+        assert by_seq.get("b", 0) == 7               # b gets the rest of the budget
+        assert batch.num_tokens <= 8
+
+
+def test_finished_sequences_free_their_blocks_and_leave():
+    s = scheduler()
+    a, b = seq("a", 5, 0, max_tokens=2), seq("b", 3, 1, max_tokens=5)
+    s.add(a), s.add(b)
+    free_before = s.block_manager.num_free_blocks
+    while not a.is_finished:
+        run_step(s)
+    assert a.finish_reason is FinishReason.LENGTH and a.block_table == []
+    assert a not in s.running and b in s.running
+    while not b.is_finished:
+        run_step(s)
+    assert s.block_manager.num_free_blocks == free_before and s.num_unfinished == 0
+
+
+def test_eos_finishes_with_stop():
+    s = scheduler()
+    a = seq("a", 3, 0, max_tokens=10)
+    s.add(a)
+    run_step(s, token=a.eos_token_id)
+    assert a.finish_reason is FinishReason.STOP and a.output_token_ids == [2]
+
+
+def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
+    s = scheduler(num_blocks=6, block_size=4, budget=64)   # 24 token slots
+    a, b = seq("a", 8, 0, max_tokens=12), seq("b", 8, 1, max_tokens=12)
+    s.add(a), s.add(b)
+    run_step(s)
+    preempted = []
+    for _ in range(8):
+        batch, _ = run_step(s)
+        preempted += batch.preempted
+    assert b in preempted and a not in preempted
+    assert a.num_output_tokens > b.num_output_tokens
+    # b waits with its generated tokens kept: they are recomputed, not lost
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.num_output_tokens >= 1
+    while not a.is_finished:
+        run_step(s)
+    while not b.is_finished:
+        run_step(s)
+    assert b.num_output_tokens == 12
+
+
+def test_a_sequence_longer_than_the_whole_cache_ends_instead_of_looping():
+    s = scheduler(num_blocks=2, block_size=4, budget=64)   # 8 token slots
+    a = seq("a", 6, 0, max_tokens=10)
+    s.add(a)
+    for _ in range(5):
+        run_step(s)
+    # 8 cached tokens: 6 of prompt, 2 generated; the 3rd generated token needs no KV entry of its own
+    assert a.is_finished and a.finish_reason is FinishReason.LENGTH and a.num_output_tokens == 3
+    assert s.block_manager.num_free_blocks == 2
+
+
+def test_max_num_seqs_bounds_the_running_set():
+    s = scheduler(max_num_seqs=2, budget=64)
+    for i in range(4):
+        s.add(seq(str(i), 3, i))
+    batch, _ = run_step(s)
+    assert len(s.running) == 2 and len(s.waiting) == 2 and len(batch.chunks) == 2
+
+
+def test_abort_frees_blocks_of_a_running_and_a_waiting_sequence():
+    s = scheduler(max_num_seqs=1)
+    a, b = seq("a", 9, 0), seq("b", 9, 1)
+    s.add(a), s.add(b)
+    run_step(s)
+    assert a.block_table and s.abort("a") is a and a.finish_reason is FinishReason.CANCELLED
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+    assert s.abort("b") is b and s.num_unfinished == 0
+    assert s.abort("unknown") is None
+
+
+def test_block_manager_counts_blocks_per_token():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = seq("a", 5, 0)
+    assert bm.num_new_blocks(a, 5) == 2
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    assert bm.num_new_blocks(a, 3) == 0 and bm.num_new_blocks(a, 4) == 1
+    assert not bm.can_allocate(a, 16)
+    bm.free(a)
+    assert bm.num_free_blocks == 4
