@@ -665,7 +665,9 @@ def _redis_directives(text: str) -> dict[str, str]:
     return directives
 
 
-def test_redis_evicts_only_keys_with_an_expiry_and_embeddings_have_one(overlay):
+@pytest.mark.parametrize("path", ["base", "overlays/cpu-demo", "overlays/gpu"])
+def test_redis_evicts_only_keys_with_an_expiry_and_embeddings_have_one(path):
+    overlay = Rendered(path, render(path))
     files = _redis_files(overlay)
     conf = _redis_directives(files["redis.conf"])
     assert conf["maxmemory-policy"] == "volatile-lru"
