@@ -1,0 +1,219 @@
+"""Triton kernels of the CUDA decode path: fewer, fused launches over the paged KV cache.
+
+A decode step at batch 1 reads 24.5 GB of weights in ~8 ms on an H100; what separates a plain implementation from
+that floor is the many small kernels between the matmuls. Each function here replaces several PyTorch ops:
+
+- `add_rms_norm`: residual add + RMSNorm (one pass; the sum is rounded to the model dtype before the norm, as
+  transformers does, so results match its op order).
+- `rotary_and_cache`: RoPE on q and k of the fused qkv projection, and the k/v write into the paged cache.
+- `paged_decode_attention`: attention of one new token per sequence over its cached context, split along the
+  context (flash-decoding) so a single long sequence still fills the GPU; the query heads that share a KV head are
+  processed together so each KV entry is read once.
+- `silu_and_mul`: the SwiGLU activation of the fused gate/up projection.
+
+All take their sizes from tensors, never from Python values that change between steps, so they can be captured
+in CUDA graphs. They also run under TRITON_INTERPRET=1 on the CPU, which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# -- RMSNorm ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(out_ptr.dtype.element_ty)   # the sum in the model dtype, as `residual + out` would be
+        tl.store(residual_out_ptr + row * hidden + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, axis=0) / hidden
+    normed = (xf * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * hidden + cols, (normed.to(tl.float32) * weight.to(tl.float32)).to(
+        out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, hidden] -> (RMSNorm(x + residual), x + residual); without a residual, x itself is the new residual."""
+    out = torch.empty_like(x)
+    residual_out = torch.empty_like(x) if residual is not None else x
+    hidden = x.shape[-1]
+    _add_rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, residual_out,
+                                         hidden, eps, HAS_RESIDUAL=residual is not None,
+                                         BLOCK=triton.next_power_of_2(hidden), num_warps=8)
+    return out, residual_out
+
+
+# -- RoPE and the KV-cache write --------------------------------------------------------------------------------
+
+@triton.jit
+def _rotary_cache_kernel(qkv_ptr, positions_ptr, inv_freq_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)                       # 0..H-1: query heads, H..H+Hkv-1: key heads (with values)
+    half: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, half)
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    angle = position * tl.load(inv_freq_ptr + offs)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM + head * HEAD_DIM
+    x1 = tl.load(row + offs).to(tl.float32)
+    x2 = tl.load(row + half + offs).to(tl.float32)
+    y1 = x1 * cos - x2 * sin
+    y2 = x2 * cos + x1 * sin
+    if head < NUM_HEADS:
+        out = q_out_ptr + (token * NUM_HEADS + head) * HEAD_DIM
+        tl.store(out + offs, y1.to(q_out_ptr.dtype.element_ty))
+        tl.store(out + half + offs, y2.to(q_out_ptr.dtype.element_ty))
+    else:
+        slot = tl.load(slots_ptr + token)
+        if slot >= 0:                             # padding rows of a CUDA graph have slot -1
+            kv_head = head - NUM_HEADS
+            dest = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
+            tl.store(k_cache_ptr + dest + offs, y1.to(k_cache_ptr.dtype.element_ty))
+            tl.store(k_cache_ptr + dest + half + offs, y2.to(k_cache_ptr.dtype.element_ty))
+            value = row + NUM_KV_HEADS * HEAD_DIM
+            full = tl.arange(0, HEAD_DIM)
+            tl.store(v_cache_ptr + dest + full, tl.load(value + full))
+
+
+def rotary_and_cache(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """qkv [T, (H + 2 Hkv) * D] -> rotated q [T, H, D]; rotated k and v go to their cache slots."""
+    num_tokens = qkv.shape[0]
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rotary_cache_kernel[(num_tokens, num_heads + num_kv_heads)](
+        qkv, positions, inv_freq, q, k_cache, v_cache, slot_mapping,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, num_warps=1)
+    return q
+
+
+# -- paged decode attention -------------------------------------------------------------------------------------
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scale,
+                         partial_out_ptr, partial_max_ptr, partial_sum_ptr, max_blocks,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context = tl.load(context_lens_ptr + seq)
+    per_split = tl.cdiv(tl.cdiv(context, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, context)
+
+    rows = tl.arange(0, GROUP_PAD)                # the query heads of this KV head (padded for tl.dot)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
+    q = tl.load(q_ptr + (seq * NUM_HEADS + heads)[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
+                other=0.0)
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        tokens = tile + tl.arange(0, BLOCK_N)
+        token_ok = tokens < end
+        blocks = tl.load(block_tables_ptr + seq * max_blocks + tokens // BLOCK_SIZE, mask=token_ok, other=0)
+        slots = blocks.to(tl.int64) * BLOCK_SIZE + tokens % BLOCK_SIZE
+        offsets = (slots * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + dims[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=token_ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale                             # [GROUP_PAD, BLOCK_N] fp32
+        scores = tl.where(token_ok[None, :], scores, float("-inf"))
+        tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        probs = tl.exp(scores - tile_max[:, None])
+        correction = tl.exp(running_max - tile_max)
+        v = tl.load(v_cache_ptr + offsets, mask=token_ok[:, None], other=0.0)
+        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v)
+        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+        running_max = tile_max
+    partial = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+    tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(partial_max_ptr + partial, running_max, mask=row_ok)
+    tl.store(partial_sum_ptr + partial, running_sum, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_out_ptr, partial_max_ptr, partial_sum_ptr, out_ptr,
+                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    row = tl.program_id(0)                       # seq * NUM_HEADS + head
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    maxes = tl.load(partial_max_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=float("-inf"))
+    sums = tl.load(partial_sum_ptr + row * NUM_SPLITS + splits, mask=split_ok, other=0.0)
+    best = tl.max(maxes, axis=0)
+    weights = tl.where(maxes > float("-inf"), tl.exp(maxes - best), 0.0)
+    total = tl.sum(sums * weights, axis=0)
+    dims = tl.arange(0, HEAD_DIM)
+    parts = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=split_ok[:, None], other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.maximum(total, 1e-30)
+    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def num_decode_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132) -> int:
+    """Enough context splits for ~4 programs per multiprocessor, at most 32."""
+    return max(1, min(32, -(-4 * num_sms // (batch_size * num_kv_heads))))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           block_size: int, num_splits: int) -> torch.Tensor:
+    """q [B, H, D] (one new token per sequence) over its cached context -> [B, H, D].
+
+    block_tables [B, max_blocks] int32, context_lens [B] int32 (0 for padding rows, whose output is 0).
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    partial_out = torch.empty(batch * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
+    partial_max = torch.empty(batch * num_heads * num_splits, dtype=torch.float32, device=q.device)
+    partial_sum = torch.empty_like(partial_max)
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, scale, partial_out, partial_max, partial_sum,
+        block_tables.shape[1], NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, BLOCK_N=64,
+        NUM_SPLITS=num_splits, num_warps=4)
+    out = torch.empty_like(q)
+    _combine_splits_kernel[(batch * num_heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,
+                                                 NUM_SPLITS=num_splits,
+                                                 SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+# -- SwiGLU -----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, size, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < size
+    gate = tl.load(x_ptr + row * 2 * size + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * 2 * size + size + cols, mask=mask, other=0.0)
+    # silu rounded to the model dtype first, then the product: the op order of F.silu(gate) * up
+    activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * size + cols, (activated.to(tl.float32) * up.to(tl.float32)).to(
+        out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2 * I] (gate then up) -> silu(gate) * up, [T, I]."""
+    size = x.shape[-1] // 2
+    out = torch.empty(x.shape[0], size, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(size, block))](x, out, size, BLOCK=block)
+    return out

@@ -1,0 +1,124 @@
+"""Checks of the Triton kernels against plain PyTorch, run under TRITON_INTERPRET=1 on the CPU.
+
+Run by tests/test_kernels.py in a subprocess (the interpreter must be chosen before triton is imported);
+`python -m tests.kernel_checks` runs them by hand, and on a CUDA machine without the interpreter too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu")
+# The interpreter's bfloat16 matmul and rounding are not the GPU's: it checks float32, the GPU checks both.
+DTYPES = [(torch.float32, 1e-5)] + ([(torch.bfloat16, 2e-2)] if DEVICE.type == "cuda" else [])
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def check_add_rms_norm() -> None:
+    from services.decoder.kernels import add_rms_norm
+    for dtype, tolerance in DTYPES:
+        x = torch.randn(5, 96, device=DEVICE).to(dtype)
+        residual = torch.randn(5, 96, device=DEVICE).to(dtype)
+        weight = (1 + 0.1 * torch.randn(96, device=DEVICE)).to(dtype)
+        out, new_residual = add_rms_norm(x, weight, 1e-5, residual)
+        summed = x + residual
+        xf = summed.float()
+        ref = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        assert torch.equal(new_residual, summed), "residual sum"
+        assert relative_error(out, ref) < tolerance, (dtype, relative_error(out, ref))
+        out2, same = add_rms_norm(x, weight, 1e-5)
+        assert same is x and relative_error(out2, weight * (x.float() * torch.rsqrt(
+            x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)) < tolerance
+
+
+def rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    freqs = positions.float()[:, None] * inv_freq[None]
+    cos, sin = torch.cat((freqs, freqs), -1).cos()[:, None], torch.cat((freqs, freqs), -1).sin()[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def check_rotary_and_cache() -> None:
+    from services.decoder.kernels import rotary_and_cache
+    heads, kv_heads, dim, tokens = 4, 2, 16, 6
+    inv_freq = 1.0 / (1e9 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=DEVICE)
+    positions = torch.tensor([0, 5, 9, 100, 4096, 7], device=DEVICE)
+    slots = torch.tensor([3, 0, 7, -1, 12, 1], device=DEVICE)
+    k_cache = torch.zeros(16, kv_heads, dim, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    q = rotary_and_cache(qkv, positions, inv_freq, k_cache, v_cache, slots, heads, kv_heads, dim)
+    q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    assert relative_error(q, rope_reference(q_ref.view(tokens, heads, dim), positions, inv_freq)) < 1e-5
+    k_rot = rope_reference(k_ref.view(tokens, kv_heads, dim), positions, inv_freq)
+    for token, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert relative_error(k_cache[slot], k_rot[token]) < 1e-5
+            assert torch.equal(v_cache[slot], v_ref[token].view(kv_heads, dim))
+    assert not k_cache[[2, 4, 5]].any(), "a slot -1 row was written"
+
+
+def check_paged_decode_attention() -> None:
+    from services.decoder.kernels import paged_decode_attention
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size, num_blocks = 8, 2, 64, 16, 40
+    for dtype, tolerance in DTYPES:
+        k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, device=DEVICE).to(dtype)
+        v_cache = torch.randn_like(k_cache)
+        contexts = [1, 17, 130, 0, 300]          # 0: a padding row
+        tables = torch.zeros(len(contexts), 24, dtype=torch.int32, device=DEVICE)
+        permutation = torch.randperm(num_blocks).tolist()
+        for row, context in enumerate(contexts):
+            need = -(-context // block_size)
+            tables[row, :need] = torch.tensor([permutation.pop() for _ in range(need)], dtype=torch.int32)
+        q = torch.randn(len(contexts), heads, dim, device=DEVICE).to(dtype)
+        lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+        for splits in (1, 3, 8):
+            out = paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5, block_size, splits)
+            for row, context in enumerate(contexts):
+                if context == 0:
+                    assert not out[row].any()
+                    continue
+                slots = (tables[row, :, None].long() * block_size + torch.arange(block_size, device=DEVICE))
+                slots = slots.flatten()[:context]
+                key, value = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)
+                ref = F.scaled_dot_product_attention(q[row][:, None].float(), key.float(), value.float(),
+                                                     scale=dim ** -0.5, enable_gqa=True)[:, 0]
+                error = relative_error(out[row], ref)
+                assert error < tolerance, (dtype, splits, row, error)
+
+
+def check_silu_and_mul() -> None:
+    from services.decoder.kernels import silu_and_mul
+    for dtype, tolerance in DTYPES:
+        x = torch.randn(3, 2 * 1500, device=DEVICE).to(dtype)
+        gate, up = x.split(1500, -1)
+        assert relative_error(silu_and_mul(x), F.silu(gate) * up) < tolerance
+
+
+CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul]
+
+
+def main() -> int:
+    failures = 0
+    for check in CHECKS:
+        try:
+            check()
+            print(f"ok   {check.__name__}")
+        except Exception as error:  # noqa: BLE001 - report every check
+            failures += 1
+            print(f"FAIL {check.__name__}: {type(error).__name__}: {error}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
