@@ -26,6 +26,9 @@ from transformers import LlavaConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# A directory with config.json and this file instead of weights: random weights of the config's shape, made on
+# the device at load (benchmarks of the full Pixtral-12B shape without a 25 GB download: same compute).
+RANDOM_WEIGHTS_FILE = "random_weights.json"
 
 # Bumped whenever image preprocessing changes in a way the weights do not show: it is part of the fingerprint.
 PREPROCESSING_VERSION = "mistral-common-1.13.1/patch16/max1024/cubic/clip-mean-std/v1"
@@ -70,6 +73,12 @@ def load_config(model_dir: Path) -> LlavaConfig:
     if getattr(config, "spatial_merge_size", 1) not in (1, None):
         raise CheckpointError("spatial merge (Mistral-Small-3.1) is not supported")
     return config
+
+
+def random_weights_seed(model_dir: Path) -> int | None:
+    """The seed of a random-weights directory, None for a real checkpoint."""
+    marker = Path(model_dir) / RANDOM_WEIGHTS_FILE
+    return int(json.loads(marker.read_text())["seed"]) if marker.is_file() else None
 
 
 def tensor_files(model_dir: Path) -> dict[str, Path]:
@@ -121,6 +130,10 @@ def vision_fingerprint(model_dir: Path) -> str:
     digest = hashlib.sha256()
     digest.update(PREPROCESSING_VERSION.encode())
     digest.update(json.dumps(config.vision_config.to_dict(), sort_keys=True, default=str).encode())
+    seed = random_weights_seed(model_dir)
+    if seed is not None:
+        digest.update(f"random weights, seed {seed}".encode())
+        return digest.hexdigest()[:16]
     rename = part_renamer("vision_tower")
     tensors = sorted((rename(key), key, file) for key, file in tensor_files(model_dir).items()
                      if rename(key) is not None)

@@ -105,7 +105,48 @@ def check_silu_and_mul() -> None:
         assert relative_error(silu_and_mul(x), F.silu(gate) * up) < tolerance
 
 
-CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul]
+def check_fused_engine_matches_reference_engine() -> None:
+    """The whole fused path (decode rows first, paged decode kernel, fused ops) against the reference ops."""
+    from services.decoder.attention import KVCache
+    from services.decoder.block_manager import BlockManager
+    from services.decoder.engine import Engine
+    from services.decoder.model import TextModelSpec, random_decoder
+    from services.decoder.model_runner import ImageInputs, ModelRunner
+    from services.decoder.scheduler import Scheduler, SchedulerConfig
+    from services.decoder.sequence import SamplingParams, Sequence
+
+    spec = TextModelSpec(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, rope_theta=1e9, rms_norm_eps=1e-5,
+                         max_position_embeddings=1024, vision_hidden_size=32, image_token_id=10, bos_token_id=1,
+                         eos_token_id=2)
+    model = random_decoder(spec, torch.float32, DEVICE, seed=1)
+    for param in model.parameters():   # larger weights than 0.02: well separated logits
+        param.data.mul_(5)
+    results = []
+    for fused in (False, True):
+        cache = KVCache(2, 32, 16, 2, 16, torch.float32, DEVICE)
+        runner = ModelRunner(model, cache, DEVICE, 4, 512, use_fused_kernels=fused)
+        engine = Engine(runner, Scheduler(SchedulerConfig(4, 24), BlockManager(32, 16)), max_queued=4)
+        seqs = []
+        for i, length in enumerate((30, 9, 17)):
+            ids = [1] + [(37 * i + 11 * t) % 500 + 12 for t in range(length - 1)]
+            images = None
+            if i == 0:
+                ids[3:9] = [10] * 6
+                images = ImageInputs(torch.randn(6, 32, generator=torch.Generator().manual_seed(0)),
+                                     torch.arange(3, 9))
+            seqs.append(Sequence(f"s{i}", ids, len(ids), SamplingParams(6, temperature=0.8 * i, seed=i), 512, i,
+                                 images))
+        for seq in seqs:
+            engine.add(seq, lambda output: None)
+        while not all(seq.is_finished for seq in seqs):
+            engine.step()
+        results.append([seq.output_token_ids for seq in seqs])
+    assert results[0] == results[1], results
+
+
+CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul,
+          check_fused_engine_matches_reference_engine]
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ from services.decoder import metrics
 from services.decoder.features import FeatureStore
 from services.decoder.server import DecoderServicer
 from services.decoder.service import DecoderService
+from shared import tls
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
@@ -25,7 +26,8 @@ log = logging.getLogger("services.decoder")
 async def serve(config: DecoderConfig) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    server = GrpcServer(f"{config.host}:{config.port}")
+    server = GrpcServer(f"{config.host}:{config.port}", auth_token=config.auth_token,
+                        credentials=tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     servicer = DecoderServicer()
     server.add(decoder_pb2_grpc.add_DecoderServicer_to_server, servicer, "pixtral.v1.Decoder")
     await server.start()

@@ -1,28 +1,36 @@
-"""Attention over the paged KV cache.
+"""The paged KV cache and attention over it.
 
-The cache of each layer is one tensor per keys and values, [num_blocks * block_size, num_kv_heads, head_dim],
-allocated once. A token at position p of a sequence lives in slot block_table[p // block_size] * block_size +
-p % block_size. A step's tokens are flattened: sequence i owns rows query_start[i] : query_start[i] + query_len[i]
-of q, and attends to its first context_len[i] cached tokens (the step's own tokens included, causally).
+The cache of each layer is one tensor for keys and one for values, [num_blocks * block_size, num_kv_heads,
+head_dim], allocated once. A token at position p of a sequence lives in slot block_table[p // block_size] *
+block_size + p % block_size. A step's tokens are flattened into rows: first the single-token rows of sequences
+that are decoding (`num_decode` of them), then the chunks of sequences that are prefilling. Keys and values of
+the step are written into the cache before attention (ops.rotary_and_cache), so attention only reads the cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillSpan:
+    query_start: int            # first row of the chunk in the flattened batch
+    query_len: int              # rows of the chunk
+    context_len: int            # cached tokens of the sequence after this step (the chunk included)
+    context_slots: torch.Tensor  # [context_len] int64 cache slots, in position order
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor          # [T] int64: cache slot of each new token
-    query_start: list[int]              # per sequence: first row in the flattened batch
-    query_len: list[int]                # per sequence: rows (tokens computed this step)
-    context_len: list[int]              # per sequence: cached tokens after this step
-    context_slots: list[torch.Tensor]   # per sequence: [context_len] int64 slots, in position order
-    block_tables: torch.Tensor | None = None   # [B, max_blocks] int32, for paged kernels
-    context_lens: torch.Tensor | None = None   # [B] int32, for paged kernels
+    slot_mapping: torch.Tensor                 # [T] int64: cache slot of each row (-1: write nothing)
+    num_decode: int = 0                        # rows 0..num_decode-1 decode one token of their sequence
+    block_tables: torch.Tensor | None = None   # [num_decode(+padding), max_blocks] int32, decode rows
+    context_lens: torch.Tensor | None = None   # [num_decode(+padding)] int32, decode rows (0: padding)
+    num_splits: int = 1                        # context splits of the paged decode kernel
+    prefills: list[PrefillSpan] = field(default_factory=list)
 
 
 class KVCache:
@@ -46,37 +54,38 @@ class KVCache:
 
 
 class AttentionBackend:
-    """Writes the step's keys and values into the cache, then attends. One SDPA call per sequence.
-
-    Works on every device; used on CPU and for prefill on CUDA (decode on CUDA can use a paged kernel).
-    """
+    """Prompt chunks: SDPA per sequence over its gathered context. Decode rows (metadata.num_decode, set by the
+    runner when it uses the fused kernels): one call of the paged decode kernel for all of them."""
 
     def __init__(self, cache: KVCache, scale: float) -> None:
         self.cache = cache
         self.scale = scale
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-        self.cache.keys[layer].index_copy_(0, meta.slot_mapping, k)
-        self.cache.values[layer].index_copy_(0, meta.slot_mapping, v)
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] of the new tokens -> [T, H, D]."""
-        self.write(layer, k, v, meta)
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D] -> [T, H, D]."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if meta.num_decode and not meta.prefills:
+            return self._decode(q, keys, values, meta)
         out = torch.empty_like(q)
-        for start, length, context, slots in zip(meta.query_start, meta.query_len, meta.context_len,
-                                                 meta.context_slots):
-            query = q[start:start + length].transpose(0, 1)[None]     # [1, H, L, D]
-            key = keys.index_select(0, slots).transpose(0, 1)[None]  # [1, Hkv, C, D]
-            value = values.index_select(0, slots).transpose(0, 1)[None]
+        if meta.num_decode:
+            out[:meta.num_decode] = self._decode(q[:meta.num_decode], keys, values, meta)
+        for span in meta.prefills:
+            query = q[span.query_start:span.query_start + span.query_len].transpose(0, 1)[None]  # [1, H, L, D]
+            key = keys.index_select(0, span.context_slots).transpose(0, 1)[None]                # [1, Hkv, C, D]
+            value = values.index_select(0, span.context_slots).transpose(0, 1)[None]
             mask, is_causal = None, False
-            if length > 1 and length == context:
+            if span.query_len > 1 and span.query_len == span.context_len:
                 is_causal = True  # a whole prompt at once: plain causal attention
-            elif length > 1:      # a later prefill chunk: row i sees the cached prefix and rows <= i
-                rows = torch.arange(context - length, context, device=q.device)[:, None]
-                mask = torch.arange(context, device=q.device)[None, :] <= rows
+            elif span.query_len > 1:  # a later chunk: row i sees the cached prefix and the chunk's rows <= i
+                rows = torch.arange(span.context_len - span.query_len, span.context_len, device=q.device)
+                mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows[:, None]
             attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
                                                       scale=self.scale, enable_gqa=True)
-            out[start:start + length] = attended[0].transpose(0, 1)
+            out[span.query_start:span.query_start + span.query_len] = attended[0].transpose(0, 1)
         return out
+
+    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        from services.decoder.kernels import paged_decode_attention
+        return paged_decode_attention(q, keys, values, meta.block_tables, meta.context_lens, self.scale,
+                                      self.cache.block_size, meta.num_splits)

@@ -56,7 +56,12 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
                           BlockManager(num_blocks, config.block_size))
     log.info("KV cache: %d blocks of %d tokens, %.2f GiB, %d tokens in all; context length %d",
              num_blocks, config.block_size, cache.num_bytes / GIB, num_blocks * config.block_size, max_model_len)
-    return Engine(ModelRunner(model, cache, device), scheduler, config.max_queued), max_model_len
+    is_cuda = device.type == "cuda"
+    runner = ModelRunner(model, cache, device, config.max_num_seqs, max_model_len, use_fused_kernels=is_cuda,
+                         use_cuda_graphs=is_cuda and config.cuda_graphs)
+    if runner.graphs is not None:
+        runner.graphs.capture()
+    return Engine(runner, scheduler, config.max_queued), max_model_len
 
 
 def build_engine(config: DecoderConfig) -> LoadedEngine:

@@ -107,7 +107,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          partial_out_ptr, partial_max_ptr, partial_sum_ptr, max_blocks,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -132,13 +132,13 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         slots = blocks.to(tl.int64) * BLOCK_SIZE + tokens % BLOCK_SIZE
         offsets = (slots * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + dims[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=token_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale                             # [GROUP_PAD, BLOCK_N] fp32
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
         probs = tl.exp(scores - tile_max[:, None])
         correction = tl.exp(running_max - tile_max)
         v = tl.load(v_cache_ptr + offsets, mask=token_ok[:, None], other=0.0)
-        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v)
+        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
         running_max = tile_max
     partial = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
@@ -187,7 +187,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, scale, partial_out, partial_max, partial_sum,
         block_tables.shape[1], NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, BLOCK_N=64,
-        NUM_SPLITS=num_splits, num_warps=4)
+        NUM_SPLITS=num_splits, num_warps=4,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches keep float32 math
     out = torch.empty_like(q)
     _combine_splits_kernel[(batch * num_heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,
                                                  NUM_SPLITS=num_splits,

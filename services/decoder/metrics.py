@@ -22,6 +22,10 @@ class EngineCollector:
                                 value=used / stats.num_blocks if stats.num_blocks else 0.0)
         yield GaugeMetricFamily("pixtral_decoder_batch_size", "Sequences in the latest forward pass",
                                 value=stats.last_batch_size)
+        max_num_seqs = self.engine.scheduler.config.max_num_seqs
+        yield GaugeMetricFamily("pixtral_decoder_batch_occupancy_ratio",
+                                "Running sequences over the batch's capacity (--max-num-seqs)",
+                                value=stats.num_running / max_num_seqs if max_num_seqs else 0.0)
         yield CounterMetricFamily("pixtral_decoder_steps", "Forward passes", value=stats.num_steps)
         yield CounterMetricFamily("pixtral_decoder_generated_tokens", "Tokens sampled",
                                   value=stats.num_generated_tokens)

@@ -1,9 +1,10 @@
 """The Pixtral language model (Mistral-NeMo architecture) plus the multimodal projector, over a paged KV cache.
 
-Numerically this follows transformers' MistralForCausalLM op for op (RMSNorm in float32, rotate-half RoPE with
-float32 angles, SDPA with the same scale), so float32 greedy output equals LlavaForConditionalGeneration on CPU.
-Differences from it are for serving: q/k/v and gate/up projections are fused into one matmul each, tokens of
-all sequences of a step are flattened into one [T, hidden] batch, and attention reads and writes the paged cache.
+With ops.TorchOps it follows transformers' MistralForCausalLM op for op (RMSNorm in float32, rotate-half RoPE with
+float32 angles, SDPA with the same scale), so float32 greedy output equals LlavaForConditionalGeneration on CPU;
+with ops.TritonOps the same layers run fused kernels on CUDA. Differences from transformers are for serving: q/k/v
+and gate/up projections are one matmul each, the tokens of all sequences of a step are flattened into one
+[T, hidden] batch, and attention reads and writes the paged cache.
 """
 
 from __future__ import annotations
@@ -67,31 +68,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
-
-class Rotary(nn.Module):
-    """Rotate-half RoPE; angles in float32, as in transformers' default rope."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]   # [T, head_dim / 2]
-        angles = torch.cat((freqs, freqs), dim=-1)                    # [T, head_dim]
-        return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies of transformers' default (rotate-half) rope."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
 
 
 class Attention(nn.Module):
@@ -100,29 +80,26 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(spec.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos_sin, meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = Rotary.apply(q.view(-1, self.num_heads, self.head_dim), *cos_sin)     # [T, H, D]
-        k = Rotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)  # [T, Hkv, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = backend.forward(self.layer_index, q, k, v, meta)                    # [T, H, D]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, step: StepContext) -> torch.Tensor:
+        cache = step.backend.cache
+        q = step.ops.rotary_and_cache(self.qkv_proj(x), positions, step.inv_freq, cache.keys[self.layer_index],
+                                      cache.values[self.layer_index], step.meta.slot_mapping, self.num_heads,
+                                      self.num_kv_heads, self.head_dim)                # [T, H, D]
+        out = step.backend.attend(self.layer_index, q, step.meta)                       # [T, H, D]
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
 class MLP(nn.Module):
     def __init__(self, spec: TextModelSpec) -> None:
         super().__init__()
-        self.intermediate_size = spec.intermediate_size
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        return self.down_proj(step.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -133,9 +110,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos_sin, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, step: StepContext):
+        """The residual stream is carried apart so each add fuses with the norm that follows it."""
+        norm = self.input_layernorm
+        x, residual = step.ops.add_rms_norm(x, norm.weight, norm.eps, residual)
+        x = self.self_attn(x, positions, step)
+        norm = self.post_attention_layernorm
+        x, residual = step.ops.add_rms_norm(x, norm.weight, norm.eps, residual)
+        return self.mlp(x, step), residual
 
 
 class Projector(nn.Module):
@@ -150,6 +132,16 @@ class Projector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(features)))
 
 
+@dataclass(slots=True)
+class StepContext:
+    """What every layer of one forward pass shares."""
+
+    meta: AttentionMetadata
+    backend: AttentionBackend
+    ops: object           # TorchOps or TritonOps
+    inv_freq: torch.Tensor
+
+
 class PixtralDecoder(nn.Module):
     def __init__(self, spec: TextModelSpec) -> None:
         super().__init__()
@@ -159,7 +151,7 @@ class PixtralDecoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.projector = Projector(spec)
-        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+        self.register_buffer("inv_freq", rope_inv_freq(spec.head_dim, spec.rope_theta), persistent=False)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None,
               image_rows: torch.Tensor | None) -> torch.Tensor:
@@ -171,12 +163,15 @@ class PixtralDecoder(nn.Module):
         return hidden
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                backend: AttentionBackend, logits_rows: torch.Tensor) -> torch.Tensor:
-        """[T, hidden] embeddings -> [len(logits_rows), vocab] float32 logits of the selected rows."""
-        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
+                backend: AttentionBackend, ops, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, hidden] embeddings -> float32 logits of `logits_rows` (all rows if None), [rows, vocab]."""
+        step = StepContext(meta, backend, ops, self.inv_freq)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos_sin, meta, backend)
-        hidden = self.norm(hidden.index_select(0, logits_rows))
+            hidden, residual = layer(hidden, residual, positions, step)
+        if logits_rows is not None:
+            hidden, residual = hidden.index_select(0, logits_rows), residual.index_select(0, logits_rows)
+        hidden, _ = ops.add_rms_norm(hidden, self.norm.weight, self.norm.eps, residual)
         return self.lm_head(hidden).float()
 
 
@@ -200,23 +195,29 @@ def _fuse(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.
     return out
 
 
-def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device) -> PixtralDecoder:
-    """Reads only `language_model.*` and `multi_modal_projector.*` from the checkpoint."""
-    config = checkpoint.load_config(model_dir)
-    spec = TextModelSpec.from_config(config)
-    text = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("language_model"), dtype, device)
-    projector = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("projector"), dtype, device)
+def decoder_from_tensors(spec: TextModelSpec, text: dict[str, torch.Tensor], projector: dict[str, torch.Tensor],
+                         device: torch.device) -> PixtralDecoder:
+    """A decoder from checkpoint tensors already renamed by checkpoint.part_renamer (consumed)."""
     state = _fuse(text, spec.num_layers)
     state.update({"projector." + name: tensor for name, tensor in projector.items()})
     with torch.device("meta"):
         model = PixtralDecoder(spec)
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the checkpoint: rebuild them on the real device.
-    model.rotary = Rotary(spec.head_dim, spec.rope_theta).to(device)
-    missing = [name for name, param in model.named_parameters() if param.is_meta]
-    if missing:
-        raise checkpoint.CheckpointError(f"{model_dir}: missing tensors {missing[:5]}")
+    model.inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, device)
     return model.eval().requires_grad_(False)
+
+
+def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device) -> PixtralDecoder:
+    """Reads only `language_model.*` and `multi_modal_projector.*` from the checkpoint."""
+    config = checkpoint.load_config(model_dir)
+    spec = TextModelSpec.from_config(config)
+    seed = checkpoint.random_weights_seed(model_dir)
+    if seed is not None:
+        return random_decoder(spec, dtype, device, seed)
+    text = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("language_model"), dtype, device)
+    projector = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("projector"), dtype, device)
+    return decoder_from_tensors(spec, text, projector, device)
 
 
 def random_decoder(spec: TextModelSpec, dtype: torch.dtype, device: torch.device, seed: int = 0) -> PixtralDecoder:
@@ -228,5 +229,5 @@ def random_decoder(spec: TextModelSpec, dtype: torch.dtype, device: torch.device
         if name.endswith("norm.weight"):
             continue
         param.data.normal_(0.0, 0.02)
-    model.rotary = Rotary(spec.head_dim, spec.rope_theta).to(device)
+    model.inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, device)
     return model.eval().requires_grad_(False)

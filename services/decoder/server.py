@@ -7,6 +7,7 @@ from services.decoder.service import DecoderService, GenerateRequest, ImageRef
 from services.decoder.sequence import FinishReason
 from shared.errors import Unavailable
 from shared.grpc_server import map_errors
+from shared.logs import request_id_var
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -37,6 +38,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
 
     @map_errors
     async def Generate(self, request, context):
+        request_id_var.set(request.request_id)
         if self.service is None:
             raise Unavailable("decoder is loading its model")
         async for output in self.service.generate(request_from_pb(request)):

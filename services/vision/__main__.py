@@ -12,7 +12,7 @@ from services.vision import metrics
 from services.vision.config import VisionConfig
 from services.vision.encoder import load_vision_encoder
 from services.vision.worker import VisionWorker
-from shared import checkpoint
+from shared import checkpoint, tls
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
@@ -25,7 +25,9 @@ log = logging.getLogger("services.vision")
 async def serve(config: VisionConfig) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    server = GrpcServer(f"{config.host}:{config.port}")  # health only: for probes and the launcher
+    # Health only: for probes and the launcher.
+    server = GrpcServer(f"{config.host}:{config.port}", auth_token=config.auth_token,
+                        credentials=tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     await server.start()
     model_dir = resolve_model(config.model)
     device = torch.device(config.device)

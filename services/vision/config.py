@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared import tls
 from shared.settings import load_config, option
 
 
@@ -26,8 +27,14 @@ class VisionConfig:
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds the job in hand may take to finish")
     metrics_port: int = option(9102, "port of the Prometheus /metrics endpoint; 0: none")
     log_level: str = option("info", "log level")
+    auth_token: str = option("", "bearer token every call but health must carry; prefer the environment to the "
+                                 "flag, which process lists show; empty: none", secret=True)
+    tls_cert: str = option("", "PEM certificate (chain) of the health port; with --tls-key: serve TLS")
+    tls_key: str = option("", "PEM private key of --tls-cert")
+    tls_client_ca: str = option("", "PEM CA that must have signed client certificates (mutual TLS)")
 
     def __post_init__(self) -> None:
+        tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if min(self.max_batch_images, self.read_block_ms, self.claim_idle_ms, self.max_deliveries) <= 0:

@@ -1,4 +1,4 @@
-"""The Pixtral vision tower: preprocessed pixels -> per-patch features (before the projector).
+"""The vision worker's encoder: preprocessed pixels -> per-patch features (before the projector).
 
 Loads only `vision_tower.*` from the checkpoint. Features are cached before the multimodal projector (1024
 values a patch for Pixtral-12B instead of 5120): the decoder applies the projector.
@@ -10,40 +10,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
 
+from services.vision.model import VisionSpec, VisionTower, state_from_checkpoint
 from shared import checkpoint
-
-PATCH_SIZE = 16
 
 
 class VisionEncoder:
-    def __init__(self, model: PixtralVisionModel, device: torch.device, dtype: torch.dtype) -> None:
-        self.model = model
+    def __init__(self, tower: VisionTower, device: torch.device, dtype: torch.dtype) -> None:
+        self.tower = tower
         self.device = device
         self.dtype = dtype
-        self.num_columns = model.config.hidden_size
+        self.num_columns = tower.spec.hidden_size
 
     @torch.inference_mode()
     def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        """[(3, H, W) float32 preprocessed pixels] -> [(H/16 * W/16, hidden) features on CPU], one per image."""
-        features = []
-        for pixels in images:
-            height, width = pixels.shape[1:]
-            batch = torch.from_numpy(pixels)[None].to(self.device, self.dtype)
-            sizes = torch.tensor([[height, width]], device=self.device)
-            out = self.model(batch, image_sizes=sizes).last_hidden_state[0]   # [patches, hidden]
-            assert out.shape[0] == (height // PATCH_SIZE) * (width // PATCH_SIZE)
-            features.append(out.cpu())
-        return features
+        """[(3, H, W) float32 preprocessed pixels] -> [(H/16 * W/16, hidden) features on CPU], one per image,
+        encoded together in one forward pass."""
+        pixels = [torch.from_numpy(image).to(self.device, non_blocking=True) for image in images]
+        return [features.cpu() for features in self.tower(pixels)]
 
 
 def load_vision_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype) -> VisionEncoder:
-    config = checkpoint.load_config(model_dir).vision_config
-    state = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("vision_tower"), dtype, device)
+    spec = VisionSpec.from_config(checkpoint.load_config(model_dir).vision_config)
+    seed = checkpoint.random_weights_seed(model_dir)
+    if seed is not None:
+        return VisionEncoder(random_tower(spec, dtype, device, seed), device, dtype)
+    tensors = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("vision_tower"), dtype, device)
     with torch.device("meta"):
-        model = PixtralVisionModel(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    # The rotary table is a non-persistent buffer: build it for real on the device.
-    model.patch_positional_embedding = type(model.patch_positional_embedding)(config).to(device)
-    return VisionEncoder(model.eval().requires_grad_(False), device, dtype)
+        tower = VisionTower(spec)
+    tower.load_state_dict(state_from_checkpoint(tensors, spec.num_layers), strict=True, assign=True)
+    return VisionEncoder(tower.eval().requires_grad_(False), device, dtype)
+
+
+def random_tower(spec: VisionSpec, dtype: torch.dtype, device: torch.device, seed: int) -> VisionTower:
+    """Random weights at `spec`'s shape made on `device` (benchmarks: the same compute as real weights)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        tower = VisionTower(spec).to(dtype)
+    for name, param in tower.named_parameters():
+        if "norm" not in name and name != "ln_pre":
+            param.data.normal_(0.0, 0.02)
+    return tower.eval().requires_grad_(False)

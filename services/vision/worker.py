@@ -115,7 +115,7 @@ class VisionWorker:
         self.stats.num_dead_lettered += 1
 
     async def _process(self, entries: list[tuple[bytes, dict]]) -> None:
-        todo: list[tuple[bytes, EncodeJob, np.ndarray]] = []
+        jobs: list[tuple[bytes, EncodeJob]] = []
         for entry_id, fields in entries:
             try:
                 job = EncodeJob.from_fields(fields)
@@ -129,14 +129,21 @@ class VisionWorker:
                 self.stats.num_deduplicated += 1
                 await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
             else:
-                try:
-                    pixels = await asyncio.to_thread(preprocess, job.image, self.config.max_image_pixels)
-                except InvalidImage as error:
-                    self.stats.num_invalid += 1
-                    await self._finish(entry_id, job.fingerprint,
-                                       EncodeResult(job.sha256, encode_jobs.INVALID_IMAGE, str(error)))
-                    continue
-                todo.append((entry_id, job, pixels))
+                jobs.append((entry_id, job))
+        # Decoding and resizing run in threads (PIL and OpenCV release the GIL), all images of the batch at once.
+        results = await asyncio.gather(*(asyncio.to_thread(preprocess, job.image, self.config.max_image_pixels)
+                                         for _, job in jobs), return_exceptions=True)
+        todo: list[tuple[bytes, EncodeJob, np.ndarray]] = []
+        for (entry_id, job), result in zip(jobs, results):
+            if isinstance(result, InvalidImage):
+                self.stats.num_invalid += 1
+                await self._finish(entry_id, job.fingerprint,
+                                   EncodeResult(job.sha256, encode_jobs.INVALID_IMAGE, str(result)))
+            elif isinstance(result, BaseException):
+                log.error("preprocessing image %s failed (%s); the job stays pending for a retry", job.sha256,
+                          type(result).__name__)
+            else:
+                todo.append((entry_id, job, result))
         if todo:
             await self._encode_and_write(todo)
 

@@ -1,0 +1,117 @@
+"""End to end through gRPC: the whole stack started as separate processes (pixtral-serve's launcher).
+
+    python -m bench.e2e --device cuda --model random-12b     # GPU, full Pixtral-12B shape, random bf16 weights
+    python -m bench.e2e --device cpu --model tiny --requests 8 --max-tokens 32 --image-size 256
+
+Measures a wave of N concurrent chat requests (each a distinct image + ~32 tokens of text, greedy, max_tokens
+new tokens): tokens/s over the wave, time to first token and time per output token percentiles; then the time
+to first token of a new 1024x1024 image (encoded on the way) and of the same image again (cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.common import QUESTION, gpu_name, noise_png, save
+from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.launcher import Launcher, ServeConfig, free_port
+from shared.checkpoint import RANDOM_WEIGHTS_FILE
+from shared.tiny import pixtral_12b_config
+
+
+def random_12b_dir() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="pixtral-random-12b-"))
+    pixtral_12b_config().save_pretrained(str(directory))
+    (directory / RANDOM_WEIGHTS_FILE).write_text(json.dumps({"seed": 0}))
+    return directory
+
+
+def request(image: bytes, max_tokens: int, text: str = QUESTION) -> gateway_pb2.ChatRequest:
+    content = [gateway_pb2.ContentPart(image=gateway_pb2.ImagePart(data=image)), gateway_pb2.ContentPart(text=text)]
+    return gateway_pb2.ChatRequest(
+        messages=[gateway_pb2.Message(role=gateway_pb2.ROLE_USER, content=content)],
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+async def timed_chat(stub, message) -> dict:
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    async for response in stub.Chat(message, timeout=600):
+        if response.token_ids and first is None:
+            first = time.perf_counter()
+        tokens += len(response.token_ids)
+    finished = time.perf_counter()
+    return {"ttft": first - started, "tokens": tokens, "tpot": (finished - first) / max(1, tokens - 1),
+            "usage": response.usage}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(gateway: str, args) -> dict:
+    results = {}
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(gateway, options=options) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        await timed_chat(stub, request(noise_png(64, 64, 999), 4))  # warm-up
+        images = [noise_png(args.image_size, args.image_size, 1000 + i) for i in range(args.requests)]
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(timed_chat(stub, request(image, args.max_tokens)) for image in images))
+        wall = time.perf_counter() - started
+        tokens = sum(o["tokens"] for o in outcomes)
+        results.update({
+            f"wave_{args.requests}x{args.max_tokens}_tok_s": tokens / wall,
+            "wave_tokens": tokens, "wave_seconds": wall,
+            "wave_ttft_p50_ms": 1000 * percentile([o["ttft"] for o in outcomes], 0.5),
+            "wave_ttft_p99_ms": 1000 * percentile([o["ttft"] for o in outcomes], 0.99),
+            "wave_tpot_p50_ms": 1000 * percentile([o["tpot"] for o in outcomes], 0.5),
+            "wave_tpot_p99_ms": 1000 * percentile([o["tpot"] for o in outcomes], 0.99),
+            "wave_images_encoded": sum(o["usage"].encoded_images for o in outcomes)})
+        big = noise_png(1024, 1024, 7)
+        first = await timed_chat(stub, request(big, 1))
+        repeats = [await timed_chat(stub, request(big, 1)) for _ in range(5)]
+        results["ttft_1024_first_ms"] = 1000 * first["ttft"]
+        results["ttft_1024_cached_ms"] = 1000 * statistics.median(r["ttft"] for r in repeats)
+        results["ttft_repeated_over_first"] = results["ttft_1024_cached_ms"] / results["ttft_1024_first_ms"]
+        assert first["usage"].encoded_images == 1 and all(r["usage"].cached_images == 1 for r in repeats)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="tiny", help="a checkpoint directory, tiny, or random-12b")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--vision-workers", type=int, default=1)
+    parser.add_argument("--decoders", type=int, default=1)
+    parser.add_argument("--name", default="e2e")
+    args = parser.parse_args()
+    model = str(random_12b_dir()) if args.model == "random-12b" else args.model
+    launcher = Launcher(ServeConfig(model=model, device=args.device, vision_workers=args.vision_workers,
+                                    decoders=args.decoders, port=free_port()))
+    try:
+        started = time.perf_counter()
+        gateway = launcher.start()
+        results = {"device": gpu_name() if args.device == "cuda" else "cpu", "model": args.model,
+                   "startup_s": time.perf_counter() - started}
+        results.update(asyncio.run(measure(gateway, args)))
+    finally:
+        launcher.stop()
+    save(args.name, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Vision encoder vs transformers, full Pixtral-12B vision shape, random bf16 weights, one CUDA GPU;
+and the economics of the embedding cache (bytes, Redis round trips, projector and preprocessing costs).
+
+    python -m bench.gpu_vision [--redis redis://127.0.0.1:6379/0]     # results in $OUT/vision.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import time
+
+import redis
+import torch
+from PIL import Image
+
+from bench.common import gpu_name, noise_png, save, timed
+from services.vision.model import VisionSpec, VisionTower, state_from_checkpoint
+from shared.embedding_cache import decode_entry, encode_entry
+from shared.images import preprocess
+from shared.tiny import pixtral_12b_config
+
+DEVICE = torch.device("cuda")
+DTYPE = torch.bfloat16
+MIXED = [(512, 512), (1024, 768), (256, 1024), (768, 512), (1024, 1024), (384, 384), (640, 480), (1024, 256)]
+
+
+def pixels_of(width: int, height: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(preprocess(noise_png(width, height, seed), 10**8)).to(DEVICE, DTYPE)
+
+
+class Graphed:
+    """Our tower captured as a CUDA graph for one list of input shapes."""
+
+    def __init__(self, tower: VisionTower, inputs: list[torch.Tensor]) -> None:
+        self.inputs = [x.clone() for x in inputs]
+        tower(self.inputs)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = tower(self.inputs)
+
+    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
+@torch.inference_mode()
+def encoder_figures(results: dict) -> None:
+    from transformers import PixtralVisionModel
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    config = pixtral_12b_config()
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        hf = PixtralVisionModel._from_config(config.vision_config, dtype=DTYPE, attn_implementation="sdpa").eval()
+        projector = LlavaMultiModalProjector(config).to(DTYPE).eval()
+    spec = VisionSpec.from_config(config.vision_config)
+    with torch.device("meta"):
+        tower = VisionTower(spec)
+    tower.load_state_dict(state_from_checkpoint(dict(hf.state_dict()), spec.num_layers), assign=True)
+    tower.eval()
+
+    def hf_features(pixels: torch.Tensor) -> torch.Tensor:
+        sizes = torch.tensor([list(pixels.shape[1:])], device=DEVICE)
+        return hf(pixels[None], image_sizes=sizes).last_hidden_state[0]
+
+    p512, p1024 = pixels_of(512, 512, 1), pixels_of(1024, 1024, 2)
+    reference = hf_features(p512).float()
+    ours = tower([p512])[0].float()
+    results["relative_error_vs_transformers_bf16"] = float((ours - reference).norm() / reference.norm())
+
+    results["hf_tower_1024_ms"] = 1000 * timed(lambda: hf_features(p1024), repeats=20, warmup=3)
+    results["hf_get_image_features_1024_ms"] = 1000 * timed(lambda: projector(hf_features(p1024)[None]),
+                                                            repeats=20, warmup=3)
+    results["ours_1024_eager_ms"] = 1000 * timed(lambda: tower([p1024]), repeats=20, warmup=3)
+    graphed = Graphed(tower, [p1024])
+    results["ours_1024_graph_ms"] = 1000 * timed(lambda: graphed([p1024]), repeats=20, warmup=3)
+    results["hf_512_one_at_a_time_img_s"] = 8 / timed(lambda: [hf_features(p512) for _ in range(8)], repeats=3)
+    for batch in (1, 2, 4, 8, 16, 32):
+        inputs = [pixels_of(512, 512, 10 + i) for i in range(batch)]
+        results[f"ours_512_batch{batch}_eager_img_s"] = batch / timed(lambda: tower(inputs), repeats=5)
+        graphed = Graphed(tower, inputs)
+        results[f"ours_512_batch{batch}_graph_img_s"] = batch / timed(lambda: graphed(inputs), repeats=5)
+    for batch in (1, 4, 8, 16):
+        inputs = [pixels_of(*MIXED[i % len(MIXED)], seed=50 + i) for i in range(batch)]
+        results[f"ours_mixed_batch{batch}_eager_img_s"] = batch / timed(lambda: tower(inputs), repeats=5)
+        results[f"ours_mixed_batch{batch}_patches"] = sum(x.shape[1] * x.shape[2] // 256 for x in inputs)
+    results["projector_4096_rows_ms"] = 1000 * timed(lambda: projector(ours.new_empty(1, 4096, 1024).normal_()),
+                                                     repeats=20, warmup=3)
+
+
+def preprocessing_figures(results: dict) -> None:
+    for size in (512, 1024):
+        png = noise_png(size, size, 3)
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(png)).save(buffer, "JPEG", quality=90)
+        for fmt, data in (("png", png), ("jpeg", buffer.getvalue())):
+            results[f"preprocess_{size}_{fmt}_ms"] = 1000 * timed(lambda: preprocess(data, 10**8), repeats=10)
+            for threads in (8, 16):
+                with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                    started = time.perf_counter()
+                    list(pool.map(lambda _: preprocess(data, 10**8), range(64)))
+                    results[f"preprocess_{size}_{fmt}_{threads}threads_img_s"] = 64 / (time.perf_counter() - started)
+
+
+def cache_figures(results: dict, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    sha = "ab" * 32
+    for size in (512, 1024):
+        rows = (size // 16) ** 2
+        for layout, columns in (("pre_projector", 1024), ("post_projector", 5120)):
+            value = encode_entry(torch.randn(rows, columns).to(DTYPE), (size // 16, size // 16), "f" * 16, sha)
+            key = f"bench:{layout}:{size}"
+            results[f"cache_{layout}_{size}_mib"] = len(value) / 2**20
+            results[f"redis_set_{layout}_{size}_ms"] = 1000 * timed(lambda: client.set(key, value), repeats=10)
+            results[f"redis_get_decode_{layout}_{size}_ms"] = 1000 * timed(
+                lambda: decode_entry(client.get(key), fingerprint="f" * 16, sha256=sha, num_columns=columns),
+                repeats=10)
+            client.delete(key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    results = {"device": gpu_name()}
+    encoder_figures(results)
+    preprocessing_figures(results)
+    cache_figures(results, args.redis)
+    save("vision", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""CUDA graphs of the decode step, one per batch size, captured once at start-up.
+
+Launching the ~400 kernels of a decode step one by one costs more than the step's own work on hosts with slow
+launches; a replayed graph launches them all at once. A step of B sequences replays the graph of the smallest
+captured size >= B; the extra rows are padding (slot -1: nothing written; context 0: output 0).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from services.decoder.attention import AttentionMetadata
+from services.decoder.kernels import num_decode_splits
+
+log = logging.getLogger(__name__)
+
+_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int) -> None:
+        self.runner = runner
+        self.sizes = sorted({size for size in _SIZES if size < max_batch} | {max_batch})
+        device = runner.device
+        self.rows = torch.zeros(4, self.sizes[-1], dtype=torch.int64, device=device)  # token, position, slot, length
+        self.tables = torch.zeros(self.sizes[-1], runner.max_blocks, dtype=torch.int32, device=device)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.sizes[-1]
+
+    def _forward(self, size: int) -> torch.Tensor:
+        runner, model = self.runner, self.runner.model
+        meta = AttentionMetadata(slot_mapping=self.rows[2, :size], num_decode=size,
+                                 block_tables=self.tables[:size], context_lens=self.rows[3, :size],
+                                 num_splits=num_decode_splits(size, model.spec.num_kv_heads, self.num_sms))
+        hidden = model.embed(self.rows[0, :size], None, None)
+        return model(hidden, self.rows[1, :size], meta, runner.backend, runner.ops)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.rows.zero_()
+        self.rows[2].fill_(-1)
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):   # largest first: the smaller ones reuse its memory pool
+                self._forward(size)             # compiles the kernels and warms the allocator
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[size] = self._forward(size)
+                pool = graph.pool()
+                self.graphs[size] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def run(self, rows: np.ndarray, tables: np.ndarray) -> torch.Tensor:
+        """rows [4, B] (token, position, slot, context length), tables [B, width] -> logits [B, vocab]."""
+        batch = rows.shape[1]
+        size = next(size for size in self.sizes if size >= batch)
+        padded = np.zeros((4, size), dtype=np.int64)
+        padded[2] = -1
+        padded[:, :batch] = rows
+        self.rows[:, :size].copy_(torch.from_numpy(padded))
+        self.tables[:batch, :tables.shape[1]].copy_(torch.from_numpy(tables))
+        self.graphs[size].replay()
+        return self.logits[size][:batch]

@@ -1,0 +1,173 @@
+"""The Pixtral vision tower, for batches of images of any sizes, without a dense attention mask.
+
+Same function as transformers' PixtralVisionModel (patch conv, RMSNorm, 2-D axial RoPE, SwiGLU layers) with
+images packed differently: every token-wise layer (norms, projections, MLP) runs on the patches of all images
+of a batch at once, and attention runs per group of same-sized images as a batched SDPA with no mask, instead of
+one sequence of all patches under an (N x N) block-diagonal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class VisionSpec:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+    rope_theta: float
+    num_channels: int = 3
+    rms_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @staticmethod
+    def from_config(config) -> VisionSpec:
+        rope = getattr(config, "rope_parameters", None) or {}
+        if config.hidden_act != "silu":
+            raise ValueError(f"expected the Pixtral vision activation silu, got {config.hidden_act}")
+        return VisionSpec(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                          config.num_attention_heads, config.patch_size,
+                          float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+                          config.num_channels)
+
+
+@dataclass(frozen=True, slots=True)
+class PatchGroup:
+    """Images of one size within a packed batch: rows start .. start + count * grid_h * grid_w."""
+
+    start: int
+    count: int
+    grid_height: int
+    grid_width: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_height * self.grid_width
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def axial_angles(grid_height: int, grid_width: int, head_dim: int, theta: float,
+                 device: torch.device) -> torch.Tensor:
+    """[grid_h * grid_w, head_dim] float32 RoPE angles: rows by patch row, the first quarter of the frequencies
+    (the even ones) turn with the row index, the next quarter (the odd ones) with the column index."""
+    base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    rows = torch.arange(grid_height, device=device, dtype=torch.float32)
+    cols = torch.arange(grid_width, device=device, dtype=torch.float32)
+    by_row = rows[:, None, None] * base[None, None, 0::2]                      # [h, 1, D/4]
+    by_col = cols[None, :, None] * base[None, None, 1::2]                      # [1, w, D/4]
+    half = torch.cat([by_row.expand(-1, grid_width, -1), by_col.expand(grid_height, -1, -1)], dim=-1)
+    return torch.cat([half, half], dim=-1).reshape(grid_height * grid_width, head_dim)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.attention_norm = nn.Parameter(torch.ones(spec.hidden_size))
+        self.qkv_proj = nn.Linear(spec.hidden_size, 3 * spec.hidden_size, bias=False)
+        self.o_proj = nn.Linear(spec.hidden_size, spec.hidden_size, bias=False)
+        self.ffn_norm = nn.Parameter(torch.ones(spec.hidden_size))
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                groups: list[PatchGroup]) -> torch.Tensor:
+        spec = self.spec
+        heads, dim = spec.num_heads, spec.head_dim
+        q, k, v = self.qkv_proj(rms_norm(x, self.attention_norm, spec.rms_norm_eps)).chunk(3, dim=-1)
+        q = apply_rotary(q.view(-1, heads, dim), cos, sin)                     # [N, H, d]
+        k = apply_rotary(k.view(-1, heads, dim), cos, sin)
+        v = v.view(-1, heads, dim)
+        out = torch.empty_like(q)
+        for group in groups:
+            rows = slice(group.start, group.start + group.count * group.num_patches)
+            shape = (group.count, group.num_patches, heads, dim)
+            attended = F.scaled_dot_product_attention(*(t[rows].view(shape).transpose(1, 2) for t in (q, k, v)))
+            out[rows] = attended.transpose(1, 2).reshape(-1, heads, dim)
+        x = x + self.o_proj(out.view(out.shape[0], -1))
+        gate, up = self.gate_up_proj(rms_norm(x, self.ffn_norm, spec.rms_norm_eps)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, spec: VisionSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.patch_conv = nn.Conv2d(spec.num_channels, spec.hidden_size, spec.patch_size, spec.patch_size,
+                                    bias=False)
+        self.ln_pre = nn.Parameter(torch.ones(spec.hidden_size))
+        self.layers = nn.ModuleList(VisionLayer(spec) for _ in range(spec.num_layers))
+
+    def pack(self, sizes: list[tuple[int, int]]) -> tuple[list[int], list[PatchGroup]]:
+        """Orders images by size (same-sized ones adjacent) -> (order, groups)."""
+        order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+        groups, start = [], 0
+        for index in order:
+            grid = (sizes[index][0] // self.spec.patch_size, sizes[index][1] // self.spec.patch_size)
+            if groups and (groups[-1].grid_height, groups[-1].grid_width) == grid:
+                last = groups[-1]
+                groups[-1] = PatchGroup(last.start, last.count + 1, *grid)
+            else:
+                groups.append(PatchGroup(start, 1, *grid))
+            start += grid[0] * grid[1]
+        return order, groups
+
+    def forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[(3, H, W)] with H, W multiples of the patch size -> [(H/16 * W/16, hidden)], in the same order."""
+        order, groups = self.pack([tuple(p.shape[1:]) for p in pixels])
+        dtype = self.patch_conv.weight.dtype
+        patches, angles = [], []
+        for group in groups:
+            members = [pixels[i] for i in order[len(patches):len(patches) + group.count]]
+            embedded = self.patch_conv(torch.stack(members).to(dtype))        # [count, D, gh, gw]
+            patches.extend(embedded.flatten(2).transpose(1, 2))               # count x [gh * gw, D]
+            angles.append(axial_angles(group.grid_height, group.grid_width, self.spec.head_dim,
+                                       self.spec.rope_theta, embedded.device).repeat(group.count, 1))
+        x = rms_norm(torch.cat(patches), self.ln_pre, self.spec.rms_norm_eps)     # [N, D]
+        angles = torch.cat(angles)
+        cos, sin = angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+        for layer in self.layers:
+            x = layer(x, cos, sin, groups)
+        features = [None] * len(pixels)
+        start = 0
+        for position, index in enumerate(order):
+            length = patches[position].shape[0]
+            features[index] = x[start:start + length]
+            start += length
+        return features
+
+
+def state_from_checkpoint(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """transformers' PixtralVisionModel names -> this module's (q/k/v and gate/up fused)."""
+    state = {"patch_conv.weight": tensors.pop("patch_conv.weight"), "ln_pre": tensors.pop("ln_pre.weight")}
+    for i in range(num_layers):
+        src, dst = f"transformer.layers.{i}.", f"layers.{i}."
+        state[dst + "qkv_proj.weight"] = torch.cat([tensors.pop(f"{src}attention.{n}_proj.weight") for n in "qkv"])
+        state[dst + "o_proj.weight"] = tensors.pop(src + "attention.o_proj.weight")
+        state[dst + "gate_up_proj.weight"] = torch.cat([tensors.pop(src + "feed_forward.gate_proj.weight"),
+                                                        tensors.pop(src + "feed_forward.up_proj.weight")])
+        state[dst + "down_proj.weight"] = tensors.pop(src + "feed_forward.down_proj.weight")
+        state[dst + "attention_norm"] = tensors.pop(src + "attention_norm.weight")
+        state[dst + "ffn_norm"] = tensors.pop(src + "ffn_norm.weight")
+    if tensors:
+        raise ValueError(f"unexpected vision tensors: {sorted(tensors)[:5]}")
+    return state
