@@ -21,7 +21,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.settings import load_config, option
+from shared.settings import env_name, load_config, option
 from shared.tiny import resolve_model
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
@@ -40,6 +40,8 @@ class ServeConfig:
     host: str = option("127.0.0.1", "address the gateway listens on and `ready` prints")
     startup_timeout_s: float = option(900.0, "how long the roles may take to load")
     grace_s: float = option(10.0, "on stop, seconds children get before SIGKILL")
+    auth_token: str = option("", "bearer token of every role (the gateway's callers and its decoder calls); "
+                                 "prefer the environment to the flag; empty: none", secret=True)
 
     def __post_init__(self) -> None:
         if self.vision_workers < 1 or self.decoders < 1:
@@ -77,7 +79,10 @@ class Launcher:
         self._redis_dir: str | None = None
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        env = None
+        if self.config.auth_token:  # through the environment: argv is visible to every user of the machine
+            env = {**os.environ, env_name("auth_token"): self.config.auth_token}
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
         self.children.append((name, process))
         return process
 
@@ -115,19 +120,22 @@ class Launcher:
         model = str(resolve_model(c.model))  # made once here, not raced by the children
         redis_url = self.start_redis()
         python = [sys.executable, "-m"]
+        # On CPU the model processes share the cores: give each its share of torch threads.
+        threads = ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (c.decoders + c.vision_workers)))] \
+            if c.device == "cpu" else []
         decoder_addresses = []
         for index in range(c.decoders):
             port = free_port()
             self.spawn(f"decoder {index}", [*python, "services.decoder", "--model", model, "--redis", redis_url,
                                             "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
-                                            "--metrics-port", "0"])
+                                            "--metrics-port", "0", *threads])
             decoder_addresses.append(f"127.0.0.1:{port}")
         vision_addresses = []
         for index in range(c.vision_workers):
             port = free_port()
             self.spawn(f"vision {index}", [*python, "services.vision", "--model", model, "--redis", redis_url,
                                            "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
-                                           "--consumer", f"vision-{index}-{os.getpid()}", "--metrics-port", "0"])
+                                           "--consumer", f"vision-{index}-{os.getpid()}", "--metrics-port", "0", *threads])
             vision_addresses.append(f"127.0.0.1:{port}")
         for address in decoder_addresses + vision_addresses:
             self.wait_for(address, lambda address=address: is_serving(address))

@@ -20,6 +20,7 @@ Nothing is unpickled: a value is parsed by this header alone, and one that fails
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -102,13 +103,17 @@ def check_length(header: EntryHeader, total_bytes: int) -> None:
 
 def decode_entry(value: bytes, *, fingerprint: str, sha256: str, num_columns: int,
                  grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """The cache value -> [rows, columns] features (a copy, safe to keep after `value` is gone)."""
+    """The cache value -> [rows, columns] features: a read-only view of `value` (no copy; it keeps `value`
+    alive). Copy it before writing to it."""
     header = parse_header(value, fingerprint=fingerprint, sha256=sha256, num_columns=num_columns)
     check_length(header, len(value))
     if grid is not None and (header.grid_height, header.grid_width) != tuple(grid):
         raise CorruptEntry(f"grid {header.grid_height}x{header.grid_width}, expected {grid[0]}x{grid[1]}")
-    payload = bytearray(memoryview(value)[HEADER_BYTES:])
-    features = torch.frombuffer(payload, dtype=header.dtype).view(header.num_rows, header.num_columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer": the view is only read
+        features = torch.frombuffer(value, dtype=header.dtype, offset=HEADER_BYTES,
+                                    count=header.num_rows * header.num_columns)
+    features = features.view(header.num_rows, header.num_columns)
     if not torch.isfinite(features).all():
         raise CorruptEntry("non-finite features")
     return features

@@ -145,8 +145,27 @@ def check_fused_engine_matches_reference_engine() -> None:
     assert results[0] == results[1], results
 
 
+def check_fused_vision_tower_matches_reference() -> None:
+    from services.vision.model import VisionSpec, VisionTower
+    spec = VisionSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=16,
+                      rope_theta=10000.0)
+    towers = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            tower = VisionTower(spec, use_fused_kernels=fused)
+        for name, param in tower.named_parameters():
+            if "norm" not in name and name != "ln_pre":
+                param.data.normal_(0, 0.05)
+        towers.append(tower)
+    pixels = [torch.randn(3, h, w, device=DEVICE) for h, w in ((32, 48), (16, 16), (32, 48), (64, 32))]
+    with torch.inference_mode():
+        for a, b in zip(*(tower(pixels) for tower in towers)):
+            assert relative_error(b, a) < 1e-5, relative_error(b, a)
+
+
 CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul,
-          check_fused_engine_matches_reference_engine]
+          check_fused_engine_matches_reference_engine, check_fused_vision_tower_matches_reference]
 
 
 def main() -> int:

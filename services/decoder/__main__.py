@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import redis.asyncio as aioredis
+import torch
 
 from pixtral.v1 import decoder_pb2_grpc
 from services.decoder.config import DecoderConfig
@@ -24,6 +25,8 @@ log = logging.getLogger("services.decoder")
 
 
 async def serve(config: DecoderConfig) -> None:
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)  # processes sharing a CPU must not oversubscribe it
     stop = asyncio.Event()
     install_stop_signals(stop)
     server = GrpcServer(f"{config.host}:{config.port}", auth_token=config.auth_token,
@@ -34,10 +37,12 @@ async def serve(config: DecoderConfig) -> None:
     log.info("listening on port %d; loading %s", server.port, config.model)
     loaded = await asyncio.to_thread(build_engine, config)
     loaded.engine.start()
-    metrics.register(loaded.engine)
+    metrics.register(loaded.engine, config.max_num_seqs)
     serve_metrics(config.metrics_port)
     client = aioredis.from_url(config.redis)
-    features = FeatureStore(client, loaded.fingerprint, loaded.spec.vision_hidden_size)
+    features = FeatureStore(client, loaded.fingerprint, loaded.spec.vision_hidden_size,
+                            local_capacity_bytes=config.feature_cache_mib << 20,
+                            pin_memory=config.device == "cuda")
     servicer.service = DecoderService(loaded.engine, features, loaded.spec, loaded.max_model_len)
     watcher = asyncio.create_task(watch_redis(client, server.set_serving))
     log.info("ready on port %d", server.port)

@@ -59,6 +59,8 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
     is_cuda = device.type == "cuda"
     runner = ModelRunner(model, cache, device, config.max_num_seqs, max_model_len, use_fused_kernels=is_cuda,
                          use_cuda_graphs=is_cuda and config.cuda_graphs)
+    if is_cuda:
+        runner.warm_up(config.max_num_batched_tokens)
     if runner.graphs is not None:
         runner.graphs.capture()
     return Engine(runner, scheduler, config.max_queued), max_model_len

@@ -1,6 +1,14 @@
-"""Fetches a prompt's image features from the embedding cache (async Redis)."""
+"""Fetches a prompt's image features: from this decoder's own memory when it used the image recently, else from
+the embedding cache in Redis (async).
+
+The local copy (an LRU bounded in bytes, in pinned host memory so the engine's copy to the GPU is asynchronous)
+spares a hot image the Redis round trip and the validation: 8 MiB for a 1024x1024 image. A key names what made
+the features (model fingerprint + image hash), so a local copy never goes stale.
+"""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -11,28 +19,61 @@ from shared.errors import ImageNotCached, Unavailable
 
 
 class FeatureStore:
-    def __init__(self, client: aioredis.Redis, fingerprint: str, num_columns: int) -> None:
+    def __init__(self, client: aioredis.Redis, fingerprint: str, num_columns: int,
+                 local_capacity_bytes: int = 0, pin_memory: bool = False) -> None:
         self.client = client
         self.fingerprint = fingerprint
         self.num_columns = num_columns
+        self.local_capacity_bytes = local_capacity_bytes
+        self.pin_memory = pin_memory
+        self._local: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._local_bytes = 0
+        self.num_local_hits = 0
+
+    def _remember(self, sha: str, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.local_capacity_bytes:
+            return
+        self._local[sha] = features
+        self._local_bytes += size
+        while self._local_bytes > self.local_capacity_bytes:
+            _, evicted = self._local.popitem(last=False)
+            self._local_bytes -= evicted.numel() * evicted.element_size()
+
+    def _own_copy(self, view: torch.Tensor) -> torch.Tensor:
+        copy = torch.empty(view.shape, dtype=view.dtype, pin_memory=self.pin_memory)
+        return copy.copy_(view)
 
     async def fetch(self, images: list[tuple[str, tuple[int, int]]]) -> torch.Tensor:
         """[(sha256, (grid_h, grid_w)), ...] in prompt order -> [sum of grid_h * grid_w, columns] features."""
-        distinct = list(dict.fromkeys(sha for sha, _ in images))
-        try:
-            values = await self.client.mget([cache_key(self.fingerprint, sha) for sha in distinct])
-        except redis.exceptions.RedisError as error:
-            raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
-        by_sha = dict(zip(distinct, values))
+        found: dict[str, torch.Tensor] = {}
+        for sha, _ in images:
+            if sha in self._local:
+                self._local.move_to_end(sha)
+                found[sha] = self._local[sha]
+                self.num_local_hits += 1
+        missing = list(dict.fromkeys(sha for sha, _ in images if sha not in found))
+        if missing:
+            try:
+                values = await self.client.mget([cache_key(self.fingerprint, sha) for sha in missing])
+            except redis.exceptions.RedisError as error:
+                raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
+            fetched = dict(zip(missing, values))
         parts = []
         for index, (sha, grid) in enumerate(images):
-            value = by_sha[sha]
-            if value is None:
-                raise ImageNotCached(f"images[{index}]: embedding of image {sha} is not cached", sha)
-            try:
-                parts.append(decode_entry(value, fingerprint=self.fingerprint, sha256=sha,
-                                          num_columns=self.num_columns, grid=grid))
-            except CorruptEntry as error:
-                raise ImageNotCached(f"images[{index}]: cached embedding of image {sha} is invalid ({error})",
-                                     sha) from error
-        return torch.cat(parts)
+            if sha not in found:
+                value = fetched[sha]
+                if value is None:
+                    raise ImageNotCached(f"images[{index}]: embedding of image {sha} is not cached", sha)
+                try:
+                    view = decode_entry(value, fingerprint=self.fingerprint, sha256=sha,
+                                        num_columns=self.num_columns, grid=grid)
+                except CorruptEntry as error:
+                    raise ImageNotCached(f"images[{index}]: cached embedding of image {sha} is invalid ({error})",
+                                         sha) from error
+                found[sha] = self._own_copy(view)
+                self._remember(sha, found[sha])
+            elif found[sha].shape[0] != grid[0] * grid[1]:
+                raise ImageNotCached(f"images[{index}]: embedding of image {sha} has another grid", sha)
+            parts.append(found[sha])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -100,6 +100,26 @@ def rotary_and_cache(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch
     return q
 
 
+@triton.jit
+def _rotate_heads_kernel(x_ptr, cos_ptr, sin_ptr, row_stride, HALF: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    offs = tl.arange(0, HALF)
+    base = x_ptr + token * row_stride + head * 2 * HALF
+    cos = tl.load(cos_ptr + token * HALF + offs)
+    sin = tl.load(sin_ptr + token * HALF + offs)
+    x1 = tl.load(base + offs).to(tl.float32)
+    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    tl.store(base + offs, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty))
+    tl.store(base + HALF + offs, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty))
+
+
+def rotate_heads_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int) -> None:
+    """Rotate-half RoPE, in place, on the first `num_heads` heads of each row of x [T, >= num_heads * head_dim];
+    cos/sin [T, head_dim / 2] float32 (the angle of dimension i and i + head_dim / 2 is the same)."""
+    _rotate_heads_kernel[(x.shape[0], num_heads)](x, cos, sin, x.stride(0), HALF=head_dim // 2, num_warps=1)
+
+
 # -- paged decode attention -------------------------------------------------------------------------------------
 
 @triton.jit
@@ -165,9 +185,24 @@ def _combine_splits_kernel(partial_out_ptr, partial_max_ptr, partial_sum_ptr, ou
     tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
+SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)   # each is a compiled variant of the kernel: warmed up at start-up
+
+
 def num_decode_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132) -> int:
-    """Enough context splits for ~4 programs per multiprocessor, at most 32."""
-    return max(1, min(32, -(-4 * num_sms // (batch_size * num_kv_heads))))
+    """Enough context splits for ~4 programs per multiprocessor, rounded up to a power of two, at most 32."""
+    wanted = -(-4 * num_sms // (batch_size * num_kv_heads))
+    return next((choice for choice in SPLIT_CHOICES if choice >= wanted), SPLIT_CHOICES[-1])
+
+
+def warm_up(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
+            block_size: int) -> None:
+    """Compiles every variant the eager path may need, so no request waits for Triton's compiler."""
+    q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    cache = torch.zeros(block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    tables = torch.zeros(1, 16, dtype=torch.int32, device=device)
+    lengths = torch.ones(1, dtype=torch.int32, device=device)
+    for splits in SPLIT_CHOICES:
+        paged_decode_attention(q, cache, cache, tables, lengths, 1.0, block_size, splits)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -8,8 +8,9 @@ from services.decoder.engine import Engine
 
 
 class EngineCollector:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_num_seqs: int = 0) -> None:
         self.engine = engine
+        self.max_num_seqs = max_num_seqs   # the batch's capacity; 0: unknown, no occupancy
 
     def collect(self):
         stats = self.engine.stats()
@@ -22,10 +23,10 @@ class EngineCollector:
                                 value=used / stats.num_blocks if stats.num_blocks else 0.0)
         yield GaugeMetricFamily("pixtral_decoder_batch_size", "Sequences in the latest forward pass",
                                 value=stats.last_batch_size)
-        max_num_seqs = self.engine.scheduler.config.max_num_seqs
-        yield GaugeMetricFamily("pixtral_decoder_batch_occupancy_ratio",
-                                "Running sequences over the batch's capacity (--max-num-seqs)",
-                                value=stats.num_running / max_num_seqs if max_num_seqs else 0.0)
+        if self.max_num_seqs:
+            yield GaugeMetricFamily("pixtral_decoder_batch_occupancy_ratio",
+                                    "Running sequences over the batch's capacity (--max-num-seqs)",
+                                    value=stats.num_running / self.max_num_seqs)
         yield CounterMetricFamily("pixtral_decoder_steps", "Forward passes", value=stats.num_steps)
         yield CounterMetricFamily("pixtral_decoder_generated_tokens", "Tokens sampled",
                                   value=stats.num_generated_tokens)
@@ -35,5 +36,5 @@ class EngineCollector:
                                   value=stats.num_preempted)
 
 
-def register(engine: Engine) -> None:
-    REGISTRY.register(EngineCollector(engine))
+def register(engine: Engine, max_num_seqs: int = 0) -> None:
+    REGISTRY.register(EngineCollector(engine, max_num_seqs))

@@ -50,6 +50,25 @@ class ModelRunner:
             from services.decoder.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self, max_num_seqs)
 
+    @torch.inference_mode()
+    def warm_up(self, num_tokens: int) -> None:
+        """One full-budget prefill pass (writing nothing to the cache: slot -1, fused kernels only) and every kernel
+        variant, at start-up: the first request must not pay for library initialisation, kernel compilation or
+        the allocator's growth."""
+        if self.is_fused:
+            from services.decoder.kernels import warm_up
+            spec = self.model.spec
+            warm_up(self.model.embed_tokens.weight.dtype, self.device, spec.num_heads, spec.num_kv_heads,
+                    spec.head_dim, self.block_size)
+        num_tokens = min(num_tokens, self.cache.num_blocks * self.block_size)
+        meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, device=self.device),
+                                 prefills=[PrefillSpan(0, num_tokens, num_tokens,
+                                                       torch.arange(num_tokens, device=self.device))])
+        positions = torch.arange(num_tokens, device=self.device)
+        hidden = self.model.embed(torch.zeros(num_tokens, dtype=torch.int64, device=self.device), None, None)
+        self.model(hidden, positions, meta, self.backend, self.ops,
+                   torch.tensor([num_tokens - 1], device=self.device))
+
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end)
         blocks = torch.tensor(block_table, dtype=torch.int64)[positions // self.block_size]
@@ -58,7 +77,8 @@ class ModelRunner:
     def decode_inputs(self, chunks: list[ScheduledChunk]) -> tuple[np.ndarray, np.ndarray]:
         """Decode rows as host arrays: [4, B] int64 (token, position, slot, context length) and [B, blocks] int32."""
         rows = np.empty((4, len(chunks)), dtype=np.int64)
-        width = max(len(chunk.seq.block_table) for chunk in chunks)
+        # A multiple of 16 columns: the kernel is specialised on its row stride's divisibility; keep it one variant.
+        width = -(-max(len(chunk.seq.block_table) for chunk in chunks) // 16) * 16
         tables = np.zeros((len(chunks), width), dtype=np.int32)
         for i, chunk in enumerate(chunks):
             seq, position = chunk.seq, chunk.start
@@ -109,7 +129,9 @@ class ModelRunner:
             from services.decoder.kernels import num_decode_splits
             meta.num_splits = num_decode_splits(num_decode, self.model.spec.num_kv_heads)
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        features = torch.cat(image_features).to(self.device, non_blocking=True) if image_features else None
+        # pinned host rows: the copies overlap with the work queued before them
+        features = torch.cat([f.to(self.device, non_blocking=True) for f in image_features]) \
+            if image_features else None
         rows = torch.cat(image_rows).to(self.device) if image_rows else None
         hidden = self.model.embed(ids, features, rows)
         # Prompt chunks that do not reach their end yet sample nothing; the last row is computed anyway.
@@ -124,9 +146,10 @@ class ModelRunner:
             return [None] * len(chunks)
         params = [chunk.seq.sampling for chunk in sampling_chunks]
         if all(p.is_greedy for p in params):
-            tokens = logits.argmax(dim=-1).tolist()   # no parameter tensors to build and copy
+            chosen = logits.argmax(dim=-1)   # no parameter tensors to build and copy
         else:
             steps = [chunk.seq.num_output_tokens for chunk in sampling_chunks]
-            tokens = sample(logits, SamplingBatch.build(params, steps, self.device)).tolist()
+            chosen = sample(logits, SamplingBatch.build(params, steps, self.device))
+        tokens = chosen.cpu().tolist()  # .cpu() waits for the GPU without holding the GIL
         by_seq = {id(chunk.seq): token for chunk, token in zip(sampling_chunks, tokens)}
         return [by_seq.get(id(chunk.seq)) if chunk.is_sampling else None for chunk in chunks]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -37,6 +38,33 @@ class GenerateRequest:
     seed: int | None
 
 
+class OutputRouter:
+    """Hands engine outputs (from the engine thread) to each request's asyncio queue with one event-loop wake-up
+    per engine step instead of one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, EngineOutput]] = []
+        self._is_scheduled = False
+
+    def sink(self, queue: asyncio.Queue):
+        def push(output: EngineOutput) -> None:
+            with self._lock:
+                self._pending.append((queue, output))
+                if self._is_scheduled:
+                    return
+                self._is_scheduled = True
+            self.loop.call_soon_threadsafe(self._flush)
+        return push
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending, self._is_scheduled = self._pending, [], False
+        for queue, output in pending:
+            queue.put_nowait(output)
+
+
 class DecoderService:
     def __init__(self, engine: Engine, features: FeatureStore, spec: TextModelSpec, max_model_len: int) -> None:
         self.engine = engine
@@ -44,6 +72,7 @@ class DecoderService:
         self.spec = spec
         self.max_model_len = max_model_len
         self._arrivals = itertools.count()
+        self._router: OutputRouter | None = None
 
     def _validate(self, request: GenerateRequest) -> None:
         ids = request.prompt_token_ids
@@ -82,13 +111,21 @@ class DecoderService:
                        num_prompt_tokens=len(request.prompt_token_ids), sampling=sampling,
                        max_model_len=self.max_model_len, arrival=arrival, images=images,
                        eos_token_id=self.spec.eos_token_id)
-        loop = asyncio.get_running_loop()
+        if self._router is None:
+            self._router = OutputRouter(asyncio.get_running_loop())
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.engine.add(seq, lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output))
+        self.engine.add(seq, self._router.sink(outputs))
         finished = False
         try:
             while not finished:
                 output = await outputs.get()
+                if output.finish_reason is None and not outputs.empty():
+                    # the caller fell behind the engine: send what has piled up as one message
+                    token_ids = list(output.token_ids)
+                    while output.finish_reason is None and not outputs.empty():
+                        output = outputs.get_nowait()
+                        token_ids += output.token_ids
+                    output = EngineOutput(output.request_id, token_ids, output.finish_reason, output.error)
                 finished = output.finish_reason is not None
                 yield output
                 if output.finish_reason is FinishReason.ERROR:

@@ -23,6 +23,8 @@ log = logging.getLogger("services.vision")
 
 
 async def serve(config: VisionConfig) -> None:
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)  # processes sharing a CPU must not oversubscribe it
     stop = asyncio.Event()
     install_stop_signals(stop)
     # Health only: for probes and the launcher.
@@ -33,6 +35,7 @@ async def serve(config: VisionConfig) -> None:
     device = torch.device(config.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype)
+    await asyncio.to_thread(encoder.warm_up)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     client = aioredis.from_url(config.redis)
     worker = VisionWorker(client, encoder, fingerprint, config, on_encoded=metrics.observe_batch)

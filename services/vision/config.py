@@ -18,7 +18,7 @@ class VisionConfig:
     host: str = option("0.0.0.0", "address of the health server")
     port: int = option(50071, "gRPC port of the health server")
     consumer: str = option("", "name in the consumer group; empty: host-pid")
-    max_batch_images: int = option(8, "jobs taken and encoded together at most")
+    max_batch_images: int = option(16, "jobs taken and encoded together at most")
     read_block_ms: int = option(1000, "how long one read of the stream waits for jobs")
     claim_idle_ms: int = option(10000, "a job pending this long (its worker died) is reclaimed")
     max_deliveries: int = option(3, "deliveries of a job before it goes to the dead-letter stream")
@@ -26,6 +26,7 @@ class VisionConfig:
     embedding_ttl_s: int = option(0, "expiry of cached embeddings; 0: none (rely on Redis eviction)")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds the job in hand may take to finish")
     metrics_port: int = option(9102, "port of the Prometheus /metrics endpoint; 0: none")
+    torch_threads: int = option(0, "CPU threads of torch's operators; 0: torch's default (all cores)")
     log_level: str = option("info", "log level")
     auth_token: str = option("", "bearer token every call but health must carry; prefer the environment to the "
                                  "flag, which process lists show; empty: none", secret=True)

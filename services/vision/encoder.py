@@ -22,6 +22,10 @@ class VisionEncoder:
         self.dtype = dtype
         self.num_columns = tower.spec.hidden_size
 
+    def warm_up(self) -> None:
+        """One pass at start-up: library handles, kernel choices and memory pools are made before any request."""
+        self.encode([np.zeros((3, 512, 512), dtype=np.float32), np.zeros((3, 64, 32), dtype=np.float32)])
+
     @torch.inference_mode()
     def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """[(3, H, W) float32 preprocessed pixels] -> [(H/16 * W/16, hidden) features on CPU], one per image,
@@ -37,7 +41,7 @@ def load_vision_encoder(model_dir: Path, device: torch.device, dtype: torch.dtyp
         return VisionEncoder(random_tower(spec, dtype, device, seed), device, dtype)
     tensors = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("vision_tower"), dtype, device)
     with torch.device("meta"):
-        tower = VisionTower(spec)
+        tower = VisionTower(spec, use_fused_kernels=device.type == "cuda")
     tower.load_state_dict(state_from_checkpoint(tensors, spec.num_layers), strict=True, assign=True)
     return VisionEncoder(tower.eval().requires_grad_(False), device, dtype)
 
@@ -46,7 +50,7 @@ def random_tower(spec: VisionSpec, dtype: torch.dtype, device: torch.device, see
     """Random weights at `spec`'s shape made on `device` (benchmarks: the same compute as real weights)."""
     torch.manual_seed(seed)
     with torch.device(device):
-        tower = VisionTower(spec).to(dtype)
+        tower = VisionTower(spec, use_fused_kernels=device.type == "cuda").to(dtype)
     for name, param in tower.named_parameters():
         if "norm" not in name and name != "ln_pre":
             param.data.normal_(0.0, 0.02)

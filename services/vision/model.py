@@ -60,6 +60,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+class TorchVisionOps:
+    """The op order of transformers' PixtralVisionModel."""
+
+    @staticmethod
+    def add_rms_norm(x, weight, eps, residual=None):
+        if residual is not None:
+            x = residual + x
+        return rms_norm(x, weight, eps), x
+
+    @staticmethod
+    def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, dim: int):
+        q, k, v = qkv.chunk(3, dim=-1)
+        cos2, sin2 = (torch.cat([t, t], dim=-1).to(qkv.dtype)[:, None] for t in (cos, sin))
+        return (apply_rotary(q.view(-1, heads, dim), cos2, sin2), apply_rotary(k.view(-1, heads, dim), cos2, sin2),
+                v.view(-1, heads, dim))
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class TritonVisionOps:
+    """The same, fused into the decoder's Triton kernels (CUDA)."""
+
+    def __init__(self) -> None:
+        from services.decoder import kernels
+        self.kernels = kernels
+        self.add_rms_norm = kernels.add_rms_norm
+        self.silu_and_mul = kernels.silu_and_mul
+
+    def rotate_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, dim: int):
+        self.kernels.rotate_heads_(qkv, cos, sin, 2 * heads, dim)   # q and k heads, in place
+        q, k, v = qkv.chunk(3, dim=-1)
+        return q.view(-1, heads, dim), k.view(-1, heads, dim), v.view(-1, heads, dim)
+
+
 def axial_angles(grid_height: int, grid_width: int, head_dim: int, theta: float,
                  device: torch.device) -> torch.Tensor:
     """[grid_h * grid_w, head_dim] float32 RoPE angles: rows by patch row, the first quarter of the frequencies
@@ -89,29 +126,29 @@ class VisionLayer(nn.Module):
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                groups: list[PatchGroup]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                groups: list[PatchGroup], ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried apart so each add fuses with the norm that follows it."""
         spec = self.spec
         heads, dim = spec.num_heads, spec.head_dim
-        q, k, v = self.qkv_proj(rms_norm(x, self.attention_norm, spec.rms_norm_eps)).chunk(3, dim=-1)
-        q = apply_rotary(q.view(-1, heads, dim), cos, sin)                     # [N, H, d]
-        k = apply_rotary(k.view(-1, heads, dim), cos, sin)
-        v = v.view(-1, heads, dim)
+        normed, residual = ops.add_rms_norm(x, self.attention_norm, spec.rms_norm_eps, residual)
+        q, k, v = ops.rotate_qk(self.qkv_proj(normed), cos, sin, heads, dim)  # [N, H, d] each
         out = torch.empty_like(q)
         for group in groups:
             rows = slice(group.start, group.start + group.count * group.num_patches)
             shape = (group.count, group.num_patches, heads, dim)
             attended = F.scaled_dot_product_attention(*(t[rows].view(shape).transpose(1, 2) for t in (q, k, v)))
             out[rows] = attended.transpose(1, 2).reshape(-1, heads, dim)
-        x = x + self.o_proj(out.view(out.shape[0], -1))
-        gate, up = self.gate_up_proj(rms_norm(x, self.ffn_norm, spec.rms_norm_eps)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        normed, residual = ops.add_rms_norm(self.o_proj(out.view(out.shape[0], -1)), self.ffn_norm,
+                                            spec.rms_norm_eps, residual)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(normed))), residual
 
 
 class VisionTower(nn.Module):
-    def __init__(self, spec: VisionSpec) -> None:
+    def __init__(self, spec: VisionSpec, use_fused_kernels: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        self.ops = TritonVisionOps() if use_fused_kernels else TorchVisionOps()
         self.patch_conv = nn.Conv2d(spec.num_channels, spec.hidden_size, spec.patch_size, spec.patch_size,
                                     bias=False)
         self.ln_pre = nn.Parameter(torch.ones(spec.hidden_size))
@@ -143,10 +180,12 @@ class VisionTower(nn.Module):
             angles.append(axial_angles(group.grid_height, group.grid_width, self.spec.head_dim,
                                        self.spec.rope_theta, embedded.device).repeat(group.count, 1))
         x = rms_norm(torch.cat(patches), self.ln_pre, self.spec.rms_norm_eps)     # [N, D]
-        angles = torch.cat(angles)
-        cos, sin = angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+        angles = torch.cat(angles)[:, :self.spec.head_dim // 2]                   # the second half repeats it
+        cos, sin = angles.cos().contiguous(), angles.sin().contiguous()           # [N, D / 2] float32
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, groups)
+            x, residual = layer(x, residual, cos, sin, groups, self.ops)
+        x = x + residual
         features = [None] * len(pixels)
         start = 0
         for position, index in enumerate(order):
