@@ -1,11 +1,12 @@
 """`pixtral-chat`: one user message (images, then text) sent to a gateway; the answer streamed to stdout.
 
     pixtral-chat [--gateway HOST:PORT] [--image FILE]... [--image-ref SHA256]... [--max-tokens N]
-                 [--temperature T] [--seed S] [--json] [--tokenize-only] TEXT
+                 [--temperature T] [--seed S] [--json] [--tokenize-only]
+                 [--token TOKEN] [--tls | --tls-ca PEM [--tls-cert PEM --tls-key PEM]] TEXT
 
 Images come first, in the order given on the command line. With --json, one JSON object per streamed message,
 then a last line with the completion's token_ids, finish_reason and usage. A failed call exits with status 1
-and prints the gRPC status name and message on stderr.
+and prints the gRPC status name and message on stderr. The bearer token defaults to $PIXTRAL_AUTH_TOKEN.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import sys
 import grpc
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from shared import tls
+from shared.auth import bearer_metadata
+from shared.settings import env_name, env_value
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                   common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error"}
@@ -44,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="deadline of the call in seconds")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     parser.add_argument("--tokenize-only", action="store_true", help="print the prompt's token ids only")
+    parser.add_argument("--token", default=env_value("auth_token"),
+                        help=f"bearer token of the gateway (default: ${env_name('auth_token')})")
+    parser.add_argument("--tls", action="store_true", help="TLS, verifying the gateway with the system's CAs")
+    parser.add_argument("--tls-ca", default="", metavar="PEM", help="TLS, verifying the gateway with this CA")
+    parser.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
     parser.add_argument("text", help="the user's message")
     parser.set_defaults(images=[])
     return parser.parse_args(argv)
@@ -66,15 +76,27 @@ def build_request(args: argparse.Namespace) -> gateway_pb2.ChatRequest:
                                    sampling=sampling)
 
 
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    tls.check_client_files(args.tls_ca, args.tls_cert, args.tls_key, "--tls")
+    credentials = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    if credentials is None and args.tls:
+        credentials = grpc.ssl_channel_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(args.gateway, options=options)
+    return grpc.secure_channel(args.gateway, credentials, options=options)
+
+
 def run(args: argparse.Namespace, stub: gateway_pb2_grpc.GatewayStub) -> None:
     request = build_request(args)
+    metadata = bearer_metadata(args.token or "")
     if args.tokenize_only:
-        response = stub.Tokenize(request, timeout=args.timeout)
+        response = stub.Tokenize(request, timeout=args.timeout, metadata=metadata)
         print(json.dumps({"token_ids": list(response.token_ids)}) if args.json
               else " ".join(map(str, response.token_ids)))
         return
     token_ids: list[int] = []
-    for response in stub.Chat(request, timeout=args.timeout):
+    for response in stub.Chat(request, timeout=args.timeout, metadata=metadata):
         token_ids.extend(response.token_ids)
         if response.finish_reason:
             usage = response.usage
@@ -86,7 +108,8 @@ def run(args: argparse.Namespace, stub: gateway_pb2_grpc.GatewayStub) -> None:
             else:
                 print()
         elif args.json:
-            print(json.dumps({"text": response.text, "token_ids": list(response.token_ids)}, ensure_ascii=False), flush=True)
+            print(json.dumps({"text": response.text, "token_ids": list(response.token_ids)}, ensure_ascii=False),
+                  flush=True)
         else:
             print(response.text, end="", flush=True)
 
@@ -94,12 +117,12 @@ def run(args: argparse.Namespace, stub: gateway_pb2_grpc.GatewayStub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        with grpc.insecure_channel(args.gateway, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        with open_channel(args) as channel:
             run(args, gateway_pb2_grpc.GatewayStub(channel))
     except grpc.RpcError as error:
         print(f"{error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    except OSError as error:
+    except (OSError, ValueError) as error:
         print(f"pixtral-chat: {error}", file=sys.stderr)
         return 2
     return 0

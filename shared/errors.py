@@ -51,3 +51,9 @@ class EncodeFailed(ServiceError):
 
 class Cancelled(ServiceError):
     status = "CANCELLED"
+
+
+class Unauthenticated(ServiceError):
+    """A call without the bearer token the server was configured with (or with another one)."""
+
+    status = "UNAUTHENTICATED"

@@ -1,4 +1,5 @@
-"""Bootstrap of every role's grpc.aio server: health, optional reflection, error mapping, graceful stop."""
+"""Bootstrap of every role's grpc.aio server: health, optional reflection, TLS and bearer-token auth, error
+mapping, graceful stop."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 import inspect
 import logging
 import signal
+import time
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -14,7 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from shared.auth import BearerTokenInterceptor
 from shared.errors import ServiceError
+from shared.logs import request_id_var
 from shared.metrics import GRPC_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -28,69 +32,89 @@ LIVENESS_SERVICE = "liveness"
 # Large enough for a request with several images of a few MB each; larger messages get RESOURCE_EXHAUSTED
 # from gRPC itself before any of our code runs.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Trailing metadata of every error: the request id, so a caller can quote it (and find it in every role's logs).
+REQUEST_ID_KEY = "x-request-id"
 
 
 def status_code(error: ServiceError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
+async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError, rpc: str = "") -> None:
+    """Ends the call with the error's status and message, the request id in the trailing metadata."""
+    code = status_code(error)
+    if rpc:
+        GRPC_REQUESTS.labels(rpc, code.name).inc()
+    request_id = request_id_var.get()
+    await context.abort(code, error.message, trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
+
+
 def map_errors(method: Callable) -> Callable:
     """Turns ServiceError into the matching gRPC status; anything else becomes INTERNAL without details.
 
-    Works for unary methods and for server-streaming methods written as async generators.
+    Works for unary methods and for server-streaming methods written as async generators. Each call ends with
+    one log line (method, status, seconds), carrying the request id the method put in the log context.
     """
     name = method.__qualname__
     rpc = name.split(".")[-1]
 
-    async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
-        if isinstance(error, ServiceError):
-            GRPC_REQUESTS.labels(rpc, status_code(error).name).inc()
-            await context.abort(status_code(error), error.message)
-        log.exception("unexpected error in %s", name, exc_info=error)
-        GRPC_REQUESTS.labels(rpc, "INTERNAL").inc()
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}")
+    async def abort(context: grpc.aio.ServicerContext, error: BaseException, started: float) -> None:
+        if not isinstance(error, ServiceError):
+            log.exception("unexpected error in %s", name, exc_info=error)
+            error = ServiceError(f"internal error in {rpc}")
+        log.info("%s %s in %.3f s: %s", rpc, status_code(error).name, time.monotonic() - started, error.message)
+        await abort_with(context, error, rpc)
+
+    def finished(code: str, started: float) -> None:
+        GRPC_REQUESTS.labels(rpc, code).inc()
+        log.info("%s %s in %.3f s", rpc, code, time.monotonic() - started)
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
+            started = time.monotonic()
             try:
                 async for item in method(self, request, context):
                     yield item
-                GRPC_REQUESTS.labels(rpc, "OK").inc()
+                finished("OK", started)
             except asyncio.CancelledError:
-                GRPC_REQUESTS.labels(rpc, "CANCELLED").inc()
+                finished("CANCELLED", started)
                 raise
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001 - mapped to a status, logged when unexpected
-                await abort(context, error)
+                await abort(context, error, started)
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        started = time.monotonic()
         try:
             response = await method(self, request, context)
-            GRPC_REQUESTS.labels(rpc, "OK").inc()
+            finished("OK", started)
             return response
         except asyncio.CancelledError:
-            GRPC_REQUESTS.labels(rpc, "CANCELLED").inc()
+            finished("CANCELLED", started)
             raise
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001
-            await abort(context, error)
+            await abort(context, error, started)
     return unary
 
 
 class GrpcServer:
-    """A grpc.aio server with grpc.health.v1 and, optionally, reflection.
+    """A grpc.aio server with grpc.health.v1 and, optionally, reflection, TLS and a bearer token.
 
-    `health` answers for the overall service ("") and for each registered service name.
+    `health` answers for the overall service ("") and for each registered service name. `credentials` (from
+    shared/tls.py) makes the port TLS; `auth_token` makes every call but health carry that token.
     """
 
     def __init__(self, address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Iterable[tuple[str, object]] = ()) -> None:
-        self.server = grpc.aio.server(options=[
+                 options: Iterable[tuple[str, object]] = (), credentials: grpc.ServerCredentials | None = None,
+                 auth_token: str = "") -> None:
+        interceptors = [BearerTokenInterceptor(auth_token, abort_with)] if auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # Bound the metadata a client may send (reliability case 9: huge metadata).
@@ -99,7 +123,8 @@ class GrpcServer:
         ])
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(address)
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self._service_names: list[str] = []

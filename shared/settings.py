@@ -18,15 +18,20 @@ T = TypeVar("T")
 ENV_PREFIX = "PIXTRAL_"
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with its help text."""
+def option(default: Any, help: str, secret: bool = False) -> Any:
+    """A config field with its help text; a `secret` one (a token) is left out of the config's repr."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("config defaults must be immutable: use a tuple")
-    return dataclasses.field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, repr=not secret, metadata={"help": help})
 
 
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
+
+
+def env_value(field_name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The `PIXTRAL_*` environment value of a setting, for command-line tools that parse their own flags."""
+    return (os.environ if environ is None else environ).get(env_name(field_name))
 
 
 def _parse_bool(text: str) -> bool:

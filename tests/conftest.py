@@ -43,3 +43,19 @@ def _no_pixtral_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith("PIXTRAL_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def observed_redis():
+    """The Redis of observed_stack alone: its tests may stop it without disturbing the shared stack."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def observed_stack(tiny_model, observed_redis, tmp_path_factory):
+    """One decoder, one vision worker, one gateway, each serving Prometheus metrics on a port of its own."""
+    running = Stack(tiny_model, observed_redis.url, tmp_path_factory.mktemp("observed"), with_metrics=True).start()
+    yield running
+    running.stop()

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from pixtral.v1 import common_pb2 as pixtral_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pixtral/v1/gateway.proto\x12\npixtral.v1\x1a\x17pixtral/v1/common.proto\"v\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.pixtral.v1.Message\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.pixtral.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"S\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pixtral.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.pixtral.v1.ContentPart\"M\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.pixtral.v1.ImagePartH\x00\x42\x06\n\x04part\"F\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\x96\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pixtral.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pixtral.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12%\n\x06images\x18\x02 \x03(\x0b\x32\x15.pixtral.v1.ImageInfo\"w\n\tImageInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x12\n\ngrid_width\x18\x04 \x01(\r\x12\x13\n\x0bgrid_height\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x32\x89\x01\n\x07Gateway\x12;\n\x04\x43hat\x12\x17.pixtral.v1.ChatRequest\x1a\x18.pixtral.v1.ChatResponse0\x01\x12\x41\n\x08Tokenize\x12\x17.pixtral.v1.ChatRequest\x1a\x1c.pixtral.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pixtral/v1/gateway.proto\x12\npixtral.v1\x1a\x17pixtral/v1/common.proto\"v\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.pixtral.v1.Message\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.pixtral.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"S\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pixtral.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.pixtral.v1.ContentPart\"M\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.pixtral.v1.ImagePartH\x00\x42\x06\n\x04part\"F\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\x96\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pixtral.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pixtral.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12%\n\x06images\x18\x02 \x03(\x0b\x32\x15.pixtral.v1.ImageInfo\"w\n\tImageInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x12\n\ngrid_width\x18\x04 \x01(\r\x12\x13\n\x0bgrid_height\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\"M\n\x10PutImagesRequest\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.pixtral.v1.ImagePart\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"P\n\x11PutImagesResponse\x12\'\n\x06images\x18\x01 \x03(\x0b\x32\x17.pixtral.v1.StoredImage\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"F\n\x0bStoredImage\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pixtral.v1.ImageInfo\x12\x12\n\nwas_cached\x18\x02 \x01(\x08*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x32\xd3\x01\n\x07Gateway\x12;\n\x04\x43hat\x12\x17.pixtral.v1.ChatRequest\x1a\x18.pixtral.v1.ChatResponse0\x01\x12\x41\n\x08Tokenize\x12\x17.pixtral.v1.ChatRequest\x1a\x1c.pixtral.v1.TokenizeResponse\x12H\n\tPutImages\x12\x1c.pixtral.v1.PutImagesRequest\x1a\x1d.pixtral.v1.PutImagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pixtral.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=773
-  _globals['_ROLE']._serialized_end=853
+  _globals['_ROLE']._serialized_start=1006
+  _globals['_ROLE']._serialized_end=1086
   _globals['_CHATREQUEST']._serialized_start=65
   _globals['_CHATREQUEST']._serialized_end=183
   _globals['_MESSAGE']._serialized_start=185
@@ -48,6 +48,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZERESPONSE']._serialized_end=650
   _globals['_IMAGEINFO']._serialized_start=652
   _globals['_IMAGEINFO']._serialized_end=771
-  _globals['_GATEWAY']._serialized_start=856
-  _globals['_GATEWAY']._serialized_end=993
+  _globals['_PUTIMAGESREQUEST']._serialized_start=773
+  _globals['_PUTIMAGESREQUEST']._serialized_end=850
+  _globals['_PUTIMAGESRESPONSE']._serialized_start=852
+  _globals['_PUTIMAGESRESPONSE']._serialized_end=932
+  _globals['_STOREDIMAGE']._serialized_start=934
+  _globals['_STOREDIMAGE']._serialized_end=1004
+  _globals['_GATEWAY']._serialized_start=1089
+  _globals['_GATEWAY']._serialized_end=1300
 # @@protoc_insertion_point(module_scope)

@@ -92,3 +92,27 @@ class ImageInfo(_message.Message):
     grid_height: int
     num_tokens: int
     def __init__(self, sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., grid_width: _Optional[int] = ..., grid_height: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class PutImagesRequest(_message.Message):
+    __slots__ = ("images", "request_id")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[ImagePart]
+    request_id: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ImagePart, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PutImagesResponse(_message.Message):
+    __slots__ = ("images", "request_id")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[StoredImage]
+    request_id: str
+    def __init__(self, images: _Optional[_Iterable[_Union[StoredImage, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StoredImage(_message.Message):
+    __slots__ = ("info", "was_cached")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    WAS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    info: ImageInfo
+    was_cached: bool
+    def __init__(self, info: _Optional[_Union[ImageInfo, _Mapping]] = ..., was_cached: _Optional[bool] = ...) -> None: ...

@@ -45,6 +45,11 @@ class GatewayStub:
                 request_serializer=pixtral_dot_v1_dot_gateway__pb2.ChatRequest.SerializeToString,
                 response_deserializer=pixtral_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.PutImages = channel.unary_unary(
+                '/pixtral.v1.Gateway/PutImages',
+                request_serializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesRequest.SerializeToString,
+                response_deserializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -66,6 +71,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutImages(self, request, context):
+        """Sends images ahead of time: validates them as Chat does, has the ones not cached yet encoded, and returns
+        their hashes, so that later requests name them by ImagePart.sha256 instead of uploading them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=pixtral_dot_v1_dot_gateway__pb2.ChatRequest.FromString,
                     response_serializer=pixtral_dot_v1_dot_gateway__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'PutImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutImages,
+                    request_deserializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesRequest.FromString,
+                    response_serializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class Gateway:
             '/pixtral.v1.Gateway/Tokenize',
             pixtral_dot_v1_dot_gateway__pb2.ChatRequest.SerializeToString,
             pixtral_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pixtral.v1.Gateway/PutImages',
+            pixtral_dot_v1_dot_gateway__pb2.PutImagesRequest.SerializeToString,
+            pixtral_dot_v1_dot_gateway__pb2.PutImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+from shared.sdpa import attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,8 @@ class AttentionBackend:
             elif span.query_len > 1:  # a later chunk: row i sees the cached prefix and the chunk's rows <= i
                 rows = torch.arange(span.context_len - span.query_len, span.context_len, device=q.device)
                 mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows[:, None]
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
-                                                      scale=self.scale, enable_gqa=True)
+            attended = attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                 enable_gqa=True)
             out[span.query_start:span.query_start + span.query_len] = attended[0].transpose(0, 1)
         return out
 

@@ -14,12 +14,13 @@ from services.gateway.decoders import DecoderPool
 from services.gateway.prompt import PromptBuilder
 from services.gateway.server import GatewayServicer
 from services.gateway.vision_pool import VisionPool
-from shared import checkpoint
+from shared import checkpoint, tls
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.tiny import resolve_model
+from shared.url_fetch import UrlFetcher, UrlPolicy, parse_networks
 
 log = logging.getLogger("services.gateway")
 
@@ -30,7 +31,9 @@ DEFAULT_CONTEXT = 131072
 async def serve(config: GatewayConfig) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    server = GrpcServer(f"{config.host}:{config.port}", max_message_bytes=config.max_message_bytes)
+    server = GrpcServer(f"{config.host}:{config.port}", max_message_bytes=config.max_message_bytes,
+                        credentials=tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+                        auth_token=config.auth_token)
     servicer = GatewayServicer()
     server.add(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, "pixtral.v1.Gateway")
     server.enable_reflection()
@@ -43,8 +46,12 @@ async def serve(config: GatewayConfig) -> None:
     client = aioredis.from_url(config.redis)
     pool = VisionPool(client, fingerprint, config.lock_ttl_s)
     await pool.start()
-    decoders = DecoderPool(config.decoder_addresses)
-    servicer.service = ChatService(config, builder, pool, decoders, max_model_len)
+    decoders = DecoderPool(
+        config.decoder_addresses,
+        tls.channel_credentials(config.decoder_tls_ca, config.decoder_tls_cert, config.decoder_tls_key),
+        config.decoder_token, config.health_check_interval_s)
+    await decoders.start()
+    servicer.service = ChatService(config, builder, pool, decoders, max_model_len, url_fetcher(config))
     serve_metrics(config.metrics_port)
     watcher = asyncio.create_task(watch_redis(client, server.set_serving))
     log.info("ready on port %d (model fingerprint %s, context %d, decoders %s)", server.port, fingerprint,
@@ -56,6 +63,16 @@ async def serve(config: GatewayConfig) -> None:
     await pool.close()
     await decoders.close()
     await client.aclose()
+
+
+def url_fetcher(config: GatewayConfig) -> UrlFetcher | None:
+    """None without an allow-list: then only data: URLs are accepted."""
+    if not config.image_url_allowlist:
+        return None
+    return UrlFetcher(UrlPolicy(
+        allowed_hosts=frozenset(host.lower().rstrip(".") for host in config.image_url_allowlist),
+        allowed_networks=parse_networks(config.image_url_allowed_networks), max_bytes=config.max_image_bytes,
+        timeout_s=config.image_url_timeout_s, max_redirects=config.image_url_max_redirects))
 
 
 def main() -> None:

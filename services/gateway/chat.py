@@ -1,4 +1,5 @@
-"""The gateway's request logic: validate, tokenize, get images encoded, stream text from a decoder."""
+"""The gateway's request logic: validate, tokenize, get images encoded, stream text from a decoder; and storing
+images ahead of time (PutImages) so that later requests name them by hash."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.gateway import metrics
 from services.gateway.config import GatewayConfig
 from services.gateway.decoders import DecodeRequest, DecoderPool
 from services.gateway.detokenizer import IncrementalDetokenizer, StopMatcher
-from services.gateway.prompt import ImageFile, Prompt, PromptBuilder, resolve_image
+from services.gateway.prompt import ImageFile, Prompt, PromptBuilder, PromptImage, resolve_image
 from services.gateway.request import ChatInput, ImageSource, Role, Sampling, validate_sampling
 from services.gateway.vision_pool import EnsureResult, VisionPool
 from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest, ServiceError
+from shared.url_fetch import ImageUrlError, UrlFetcher, is_http_url
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,31 @@ class ChatDelta:
     usage: Usage | None = None         # on the last delta
 
 
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """An image of a PutImages request once its embedding is cached."""
+
+    image: PromptImage
+    was_cached: bool    # already cached before this request: nothing was encoded for it
+
+
+def _give_up(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
+def _remaining(give_up: float | None) -> float | None:
+    return None if give_up is None else give_up - time.monotonic()
+
+
 class ChatService:
     def __init__(self, config: GatewayConfig, builder: PromptBuilder, pool: VisionPool, decoders: DecoderPool,
-                 max_model_len: int) -> None:
+                 max_model_len: int, fetcher: UrlFetcher | None = None) -> None:
         self.config = config
         self.builder = builder
         self.pool = pool
         self.decoders = decoders
         self.max_model_len = max_model_len
+        self.fetcher = fetcher   # None: http(s) image URLs are refused
 
     # -- prompt -------------------------------------------------------------------------------------------------
 
@@ -67,19 +86,58 @@ class ChatService:
             raise InvalidRequest(f"messages: at most {self.config.max_images} images, got {len(images)}")
         return images
 
-    async def prompt(self, chat: ChatInput) -> Prompt:
+    async def prompt(self, chat: ChatInput, timeout_s: float | None = None) -> Prompt:
         sources = self._check_messages(chat)
-        files: dict[str, ImageFile] = {src.field: resolve_image(src, self.config.max_image_bytes) for src in sources}
+        files = await self._resolve(sources, _give_up(timeout_s))
+        ref_grids = await self._reference_grids(files.values())
+        # mistral-common is CPU work: keep the event loop free for other streams.
+        return await asyncio.to_thread(self.builder.build, chat.messages, files, ref_grids)
+
+    async def _resolve(self, sources: list[ImageSource], give_up: float | None) -> dict[str, ImageFile]:
+        """Each image part's bytes and hash by field; http(s) URLs are fetched here, all at once."""
+        fetched = await asyncio.gather(*(self._fetch(source, give_up) for source in sources))
+        return {source.field: resolve_image(source, self.config.max_image_bytes) for source in fetched}
+
+    async def _fetch(self, source: ImageSource, give_up: float | None) -> ImageSource:
+        if source.url is None or not is_http_url(source.url):
+            return source
+        if self.fetcher is None:
+            raise InvalidRequest(f"{source.field}.url: http(s) image URLs are not enabled on this gateway; send "
+                                 "the bytes or a data: URL")
+        try:
+            data = await self.fetcher.fetch(source.url, _remaining(give_up))
+        except ImageUrlError as error:
+            raise InvalidRequest(f"{source.field}.url: {error}") from None
+        return replace(source, url=None, data=data)
+
+    async def _reference_grids(self, files) -> dict[str, tuple[int, int]]:
+        """The patch grid of each image sent by reference, from its cached embedding's header."""
         ref_grids = {}
-        for file in files.values():
+        for file in files:
             if file.data is None and file.sha256 not in ref_grids:
                 header = await self.pool.probe(file.sha256)
                 if header is None:
                     raise ImageNotCached(f"{file.field}.sha256: image {file.sha256} is not cached; send its bytes",
                                          file.sha256)
                 ref_grids[file.sha256] = (header.grid_height, header.grid_width)
-        # mistral-common is CPU work: keep the event loop free for other streams.
-        return await asyncio.to_thread(self.builder.build, chat.messages, files, ref_grids)
+        return ref_grids
+
+    # -- images ahead of time -----------------------------------------------------------------------------------
+
+    async def put_images(self, sources: list[ImageSource], request_id: str,
+                         timeout_s: float | None) -> list[StoredImage]:
+        """Validates the images like Chat does and has the missing ones encoded; one StoredImage per source."""
+        give_up = _give_up(timeout_s)
+        if not sources:
+            raise InvalidRequest("images: at least one image is needed")
+        if len(sources) > self.config.max_images:
+            raise InvalidRequest(f"images: at most {self.config.max_images} images, got {len(sources)}")
+        files = await self._resolve(sources, give_up)
+        ref_grids = await self._reference_grids(files.values())
+        images = await asyncio.to_thread(
+            lambda: [self.builder.describe(file, ref_grids) for file in files.values()])
+        ensured = await self._ensure_images(images, request_id, give_up)
+        return [StoredImage(image, image.sha256 not in ensured.encoded) for image in images]
 
     def _max_tokens(self, prompt: Prompt, sampling: Sampling) -> int:
         room = self.max_model_len - len(prompt.token_ids)
@@ -106,15 +164,17 @@ class ChatService:
 
     async def _chat(self, chat: ChatInput, timeout_s: float | None) -> AsyncIterator[ChatDelta]:
         started = time.monotonic()
-        give_up = None if timeout_s is None else started + timeout_s
+        give_up = _give_up(timeout_s)
         sampling = validate_sampling(chat.sampling, self.config.max_stop_strings)
-        prompt = await self.prompt(chat)
+        prompt = await self.prompt(chat, timeout_s)
         request = DecodeRequest(
             request_id=chat.request_id, token_ids=prompt.token_ids,
             images=[(image.sha256, image.grid_height, image.grid_width) for image in prompt.images],
             max_tokens=self._max_tokens(prompt, sampling), temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, seed=sampling.seed)
-        ensured = await self._ensure_images(prompt, chat.request_id, give_up)
+        ensured = await self._ensure_images(prompt.images, chat.request_id, give_up)
+        log.info("prompt of %d tokens with %d images (%d encoded); up to %d new tokens", len(prompt.token_ids),
+                 len(prompt.images), ensured.num_encoded, request.max_tokens)
         detokenizer = IncrementalDetokenizer(self.builder.tokenizer)
         stops = StopMatcher(sampling.stop)
         num_completion, finish_reason, last_token_at = 0, None, None
@@ -148,13 +208,14 @@ class ChatService:
             raise
         yield ChatDelta("", [], finish_reason or "error", self._usage(prompt, num_completion, ensured))
 
-    async def _ensure_images(self, prompt: Prompt, request_id: str, give_up: float | None) -> EnsureResult:
+    async def _ensure_images(self, images: list[PromptImage], request_id: str,
+                             give_up: float | None) -> EnsureResult:
         timeout = self.config.encode_timeout_s
         if give_up is not None:
             timeout = min(timeout, give_up - time.monotonic())
             if timeout <= 0:
                 raise DeadlineExceeded("deadline exceeded before the images were encoded")
-        return await self.pool.ensure(prompt.images, request_id, timeout)
+        return await self.pool.ensure(images, request_id, timeout)
 
     async def _decode(self, request: DecodeRequest, prompt: Prompt, ensured: EnsureResult,
                       give_up: float | None):
@@ -170,7 +231,7 @@ class ChatService:
                     raise
                 log.warning("decoder found no valid embedding of %s: re-encoding", error.sha256)
                 await self.pool.invalidate(error.sha256)
-                again = await self._ensure_images(prompt, request.request_id, give_up)
+                again = await self._ensure_images(prompt.images, request.request_id, give_up)
                 yield EnsureResult(ensured.num_cached - again.num_encoded, ensured.num_encoded + again.num_encoded)
 
     @staticmethod

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared import tls
 from shared.settings import load_config, option
+from shared.url_fetch import parse_networks
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Pixtral gateway: the public gRPC API (Chat, Tokenize)."""
+    """Pixtral gateway: the public gRPC API (Chat, Tokenize, PutImages)."""
 
     model: str = option("tiny", "checkpoint directory (for its config and vision fingerprint), or 'tiny'")
     redis: str = option("redis://127.0.0.1:6379/0", "Redis URL of the job stream and the embedding cache")
@@ -28,6 +30,24 @@ class GatewayConfig:
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
     metrics_port: int = option(9100, "port of the Prometheus /metrics endpoint; 0: none")
     log_level: str = option("info", "log level")
+    image_url_allowlist: tuple[str, ...] = option(
+        (), "hosts whose http(s) image URLs the gateway fetches, comma-separated; empty: only data: URLs")
+    image_url_allowed_networks: tuple[str, ...] = option(
+        (), "non-public networks (CIDR, e.g. 10.0.0.0/8) image URLs may resolve to, for on-prem hosts; "
+            "loopback, private, link-local and reserved addresses are refused otherwise")
+    image_url_timeout_s: float = option(10.0, "time limit of one image URL fetch, redirects included")
+    image_url_max_redirects: int = option(3, "redirects followed per image URL (each target checked again)")
+    health_check_interval_s: float = option(1.0, "retry interval of a decoder's health watch after it failed")
+    auth_token: str = option("", "bearer token every call but health must carry ('authorization: Bearer <token>'); "
+                                 "prefer the environment to the flag, which process lists show; empty: none",
+                             secret=True)
+    tls_cert: str = option("", "PEM certificate (chain) of the public port; with --tls-key: serve TLS")
+    tls_key: str = option("", "PEM private key of --tls-cert")
+    tls_client_ca: str = option("", "PEM CA that must have signed client certificates (mutual TLS)")
+    decoder_auth_token: str = option("", "bearer token sent to the decoders; empty: --auth-token", secret=True)
+    decoder_tls_ca: str = option("", "PEM CA to verify the decoders with; set: TLS to the decoders")
+    decoder_tls_cert: str = option("", "PEM client certificate for the decoders (mutual TLS)")
+    decoder_tls_key: str = option("", "PEM private key of --decoder-tls-cert")
 
     def __post_init__(self) -> None:
         if not self.decoder_addresses:
@@ -36,6 +56,19 @@ class GatewayConfig:
             raise ValueError("image limits and --default-max-tokens must be positive")
         if self.encode_timeout_s <= 0 or self.lock_ttl_s <= 0:
             raise ValueError("--encode-timeout-s and --lock-ttl-s must be positive")
+        if self.image_url_timeout_s <= 0 or self.image_url_max_redirects < 0 or self.health_check_interval_s <= 0:
+            raise ValueError("--image-url-timeout-s and --health-check-interval-s must be positive, "
+                             "--image-url-max-redirects not negative")
+        try:
+            parse_networks(self.image_url_allowed_networks)
+        except ValueError as error:
+            raise ValueError(f"--image-url-allowed-networks: {error}") from None
+        tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        tls.check_client_files(self.decoder_tls_ca, self.decoder_tls_cert, self.decoder_tls_key, "--decoder-tls")
+
+    @property
+    def decoder_token(self) -> str:
+        return self.decoder_auth_token or self.auth_token
 
     @staticmethod
     def load(argv=None) -> GatewayConfig:

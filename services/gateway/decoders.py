@@ -1,21 +1,28 @@
-"""The gateway's client of the decoder workers: balancing, retry before the first token, error mapping."""
+"""The gateway's client of the decoder workers: balancing, health watching, retry before the first token, error
+mapping, TLS and the bearer token of the internal hop."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from shared.auth import bearer_metadata
 from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest, Overloaded, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                    ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                    # A restarted decoder is found again within seconds, not after gRPC's default 2-minute backoff.
+                    ("grpc.initial_reconnect_backoff_ms", 500),
+                    ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 FINISH_REASONS = {
@@ -54,11 +61,45 @@ class DecodeOutput:
 
 
 class _Decoder:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.channel = (grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS) if credentials
+                        else grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS))
         self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         self.num_outstanding = 0
+        # Until its first health answer a decoder is tried: requests fall through to another one if it is down.
+        self.is_healthy = True
+
+    def set_healthy(self, is_healthy: bool, why: str) -> None:
+        if is_healthy != self.is_healthy:
+            log.warning("decoder %s %s (%s)", self.address, "healthy again" if is_healthy else "unhealthy: skipped",
+                        why)
+        self.is_healthy = is_healthy
+
+    async def watch_health(self, retry_s: float) -> None:
+        """Follows the decoder's grpc.health.v1 Watch stream while it is SERVING; a broken stream counts as
+        unhealthy until it is back.
+
+        A decoder that is not serving is asked again every `retry_s` rather than watched: a draining decoder
+        waits for the calls still open before it exits, and an open Watch would keep it waiting for its whole
+        grace period."""
+        request = health_pb2.HealthCheckRequest(service="")
+        while True:
+            call = self.health.Watch(request)
+            try:
+                async for response in call:
+                    is_serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    self.set_healthy(is_serving, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+                    if not is_serving:
+                        break
+                else:
+                    self.set_healthy(False, "health stream ended")
+            except grpc.aio.AioRpcError as error:
+                self.set_healthy(False, f"health check failed: {error.code().name}")
+            finally:
+                call.cancel()
+            await asyncio.sleep(retry_s)
 
 
 def _domain_error(error: grpc.aio.AioRpcError, request: DecodeRequest) -> ServiceError:
@@ -76,23 +117,36 @@ def _domain_error(error: grpc.aio.AioRpcError, request: DecodeRequest) -> Servic
 
 
 class DecoderPool:
-    """Sends each request to the decoder with the fewest requests in flight (ties in turn)."""
+    """Sends each request to the healthy decoder with the fewest requests in flight (ties in turn).
 
-    def __init__(self, addresses: tuple[str, ...]) -> None:
-        self.decoders = [_Decoder(address) for address in addresses]
+    When no decoder is healthy, all of them are tried anyway: health answers lag behind (a decoder back from a
+    Redis outage is seen within `health_retry_s`), and a decoder that cannot serve answers UNAVAILABLE at once.
+    """
+
+    def __init__(self, addresses: tuple[str, ...], credentials: grpc.ChannelCredentials | None = None,
+                 token: str = "", health_retry_s: float = 1.0) -> None:
+        self.decoders = [_Decoder(address, credentials) for address in addresses]
+        self.metadata = bearer_metadata(token)
+        self.health_retry_s = health_retry_s
         self._turn = itertools.count()
+        self._watchers: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._watchers = [asyncio.create_task(decoder.watch_health(self.health_retry_s))
+                          for decoder in self.decoders]
 
     def _ranked(self) -> list[_Decoder]:
         start = next(self._turn) % len(self.decoders)
         rotated = self.decoders[start:] + self.decoders[:start]
-        return sorted(rotated, key=lambda decoder: decoder.num_outstanding)
+        healthy = [decoder for decoder in rotated if decoder.is_healthy]
+        return sorted(healthy or rotated, key=lambda decoder: decoder.num_outstanding)
 
     async def generate(self, request: DecodeRequest, timeout_s: float | None) -> AsyncIterator[DecodeOutput]:
         """Streams the decoder's outputs. A decoder that is UNAVAILABLE before sending anything is skipped."""
         last_error: ServiceError | None = None
         message = request.to_pb()
         for decoder in self._ranked():
-            call = decoder.stub.Generate(message, timeout=timeout_s)
+            call = decoder.stub.Generate(message, timeout=timeout_s, metadata=self.metadata)
             decoder.num_outstanding += 1
             has_output = False
             try:
@@ -111,5 +165,7 @@ class DecoderPool:
         raise last_error or Unavailable("no decoder available")
 
     async def close(self) -> None:
+        for watcher in self._watchers:
+            watcher.cancel()
         for decoder in self.decoders:
             await decoder.channel.close()

@@ -1,4 +1,7 @@
-"""Gateway metrics: latency of the token stream and use of the embedding cache."""
+"""Gateway metrics: latency of the token stream and use of the embedding cache.
+
+Requests by method and final status are counted for every role by shared/metrics.py (pixtral_grpc_requests_total).
+"""
 
 from __future__ import annotations
 
@@ -14,3 +17,8 @@ GENERATED_TOKENS = Counter("pixtral_gateway_generated_tokens_total", "Tokens str
 IMAGES = Counter("pixtral_gateway_images_total", "Images of requests, by where the embedding came from",
                  ["source"])
 IN_FLIGHT = Gauge("pixtral_gateway_chats_in_flight", "Chat streams open now")
+CACHE_LOOKUPS = Counter("pixtral_gateway_cache_lookups_total",
+                        "Distinct images of a request looked up in the embedding cache, by result", ["result"])
+ENCODE_WAIT = Histogram(
+    "pixtral_gateway_encode_wait_seconds", "From enqueuing a request's missing images to all of them being cached",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120))

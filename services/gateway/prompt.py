@@ -87,8 +87,8 @@ def _data_url_bytes(url: str, field: str) -> bytes:
     match = _DATA_URL.match(url)
     if not match:
         scheme = url.split(":", 1)[0][:16] if ":" in url else ""
-        raise InvalidRequest(f"{field}.url: only data:image/...;base64 URLs are accepted"
-                             + (f", not {scheme}:" if scheme else ""))
+        raise InvalidRequest(f"{field}.url: only data:image/...;base64 URLs (and http(s) URLs where the gateway "
+                             "allows them) are accepted" + (f", not {scheme}:" if scheme else ""))
     try:
         return base64.b64decode(url[match.end():], validate=True)
     except (binascii.Error, ValueError):
@@ -130,6 +130,12 @@ class PromptBuilder:
                 raise InvalidRequest(f"{file.field}: {error}") from None
         image.info["pixtral_sha256"] = file.sha256
         return image
+
+    def describe(self, file: ImageFile, ref_grids: dict[str, tuple[int, int]]) -> PromptImage:
+        """One image on its own: its size and patch grid as a prompt would have them (header only)."""
+        image = self._open(file, ref_grids)
+        grid_width, grid_height = self.tokenizer.instruct_tokenizer.image_encoder._image_to_num_tokens(image)
+        return PromptImage(file.sha256, file.data, *image.size, grid_height, grid_width, file.field)
 
     def build(self, messages: list[ChatMessage], files: dict[str, ImageFile],
               ref_grids: dict[str, tuple[int, int]]) -> Prompt:

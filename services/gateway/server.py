@@ -6,7 +6,8 @@ import dataclasses
 import uuid
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.gateway.chat import ChatDelta, ChatService
+from services.gateway.chat import ChatDelta, ChatService, StoredImage
+from services.gateway.prompt import PromptImage
 from services.gateway.request import ChatInput, ChatMessage, ImageSource, Role, SamplingInput, TextPart
 from shared.errors import Unavailable
 from shared.grpc_server import map_errors
@@ -22,6 +23,21 @@ def _optional(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
 
 
+def image_from_pb(image: gateway_pb2.ImagePart, field: str) -> ImageSource:
+    source = image.WhichOneof("source")
+    return ImageSource(field=field, **({source: getattr(image, source)} if source else {"data": b""}))
+
+
+def image_info_to_pb(image: PromptImage) -> gateway_pb2.ImageInfo:
+    return gateway_pb2.ImageInfo(sha256=image.sha256, width=image.width, height=image.height,
+                                 grid_width=image.grid_width, grid_height=image.grid_height,
+                                 num_tokens=image.num_tokens)
+
+
+def stored_to_pb(stored: StoredImage) -> gateway_pb2.StoredImage:
+    return gateway_pb2.StoredImage(info=image_info_to_pb(stored.image), was_cached=stored.was_cached)
+
+
 def chat_from_pb(request: gateway_pb2.ChatRequest) -> ChatInput:
     messages = []
     for i, message in enumerate(request.messages):
@@ -32,9 +48,7 @@ def chat_from_pb(request: gateway_pb2.ChatRequest) -> ChatInput:
             if kind == "text":
                 parts.append(TextPart(part.text))
             elif kind == "image":
-                source = part.image.WhichOneof("source")
-                parts.append(ImageSource(field=f"{field}.image", **({source: getattr(part.image, source)}
-                                                                    if source else {"data": b""})))
+                parts.append(image_from_pb(part.image, f"{field}.image"))
             else:
                 parts.append(TextPart(""))
         messages.append(ChatMessage(ROLES.get(message.role), parts, f"messages[{i}]"))
@@ -69,9 +83,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @map_errors
     async def Chat(self, request, context):
-        service = self._ready()
         chat = chat_from_pb(request)
         request_id_var.set(chat.request_id)
+        service = self._ready()
         is_first = True
         async for delta in service.chat(chat, context.time_remaining()):
             response = delta_to_pb(delta, chat.request_id)
@@ -84,9 +98,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Tokenize(self, request, context):
         chat = chat_from_pb(request)
         request_id_var.set(chat.request_id)
-        prompt = await self._ready().prompt(chat)
-        return gateway_pb2.TokenizeResponse(token_ids=prompt.token_ids, images=[
-            gateway_pb2.ImageInfo(sha256=image.sha256, width=image.width, height=image.height,
-                                  grid_width=image.grid_width, grid_height=image.grid_height,
-                                  num_tokens=image.num_tokens)
-            for image in prompt.images])
+        prompt = await self._ready().prompt(chat, context.time_remaining())
+        return gateway_pb2.TokenizeResponse(token_ids=prompt.token_ids,
+                                            images=[image_info_to_pb(image) for image in prompt.images])
+
+    @map_errors
+    async def PutImages(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        sources = [image_from_pb(image, f"images[{i}]") for i, image in enumerate(request.images)]
+        stored = await self._ready().put_images(sources, request_id, context.time_remaining())
+        return gateway_pb2.PutImagesResponse(images=[stored_to_pb(item) for item in stored], request_id=request_id)

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from services.gateway import metrics
 from services.gateway.prompt import PromptImage
 from shared import encode_jobs
 from shared.embedding_cache import HEADER_BYTES, CorruptEntry, EntryHeader, cache_key, check_length, parse_header
 from shared.encode_jobs import EncodeJob, EncodeResult
-from shared.errors import DeadlineExceeded, EncodeFailed, InvalidRequest, Unavailable
+from shared.errors import DeadlineExceeded, EncodeFailed, ImageNotCached, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 class EnsureResult:
     num_cached: int    # image occurrences whose embedding was already cached
     num_encoded: int   # image occurrences that had to be encoded (once per distinct image)
+    encoded: frozenset[str] = frozenset()   # sha256 of the images that had to be encoded
 
 
 @dataclass(slots=True)
@@ -101,20 +103,28 @@ class VisionPool:
                 num_cached += 1   # its other occurrence is being encoded: this one reuses the result
             elif await self.probe(image.sha256) is not None:
                 num_cached += 1
+                metrics.CACHE_LOOKUPS.labels("hit").inc()
+            elif image.data is None:
+                # Sent by reference and evicted since the prompt was built: only its bytes can bring it back.
+                raise ImageNotCached(f"{image.field}.sha256: image {image.sha256} is not cached; send its bytes",
+                                     image.sha256)
             else:
                 missing[image.sha256] = image
+                metrics.CACHE_LOOKUPS.labels("miss").inc()
         if missing:
+            started = time.monotonic()
             try:
                 results = await asyncio.wait_for(asyncio.gather(
                     *(self._encode(image, request_id) for image in missing.values())), timeout=timeout_s)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"images: not encoded within {timeout_s:.1f} s") from None
+            metrics.ENCODE_WAIT.observe(time.monotonic() - started)
             for image, result in zip(missing.values(), results):
                 if result.error_kind == encode_jobs.INVALID_IMAGE:
                     raise InvalidRequest(f"{image.field}: {result.message}")
                 if not result.ok:
                     raise EncodeFailed(f"{image.field}: image {image.sha256}: {result.message}")
-        return EnsureResult(num_cached, len(missing))
+        return EnsureResult(num_cached, len(missing), frozenset(missing))
 
     async def _encode(self, image: PromptImage, request_id: str) -> EncodeResult:
         flight = self._flights.get(image.sha256)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.sdpa import attention
+
 
 @dataclass(frozen=True, slots=True)
 class VisionSpec:
@@ -137,7 +139,7 @@ class VisionLayer(nn.Module):
         for group in groups:
             rows = slice(group.start, group.start + group.count * group.num_patches)
             shape = (group.count, group.num_patches, heads, dim)
-            attended = F.scaled_dot_product_attention(*(t[rows].view(shape).transpose(1, 2) for t in (q, k, v)))
+            attended = attention(*(t[rows].view(shape).transpose(1, 2) for t in (q, k, v)))
             out[rows] = attended.transpose(1, 2).reshape(-1, heads, dim)
         normed, residual = ops.add_rms_norm(self.o_proj(out.view(out.shape[0], -1)), self.ffn_norm,
                                             spec.rms_norm_eps, residual)
