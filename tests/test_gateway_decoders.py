@@ -201,3 +201,39 @@ def test_two_decoders_one_killed_and_started_again(tiny_model, redis_server, tmp
         assert chat_tokens(stack.gateway, 0) == 8
     finally:
         stack.stop()
+
+
+def test_a_dns_name_stands_for_every_address_it_resolves_to(monkeypatch):
+    """A headless Service name gives one channel per decoder pod, updated as pods come and go."""
+    import asyncio
+    import socket
+
+    from services.gateway.decoders import DecoderPool
+
+    answers = [["10.0.0.1", "10.0.0.2"], ["10.0.0.2", "10.0.0.3"], OSError("temporary failure")]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        async def fake_getaddrinfo(host, port, type=0):
+            assert (host, port, type) == ("decoders.ns.svc", 50061, socket.SOCK_STREAM)
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+
+        monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+        pool = DecoderPool(("dns:///decoders.ns.svc:50061", "127.0.0.1:1"), discovery_interval_s=3600)
+        await pool.start()
+        first = sorted(d.address for d in pool.decoders)
+        await pool.discover()
+        second = sorted(d.address for d in pool.decoders)
+        await pool.discover()   # a DNS failure keeps the decoders known so far
+        third = sorted(d.address for d in pool.decoders)
+        await pool.close()
+        return first, second, third
+
+    first, second, third = asyncio.run(scenario())
+    assert first == ["10.0.0.1:50061", "10.0.0.2:50061", "127.0.0.1:1"]
+    assert second == ["10.0.0.2:50061", "10.0.0.3:50061", "127.0.0.1:1"]
+    assert third == second

@@ -76,8 +76,8 @@ def test_request_id_follows_the_request_through_every_role(observed_stack, trace
     gateway_lines = [entry["msg"] for entry in observed_stack.log_entries("gateway")
                      if entry.get("request_id") == "trace-7f3a"]
     assert any(line.startswith("prompt of ") for line in gateway_lines), gateway_lines
-    # The encode job carries it to the vision worker, whose log line for the job names it.
-    assert any("trace-7f3a" in (entry.get("request_id", "") + entry["msg"])
+    # The encode job carries it to the vision worker, whose log line for the job carries it.
+    assert any(entry.get("request_id") == "trace-7f3a" and entry["msg"].startswith("encoded image")
                for entry in observed_stack.log_entries("vision0")), "the vision worker's logs lack the request id"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -61,10 +62,13 @@ class DecodeOutput:
 
 
 class _Decoder:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None, server_name: str = "") -> None:
         self.address = address
-        self.channel = (grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS) if credentials
-                        else grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS))
+        options = list(_CHANNEL_OPTIONS)
+        if server_name:  # dialled by IP, verified by name (TLS)
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
+                        else grpc.aio.insecure_channel(address, options=options))
         self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.num_outstanding = 0
@@ -121,21 +125,77 @@ class DecoderPool:
 
     When no decoder is healthy, all of them are tried anyway: health answers lag behind (a decoder back from a
     Redis outage is seen within `health_retry_s`), and a decoder that cannot serve answers UNAVAILABLE at once.
+
+    An address `dns:///name:port` (e.g. a Kubernetes headless Service) stands for every address the name resolves
+    to, looked up again every `discovery_interval_s`: each decoder pod gets its own channel, so balancing is per
+    request and per pod (one channel to the name would stick to a single pod until its connection breaks).
     """
 
     def __init__(self, addresses: tuple[str, ...], credentials: grpc.ChannelCredentials | None = None,
-                 token: str = "", health_retry_s: float = 1.0) -> None:
-        self.decoders = [_Decoder(address, credentials) for address in addresses]
+                 token: str = "", health_retry_s: float = 1.0, discovery_interval_s: float = 10.0) -> None:
+        self.credentials = credentials
+        self.names = [address.removeprefix("dns:///") for address in addresses if address.startswith("dns:///")]
+        self.decoders = [_Decoder(address, credentials) for address in addresses
+                         if not address.startswith("dns:///")]
+        self._static_addresses = {decoder.address for decoder in self.decoders}
         self.metadata = bearer_metadata(token)
         self.health_retry_s = health_retry_s
+        self.discovery_interval_s = discovery_interval_s
         self._turn = itertools.count()
-        self._watchers: list[asyncio.Task] = []
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._discovery: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._watchers = [asyncio.create_task(decoder.watch_health(self.health_retry_s))
-                          for decoder in self.decoders]
+        for decoder in self.decoders:
+            self._watch(decoder)
+        if self.names:
+            await self.discover()
+            self._discovery = asyncio.create_task(self._discover_forever())
+
+    def _watch(self, decoder: _Decoder) -> None:
+        self._watchers[decoder.address] = asyncio.create_task(decoder.watch_health(self.health_retry_s))
+
+    async def discover(self) -> None:
+        """Adds a decoder per newly resolved address and retires those no longer resolved."""
+        loop = asyncio.get_running_loop()
+        resolved: dict[str, str] = {}
+        for name in self.names:
+            host, _, port = name.rpartition(":")
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as error:
+                log.warning("cannot resolve decoders %s: %s", name, error)
+                return  # keep what we have rather than drop every decoder on a DNS hiccup
+            for *_, sockaddr in infos:
+                ip = sockaddr[0]
+                resolved[f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"] = host
+        known = {decoder.address for decoder in self.decoders}
+        for address, host in resolved.items():
+            if address not in known:
+                log.info("decoder %s found", address)
+                decoder = _Decoder(address, self.credentials, server_name=host if self.credentials else "")
+                self.decoders.append(decoder)
+                self._watch(decoder)
+        for decoder in [d for d in self.decoders if d.address not in resolved
+                        and d.address not in self._static_addresses]:
+            log.info("decoder %s gone", decoder.address)
+            self.decoders.remove(decoder)
+            self._watchers.pop(decoder.address).cancel()
+            asyncio.create_task(self._close_when_idle(decoder))
+
+    async def _close_when_idle(self, decoder: _Decoder) -> None:
+        while decoder.num_outstanding:
+            await asyncio.sleep(1.0)
+        await decoder.channel.close()
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.discovery_interval_s)
+            await self.discover()
 
     def _ranked(self) -> list[_Decoder]:
+        if not self.decoders:
+            return []
         start = next(self._turn) % len(self.decoders)
         rotated = self.decoders[start:] + self.decoders[:start]
         healthy = [decoder for decoder in rotated if decoder.is_healthy]
@@ -165,7 +225,9 @@ class DecoderPool:
         raise last_error or Unavailable("no decoder available")
 
     async def close(self) -> None:
-        for watcher in self._watchers:
+        if self._discovery:
+            self._discovery.cancel()
+        for watcher in self._watchers.values():
             watcher.cancel()
         for decoder in self.decoders:
             await decoder.channel.close()

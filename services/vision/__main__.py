@@ -45,7 +45,13 @@ async def serve(config: VisionConfig) -> None:
     work = asyncio.create_task(worker.run(stop))
     log.info("ready: consumer %s, model fingerprint %s, health on port %d", worker.consumer, fingerprint,
              server.port)
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopping, work], return_when=asyncio.FIRST_COMPLETED)
+    if work.done() and not stop.is_set():
+        # The loop died on an error it cannot handle: exit so the supervisor restarts this worker rather than
+        # leaving a process that looks alive and takes no jobs.
+        log.error("worker loop failed: %r; exiting", work.exception())
+        raise SystemExit(1)
     # The job in hand finishes (bounded by the grace period); jobs not taken stay in the stream for others.
     try:
         await asyncio.wait_for(work, timeout=config.drain_grace_s + config.read_block_ms / 1000)

@@ -141,7 +141,7 @@ class VisionWorker:
                                    EncodeResult(job.sha256, encode_jobs.INVALID_IMAGE, str(result)))
             elif isinstance(result, BaseException):
                 log.error("preprocessing image %s failed (%s); the job stays pending for a retry", job.sha256,
-                          type(result).__name__)
+                          type(result).__name__, extra={"request_id": job.request_id})
             else:
                 todo.append((entry_id, job, result))
         if todo:
@@ -157,7 +157,8 @@ class VisionWorker:
                 for item in todo:
                     await self._encode_and_write([item])
                 return
-            log.exception("encoding image %s failed; the job stays pending for a retry", todo[0][1].sha256)
+            log.exception("encoding image %s failed; the job stays pending for a retry", todo[0][1].sha256,
+                          extra={"request_id": todo[0][1].request_id})
             return
         for (entry_id, job, pixels), feats in zip(todo, features, strict=True):
             grid = (pixels.shape[1] // PATCH_SIZE, pixels.shape[2] // PATCH_SIZE)
@@ -165,7 +166,8 @@ class VisionWorker:
             key = cache_key(self.fingerprint, job.sha256)
             await self.client.set(key, value, ex=self.config.embedding_ttl_s or None)
             self.stats.num_encoded += 1
-            log.info("encoded image %s (%dx%d patches) for %s", job.sha256, *grid, job.request_id)
+            log.info("encoded image %s (%dx%d patches) for %s", job.sha256, *grid, job.request_id,
+                     extra={"request_id": job.request_id})
             await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
 
     async def _is_cached(self, sha: str) -> bool:
