@@ -123,19 +123,22 @@ class Launcher:
         # On CPU the model processes share the cores: give each its share of torch threads.
         threads = ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (c.decoders + c.vision_workers)))] \
             if c.device == "cpu" else []
+        # On one GPU the decoders split the memory their KV caches are sized from (vision workers use little).
+        memory = ["--gpu-memory-utilization", f"{0.85 / c.decoders:.3f}"] if c.device == "cuda" else []
         decoder_addresses = []
         for index in range(c.decoders):
             port = free_port()
             self.spawn(f"decoder {index}", [*python, "services.decoder", "--model", model, "--redis", redis_url,
                                             "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
-                                            "--metrics-port", "0", *threads])
+                                            "--metrics-port", "0", *threads, *memory])
             decoder_addresses.append(f"127.0.0.1:{port}")
         vision_addresses = []
         for index in range(c.vision_workers):
             port = free_port()
             self.spawn(f"vision {index}", [*python, "services.vision", "--model", model, "--redis", redis_url,
                                            "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
-                                           "--consumer", f"vision-{index}-{os.getpid()}", "--metrics-port", "0", *threads])
+                                           "--consumer", f"vision-{index}-{os.getpid()}", "--metrics-port", "0",
+                                           *threads])
             vision_addresses.append(f"127.0.0.1:{port}")
         for address in decoder_addresses + vision_addresses:
             self.wait_for(address, lambda address=address: is_serving(address))

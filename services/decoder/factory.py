@@ -38,9 +38,12 @@ def kv_budget_bytes(config: DecoderConfig, device: torch.device) -> int:
         return int(config.kv_cache_gib * GIB)
     if device.type != "cuda":
         return int(CPU_KV_GIB * GIB)
+    # This process may use `gpu_memory_utilization` of the GPU (weights included), within what is free: several
+    # processes sharing a GPU each take their own share.
     free, total = torch.cuda.mem_get_info(device)
     reserve = GIB + config.max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN
-    return int(total * config.gpu_memory_utilization) - (total - free) - reserve
+    own = torch.cuda.memory_reserved(device)
+    return int(min(total * config.gpu_memory_utilization - own, free)) - reserve
 
 
 def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch.device) -> tuple[Engine, int]:
