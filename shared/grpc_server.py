@@ -1,5 +1,5 @@
 """Bootstrap of every role's grpc.aio server: health, optional reflection, TLS and bearer-token auth, error
-mapping, graceful stop."""
+mapping, graceful stop (drain)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from shared.auth import BearerTokenInterceptor
+from shared.drain import DrainInterceptor
 from shared.errors import ServiceError
 from shared.logs import request_id_var
 from shared.metrics import GRPC_REQUESTS
@@ -113,7 +114,8 @@ class GrpcServer:
     def __init__(self, address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  options: Iterable[tuple[str, object]] = (), credentials: grpc.ServerCredentials | None = None,
                  auth_token: str = "") -> None:
-        interceptors = [BearerTokenInterceptor(auth_token, abort_with)] if auth_token else []
+        self.drainer = DrainInterceptor(abort_with)
+        interceptors = [self.drainer, *([BearerTokenInterceptor(auth_token, abort_with)] if auth_token else [])]
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -146,6 +148,20 @@ class GrpcServer:
         await self.set_serving(False)
         await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.server.start()
+
+    async def begin_drain(self) -> None:
+        """NOT_SERVING at once (health keeps answering, for probes and balancers); new calls are refused."""
+        await self.health.enter_graceful_shutdown()
+        self.drainer.is_draining = True
+
+    async def drain(self, grace_s: float) -> None:
+        """Stops gracefully: NOT_SERVING and new calls refused at once, calls in flight get up to `grace_s` to
+        finish (the server stops as soon as they have), then the rest are cancelled."""
+        await self.begin_drain()
+        if not await self.drainer.wait_idle(grace_s):
+            log.warning("%d calls still in flight after the grace period of %.0f s: cancelling them",
+                        self.drainer.num_in_flight, grace_s)
+        await self.server.stop(0)
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()

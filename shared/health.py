@@ -11,6 +11,23 @@ import redis.asyncio as aioredis
 log = logging.getLogger(__name__)
 
 
+class Readiness:
+    """SERVING while every named condition holds (Redis reachable, engine healthy), NOT_SERVING otherwise: each
+    condition has its own watcher, and one of them must not turn the role SERVING while another one fails."""
+
+    def __init__(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        self._set_serving = set_serving
+        self._conditions: dict[str, bool] = {}
+        self._current: bool | None = None
+
+    async def set(self, name: str, is_met: bool) -> None:
+        self._conditions[name] = is_met
+        is_serving = all(self._conditions.values())
+        if is_serving != self._current:
+            self._current = is_serving
+            await self._set_serving(is_serving)
+
+
 async def watch_redis(client: aioredis.Redis, set_serving: Callable[[bool], Awaitable[None]],
                       interval_s: float = 1.0) -> None:
     """SERVING while Redis answers a PING, NOT_SERVING while it does not; runs until cancelled."""
@@ -21,8 +38,7 @@ async def watch_redis(client: aioredis.Redis, set_serving: Callable[[bool], Awai
         except Exception:  # noqa: BLE001 - any failure means not serving
             is_up = False
         if is_up != current:
-            log.info("redis %s: health %s", "reachable" if is_up else "unreachable",
-                     "SERVING" if is_up else "NOT_SERVING")
+            log.info("redis %s", "reachable" if is_up else "unreachable")
             await set_serving(is_up)
             current = is_up
         await asyncio.sleep(interval_s)

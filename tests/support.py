@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -71,11 +72,12 @@ def wait_serving(address: str, process: subprocess.Popen | None = None, timeout_
 class RedisServer:
     """A private redis-server on a free port (real Redis, isolated from other test runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="pixtral-test-redis-")
         self.process: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra_args = extra_args   # more redis-server options, e.g. ("--maxmemory", "64mb")
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -83,7 +85,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--dir", self.dir, *self.extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         give_up = time.monotonic() + 10
         while True:
@@ -140,19 +142,22 @@ class Stack:
         self._commands[name] = (role, args)
         return process
 
-    def restart_process(self, name: str, address: str) -> None:
-        """Starts a stopped process again with the same flags (same port), its log appended to."""
+    def restart_process(self, name: str, address: str, extra_args: tuple[str, ...] = ()) -> None:
+        """Starts a stopped process again with the same flags (same port) and `extra_args` (a flag given again
+        wins), its log appended to."""
         role, args = self._commands[name]
-        wait_serving(address, self._spawn(name, role, args, mode="ab"), credentials=self.credentials)
+        wait_serving(address, self._spawn(name, role, [*args, *extra_args], mode="ab"), credentials=self.credentials)
 
-    def start_vision(self, name: str | None = None) -> str:
+    def start_vision(self, name: str | None = None, extra_args: tuple[str, ...] = (), wait: bool = True) -> str:
+        """A vision worker (consumer `name`) with the stack's vision flags and `extra_args`; its health address."""
         name = name or f"vision{len(self.vision)}"
         port = free_port()
         process = self._spawn(name, "vision", [
             "--model", str(self.model_dir), "--redis", self.redis_url, "--host", "127.0.0.1", "--port", str(port),
-            "--consumer", name, "--metrics-port", self._metrics_port(name), *self.vision_args])
+            "--consumer", name, "--metrics-port", self._metrics_port(name), *self.vision_args, *extra_args])
         address = f"127.0.0.1:{port}"
-        wait_serving(address, process, credentials=self.credentials)
+        if wait:
+            wait_serving(address, process, credentials=self.credentials)
         self.vision.append(address)
         return address
 
@@ -281,3 +286,221 @@ def image_bytes(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+# -- what must be left behind: nothing ---------------------------------------------------------------------------
+
+def pending_jobs(client: redis.Redis) -> int:
+    """Encode jobs delivered to a worker and not acknowledged (XPENDING of the consumer group)."""
+    from shared import encode_jobs
+    try:
+        return client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)["pending"]
+    except redis.exceptions.ResponseError:   # no stream or no group: nothing can be pending
+        return 0
+
+
+def held_locks(client: redis.Redis) -> list[str]:
+    """Single-flight locks that do not expire (a leak); locks with an expiry go away by themselves."""
+    return [key.decode() for key in client.scan_iter(match="pixtral:lock:encode:*") if client.ttl(key) == -1]
+
+
+def decoder_load(stack: Stack, name: str = "decoder0") -> dict[str, float]:
+    """Running and waiting requests and KV-cache use of a decoder started with_metrics, from its metrics page."""
+    page = stack.metrics(name)
+    return {key: metric_value(page, f"pixtral_decoder_{key}") for key in (
+        "running_requests", "waiting_requests", "kv_cache_usage_ratio", "generated_tokens_total")}
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Polls `predicate` until it returns something true (returned); fails with `what` after timeout_s."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < give_up, f"not within {timeout_s} s: {what}"
+        time.sleep(interval_s)
+
+
+def assert_nothing_left(stack: Stack, client: redis.Redis, timeout_s: float = 10.0,
+                        decoders: tuple[str, ...] = ("decoder0",)) -> None:
+    """No encode job pending, no lock that never expires, every decoder idle with its KV cache empty."""
+    wait_until(lambda: pending_jobs(client) == 0, timeout_s, f"encode jobs still pending: {pending_jobs(client)}")
+    wait_until(lambda: not held_locks(client), timeout_s, f"locks held for ever: {held_locks(client)}")
+    for name in decoders:
+        wait_decoder_idle(stack, timeout_s, name)
+
+
+def wait_decoder_idle(stack: Stack, timeout_s: float, name: str = "decoder0") -> None:
+    """Until the decoder runs nothing, queues nothing and holds no KV block; fails after timeout_s."""
+    def is_idle() -> bool:
+        load = decoder_load(stack, name)
+        return (load["running_requests"], load["waiting_requests"], load["kv_cache_usage_ratio"]) == (0, 0, 0)
+    wait_until(is_idle, timeout_s, f"{name} still busy: {decoder_load(stack, name)}")
+
+
+# -- a TCP proxy between the roles and Redis, to make Redis slow or cut it off -------------------------------------
+
+class TcpProxy:
+    """Forwards connections from a free port to `target_port`; can delay each chunk, stall (hold everything, as
+    a hung server or a black-holed network does) or cut every connection (as a restarted server or a broken
+    network does)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay_s = 0.0
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def cut(self) -> None:
+        """Closes every open connection (new ones are accepted)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()   # the target is down: refused, as it would be
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                self._flowing.wait()
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+# -- chat calls that may fail ------------------------------------------------------------------------------------
+
+@dataclass
+class ChatOutcome:
+    """What a Chat call got: its messages, its final status, how long it took."""
+
+    responses: list
+    code: grpc.StatusCode
+    details: str
+    request_id: str      # x-request-id of the trailing metadata (errors), else of the messages
+    seconds: float
+    first_token_s: float | None = None   # seconds to the first token, if any
+
+    @property
+    def time_per_token(self) -> float:
+        """Seconds per token after the first."""
+        return (self.seconds - self.first_token_s) / max(1, len(self.token_ids) - 1)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [token for response in self.responses for token in response.token_ids]
+
+    @property
+    def last(self):
+        return self.responses[-1] if self.responses else None
+
+
+def call_chat(gateway: str, request, timeout_s: float = 60.0) -> ChatOutcome:
+    """One Chat call to its end, successful or not."""
+    from pixtral.v1 import gateway_pb2_grpc
+    started = time.monotonic()
+    responses, first_token_s = [], None
+    with grpc.insecure_channel(gateway) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).Chat(request, timeout=timeout_s)
+        try:
+            for response in call:
+                responses.append(response)
+                if response.token_ids and first_token_s is None:
+                    first_token_s = time.monotonic() - started
+            code, details, request_id = grpc.StatusCode.OK, "", responses[0].request_id if responses else ""
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details() or ""
+            request_id = dict(error.trailing_metadata() or ()).get("x-request-id", "")
+    return ChatOutcome(responses, code, details, request_id, time.monotonic() - started, first_token_s)
+
+
+class BackgroundChat:
+    """A Chat stream read in a thread of its own: `wait_tokens(n)` until it has streamed n tokens, `result()` for
+    its ChatOutcome once it ends."""
+
+    def __init__(self, gateway: str, request, timeout_s: float = 60.0) -> None:
+        from pixtral.v1 import gateway_pb2_grpc
+        self._channel = grpc.insecure_channel(gateway)
+        self.call = gateway_pb2_grpc.GatewayStub(self._channel).Chat(request, timeout=timeout_s)
+        self.responses: list = []
+        self._outcome: ChatOutcome | None = None
+        self._done = threading.Event()
+        self._started = time.monotonic()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        code, details, request_id = grpc.StatusCode.OK, "", ""
+        try:
+            for response in self.call:
+                self.responses.append(response)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details() or ""
+            request_id = dict(error.trailing_metadata() or ()).get("x-request-id", "")
+        self._outcome = ChatOutcome(list(self.responses), code, details, request_id,
+                                    time.monotonic() - self._started)
+        self._done.set()
+        self._channel.close()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(response.token_ids) for response in self.responses)
+
+    def wait_tokens(self, count: int, timeout_s: float = 30.0) -> None:
+        wait_until(lambda: self.num_tokens >= count or self._done.is_set(), timeout_s,
+                   f"{self.num_tokens} tokens streamed, wanted {count}")
+        assert self.num_tokens >= count, f"the stream ended after {self.num_tokens} tokens: {self._outcome}"
+
+    def result(self, timeout_s: float = 60.0) -> ChatOutcome:
+        assert self._done.wait(timeout_s), f"the stream did not end within {timeout_s} s"
+        return self._outcome

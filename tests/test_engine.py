@@ -174,3 +174,43 @@ def test_a_failing_forward_pass_ends_its_streams_with_error_and_the_engine_goes_
         engine.step()
     assert collector.finish_reason(b.request_id) is FinishReason.LENGTH
     assert engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
+def test_a_failed_forward_pass_makes_the_engine_unhealthy_until_its_probe_runs(model, monkeypatch):
+    engine = make_engine(model)
+    health = []
+    engine.on_health = health.append
+    collector = Collector()
+    a = make_request(52, num_prompt=12, num_images=0, sampling=SamplingParams(4))
+    engine.add(a, collector.sink)
+    original = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("injected")))
+    engine.step()
+    assert health == [False] and not engine.is_healthy
+    assert engine.stats().num_waiting == 1   # the engine's own one-token probe
+    monkeypatch.setattr(engine.runner, "run", original)
+    engine.step()
+    assert health == [False, True] and engine.is_healthy
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_failed_steps) == (0, 0, 1)
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_forward_passes_failing_in_a_row_stop_the_engine_and_end_every_request(model, monkeypatch):
+    import threading
+
+    from shared.errors import Unavailable
+    engine = make_engine(model, "--max-forward-failures", "3")
+    engine.retry_interval_s = 0.01
+    fatal = threading.Event()
+    engine.on_fatal = fatal.set
+    monkeypatch.setattr(engine.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("injected")))
+    collector = Collector()
+    a = make_request(53, num_prompt=12, num_images=0, sampling=SamplingParams(4))
+    engine.add(a, collector.sink)
+    engine.start()
+    assert fatal.wait(10)
+    assert engine.stats().num_failed_steps == 3
+    assert collector.finish_reason(a.request_id) is FinishReason.ERROR
+    with pytest.raises(Unavailable):
+        engine.add(make_request(54, num_prompt=12, num_images=0, sampling=SamplingParams(4)), collector.sink)

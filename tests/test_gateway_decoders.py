@@ -26,18 +26,23 @@ TOKEN = "internal-secret"
 
 
 class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
-    """Streams [7] then [8] with finish_reason LENGTH; or fails UNAVAILABLE before or after the first token."""
+    """Streams [7] then [8] with finish_reason LENGTH; or fails UNAVAILABLE before or after the first token, with
+    a final finish_reason ERROR first (as a decoder whose forward pass failed does) or without."""
 
     def __init__(self) -> None:
         self.num_calls = 0
-        self.fails = ""   # "", "before" or "after"
+        self.fails = ""   # "", "before", "after", "error_before" or "error_after"
 
     async def Generate(self, request, context):
         self.num_calls += 1
-        if self.fails == "before":
+        if self.fails.startswith("error") and self.fails.endswith("before"):
+            yield decoder_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_ERROR)
+        if self.fails.endswith("before"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
         yield decoder_pb2.GenerateResponse(token_ids=[7])
-        if self.fails == "after":
+        if self.fails == "error_after":
+            yield decoder_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_ERROR)
+        if self.fails.endswith("after"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "died mid-stream")
         await asyncio.sleep(0.01)
         yield decoder_pb2.GenerateResponse(token_ids=[8], finish_reason=common_pb2.FINISH_REASON_LENGTH)
@@ -122,16 +127,27 @@ def test_unavailable_before_the_first_token_is_retried_on_another_decoder():
     run_with_pool(scenario)
 
 
-def test_unavailable_after_a_token_is_not_retried():
+@pytest.mark.parametrize("fails", ["after", "error_after"])
+def test_unavailable_after_a_token_is_not_retried(fails):
     async def scenario(pool, fakes):
         (_, fake_a), = fakes
-        fake_a.fails = "after"
+        fake_a.fails = fails
         outputs = []
         with pytest.raises(Unavailable):
             async for output in pool.generate(REQUEST, 5.0):
                 outputs.append(output.token_ids)
-        assert outputs == [[7]] and fake_a.num_calls == 1
+        assert outputs == [[7]] and fake_a.num_calls == 1   # the ERROR message is not passed on as an output
     run_with_pool(scenario, num_decoders=1)
+
+
+def test_a_forward_failure_before_the_first_token_is_retried_on_another_decoder():
+    async def scenario(pool, fakes):
+        (_, fake_a), (_, fake_b) = fakes
+        fake_a.fails = "error_before"
+        for _ in range(4):
+            assert await collect(pool) == [7, 8]
+        assert fake_a.num_calls >= 1 and fake_b.num_calls == 4
+    run_with_pool(scenario)
 
 
 def test_when_no_decoder_is_healthy_all_are_tried_and_a_dead_one_is_unavailable():

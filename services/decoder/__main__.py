@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
-import redis.asyncio as aioredis
 import torch
 
 from pixtral.v1 import decoder_pb2_grpc
@@ -15,9 +15,9 @@ from services.decoder import metrics
 from services.decoder.features import FeatureStore
 from services.decoder.server import DecoderServicer
 from services.decoder.service import DecoderService
-from shared import tls
+from shared import redis_client, tls
 from shared.grpc_server import GrpcServer, install_stop_signals
-from shared.health import watch_redis
+from shared.health import Readiness, watch_redis
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 
@@ -36,20 +36,35 @@ async def serve(config: DecoderConfig) -> None:
     await server.start()
     log.info("listening on port %d; loading %s", server.port, config.model)
     loaded = await asyncio.to_thread(build_engine, config)
+    # Ready while Redis answers and the engine's forward passes work.
+    readiness = Readiness(server.set_serving)
+    await readiness.set("engine", True)
+    loop = asyncio.get_running_loop()
+    failed = asyncio.Event()
+    loaded.engine.on_health = lambda is_healthy: asyncio.run_coroutine_threadsafe(
+        readiness.set("engine", is_healthy), loop)
+    loaded.engine.on_fatal = lambda: loop.call_soon_threadsafe(failed.set)
     loaded.engine.start()
     metrics.register(loaded.engine, config.max_num_seqs)
     serve_metrics(config.metrics_port)
-    client = aioredis.from_url(config.redis)
+    client = redis_client.connect(config.redis, config.redis_timeout_s)
     features = FeatureStore(client, loaded.fingerprint, loaded.spec.vision_hidden_size,
                             local_capacity_bytes=config.feature_cache_mib << 20,
                             pin_memory=config.device == "cuda")
     servicer.service = DecoderService(loaded.engine, features, loaded.spec, loaded.max_model_len)
-    watcher = asyncio.create_task(watch_redis(client, server.set_serving))
+    watcher = asyncio.create_task(watch_redis(client, functools.partial(readiness.set, "redis")))
     log.info("ready on port %d", server.port)
-    await stop.wait()
-    log.info("draining for up to %.0f s", config.drain_grace_s)
+    stopping, failing = asyncio.create_task(stop.wait()), asyncio.create_task(failed.wait())
+    await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
     watcher.cancel()
-    await server.stop(config.drain_grace_s)
+    if failed.is_set():
+        # Its streams have ended with an error: exit, so the supervisor starts a decoder on a fresh device context.
+        log.error("engine stopped after %d failed forward passes in a row; exiting", config.max_forward_failures)
+        await server.drain(1.0)
+        await client.aclose()
+        raise SystemExit(1)
+    log.info("draining for up to %.0f s", config.drain_grace_s)
+    await server.drain(config.drain_grace_s)
     loaded.engine.stop()
     await client.aclose()
 

@@ -26,6 +26,9 @@ class DecoderConfig:
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory this process may use (CUDA, auto KV)")
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (CUDA only)")
     feature_cache_mib: int = option(2048, "image features kept in this decoder's memory for reuse (LRU)")
+    max_forward_failures: int = option(3, "forward passes failing in a row before the decoder exits for its "
+                                          "supervisor to restart it (NOT_SERVING from the first failure on)")
+    redis_timeout_s: float = option(5.0, "time limit of one Redis command; a Redis that takes longer is unavailable")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
     metrics_port: int = option(9101, "port of the Prometheus /metrics endpoint; 0: none")
     torch_threads: int = option(0, "CPU threads of torch's operators; 0: torch's default (all cores)")
@@ -35,6 +38,8 @@ class DecoderConfig:
     tls_cert: str = option("", "PEM certificate (chain) of the gRPC port; with --tls-key: serve TLS")
     tls_key: str = option("", "PEM private key of --tls-cert")
     tls_client_ca: str = option("", "PEM CA that must have signed client certificates (mutual TLS)")
+    fault_forward_file: str = option("", "fault injection, for tests only: while this file exists every forward "
+                                         "pass fails; empty (default): off")
 
     def __post_init__(self) -> None:
         tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
@@ -42,6 +47,8 @@ class DecoderConfig:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size) <= 0:
             raise ValueError("--max-num-seqs, --max-num-batched-tokens and --block-size must be positive")
+        if self.max_forward_failures <= 0 or self.redis_timeout_s <= 0:
+            raise ValueError("--max-forward-failures and --redis-timeout-s must be positive")
         if self.max_queued < 0 or self.max_model_len < 0 or self.kv_cache_gib < 0:
             raise ValueError("--max-queued, --max-model-len and --kv-cache-gib must not be negative")
         if not 0 < self.gpu_memory_utilization <= 1:

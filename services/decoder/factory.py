@@ -11,6 +11,7 @@ from services.decoder.attention import KVCache
 from services.decoder.block_manager import BlockManager
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
+from services.decoder.faults import FailingRunner
 from services.decoder.model import PixtralDecoder, TextModelSpec, load_decoder
 from services.decoder.model_runner import ModelRunner
 from services.decoder.scheduler import Scheduler, SchedulerConfig
@@ -66,7 +67,9 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
         runner.warm_up(config.max_num_batched_tokens)
     if runner.graphs is not None:
         runner.graphs.capture()
-    return Engine(runner, scheduler, config.max_queued), max_model_len
+    if config.fault_forward_file:
+        runner = FailingRunner(runner, config.fault_forward_file)
+    return Engine(runner, scheduler, config.max_queued, config.max_forward_failures), max_model_len
 
 
 def build_engine(config: DecoderConfig) -> LoadedEngine:

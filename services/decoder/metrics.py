@@ -34,6 +34,10 @@ class EngineCollector:
                                   value=stats.num_computed_tokens)
         yield CounterMetricFamily("pixtral_decoder_preemptions", "Sequences preempted for KV memory",
                                   value=stats.num_preempted)
+        yield CounterMetricFamily("pixtral_decoder_failed_steps", "Forward passes that failed (their streams ended "
+                                  "with an error)", value=stats.num_failed_steps)
+        yield GaugeMetricFamily("pixtral_decoder_engine_healthy", "1 while forward passes work, 0 after a failure "
+                                "until one works again", value=float(stats.is_healthy))
 
 
 def register(engine: Engine, max_num_seqs: int = 0) -> None:

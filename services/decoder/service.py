@@ -102,7 +102,13 @@ class DecoderService:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
         """Streams the engine's outputs; the last one has finish_reason. Cancelling the iteration aborts."""
         self._validate(request)
-        images = await self._image_inputs(request)
+        # Admitted (or refused) before the image features are fetched: a flood must not cost their memory.
+        self.engine.reserve()
+        try:
+            images = await self._image_inputs(request)
+        except BaseException:
+            self.engine.release()
+            raise
         arrival = next(self._arrivals)
         sampling = SamplingParams(
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
@@ -114,7 +120,7 @@ class DecoderService:
         if self._router is None:
             self._router = OutputRouter(asyncio.get_running_loop())
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.engine.add(seq, self._router.sink(outputs))
+        self.engine.add(seq, self._router.sink(outputs), is_reserved=True)
         finished = False
         try:
             while not finished:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
-
 from pixtral.v1 import gateway_pb2_grpc
 from services.gateway.chat import ChatService
 from services.gateway.config import GatewayConfig
@@ -14,7 +12,7 @@ from services.gateway.decoders import DecoderPool
 from services.gateway.prompt import PromptBuilder
 from services.gateway.server import GatewayServicer
 from services.gateway.vision_pool import VisionPool
-from shared import checkpoint, tls
+from shared import checkpoint, redis_client, tls
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
@@ -43,7 +41,7 @@ async def serve(config: GatewayConfig) -> None:
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     max_model_len = config.max_model_len or min(DEFAULT_CONTEXT, model_config.text_config.max_position_embeddings)
     builder = await asyncio.to_thread(PromptBuilder, config.max_image_pixels)
-    client = aioredis.from_url(config.redis)
+    client = redis_client.connect(config.redis, config.redis_timeout_s)
     pool = VisionPool(client, fingerprint, config.lock_ttl_s)
     await pool.start()
     decoders = DecoderPool(
@@ -59,7 +57,7 @@ async def serve(config: GatewayConfig) -> None:
     await stop.wait()
     log.info("draining for up to %.0f s", config.drain_grace_s)
     watcher.cancel()
-    await server.stop(config.drain_grace_s)
+    await server.drain(config.drain_grace_s)
     await pool.close()
     await decoders.close()
     await client.aclose()

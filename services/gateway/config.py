@@ -26,6 +26,7 @@ class GatewayConfig:
     max_stop_strings: int = option(16, "stop strings per request at most")
     encode_timeout_s: float = option(120.0, "how long a request waits for its images to be encoded")
     lock_ttl_s: float = option(30.0, "expiry of the single-flight lock on an image being encoded")
+    redis_timeout_s: float = option(5.0, "time limit of one Redis command; a Redis that takes longer is unavailable")
     max_message_bytes: int = option(64 * 1024 * 1024, "largest request message gRPC accepts")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
     metrics_port: int = option(9100, "port of the Prometheus /metrics endpoint; 0: none")
@@ -54,8 +55,8 @@ class GatewayConfig:
             raise ValueError("--decoder-addresses: at least one decoder address is needed")
         if min(self.max_images, self.max_image_bytes, self.max_image_pixels, self.default_max_tokens) <= 0:
             raise ValueError("image limits and --default-max-tokens must be positive")
-        if self.encode_timeout_s <= 0 or self.lock_ttl_s <= 0:
-            raise ValueError("--encode-timeout-s and --lock-ttl-s must be positive")
+        if self.encode_timeout_s <= 0 or self.lock_ttl_s <= 0 or self.redis_timeout_s <= 0:
+            raise ValueError("--encode-timeout-s, --lock-ttl-s and --redis-timeout-s must be positive")
         if self.image_url_timeout_s <= 0 or self.image_url_max_redirects < 0 or self.health_check_interval_s <= 0:
             raise ValueError("--image-url-timeout-s and --health-check-interval-s must be positive, "
                              "--image-url-max-redirects not negative")

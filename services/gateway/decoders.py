@@ -202,7 +202,11 @@ class DecoderPool:
         return sorted(healthy or rotated, key=lambda decoder: decoder.num_outstanding)
 
     async def generate(self, request: DecodeRequest, timeout_s: float | None) -> AsyncIterator[DecodeOutput]:
-        """Streams the decoder's outputs. A decoder that is UNAVAILABLE before sending anything is skipped."""
+        """Streams the decoder's outputs. A decoder that is UNAVAILABLE before sending anything is skipped.
+
+        A decoder whose forward pass failed sends finish_reason ERROR, then ends the call UNAVAILABLE: that is
+        raised as Unavailable (the caller ends its stream with an error), or, before any token, retried elsewhere.
+        """
         last_error: ServiceError | None = None
         message = request.to_pb()
         for decoder in self._ranked():
@@ -211,9 +215,16 @@ class DecoderPool:
             has_output = False
             try:
                 async for response in call:
+                    if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                        break
                     has_output = True
                     yield DecodeOutput(list(response.token_ids), FINISH_REASONS.get(response.finish_reason))
-                return
+                else:
+                    return
+                last_error = Unavailable("decoder failed during generation")
+                if has_output:
+                    raise last_error
+                log.warning("decoder %s failed before the first token; trying another", decoder.address)
             except grpc.aio.AioRpcError as error:
                 last_error = _domain_error(error, request)
                 if error.code() != grpc.StatusCode.UNAVAILABLE or has_output:

@@ -64,12 +64,16 @@ class VisionPool:
             try:
                 await pubsub.subscribe(channel)
                 async for message in pubsub.listen():
-                    result = EncodeResult.from_json(message["data"])
+                    try:
+                        result = EncodeResult.from_json(message["data"])
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("ignored a malformed message on %s", channel)
+                        continue
                     flight = self._flights.get(result.sha256)
                     if flight is not None and not flight.future.done():
                         flight.future.set_result(result)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-                await asyncio.sleep(0.5)
+            except (redis.exceptions.RedisError, OSError):
+                await asyncio.sleep(0.5)   # waiters poll the cache meanwhile
             finally:
                 await pubsub.aclose()
 
@@ -92,7 +96,10 @@ class VisionPool:
         return header
 
     async def invalidate(self, sha: str) -> None:
-        await self.client.delete(cache_key(self.fingerprint, sha))
+        try:
+            await self.client.delete(cache_key(self.fingerprint, sha))
+        except redis.exceptions.RedisError as error:
+            raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
 
     async def ensure(self, images: list[PromptImage], request_id: str, timeout_s: float) -> EnsureResult:
         """Makes sure every image of the prompt has a valid cached embedding, encoding the missing ones."""
@@ -131,26 +138,30 @@ class VisionPool:
         if flight is None:
             flight = _Flight(asyncio.get_running_loop().create_future())
             self._flights[image.sha256] = flight
-            flight.task = asyncio.create_task(self._drive(image, request_id, flight.future))
+            flight.task = asyncio.create_task(self._drive(image, request_id, flight))
         flight.num_waiters += 1
         try:
             return await asyncio.shield(flight.future)
         finally:
             flight.num_waiters -= 1
             if flight.num_waiters == 0 and not flight.future.done():
-                flight.task.cancel()  # nobody waits any more: stop driving it
+                # Nobody waits any more: stop driving it, and let the next request for the image start afresh
+                # rather than join a flight that is being cancelled (it would wait for a result never set).
+                flight.task.cancel()
+                self._forget(image.sha256, flight)
 
-    async def _drive(self, image: PromptImage, request_id: str, future: asyncio.Future) -> None:
-        sha = image.sha256
+    def _forget(self, sha: str, flight: _Flight) -> None:
+        if self._flights.get(sha) is flight:
+            del self._flights[sha]
+
+    async def _drive(self, image: PromptImage, request_id: str, flight: _Flight) -> None:
+        sha, future = image.sha256, flight.future
         lock = encode_jobs.lock_key(self.fingerprint, sha)
         try:
             while not future.done():
-                if await self.probe(sha) is not None:
-                    future.set_result(EncodeResult(sha))
-                    break
-                failure = await self.client.get(encode_jobs.error_key(self.fingerprint, sha))
-                if failure is not None:
-                    future.set_result(EncodeResult.from_json(failure))
+                result = await self._outcome(sha)
+                if result is not None:
+                    future.set_result(result)
                     break
                 if await self.client.set(lock, request_id, nx=True, px=int(self.lock_ttl_s * 1000)):
                     job = EncodeJob(sha, self.fingerprint, image.data, request_id)
@@ -158,16 +169,28 @@ class VisionPool:
                 await self._wait(sha, future)
         except asyncio.CancelledError:
             raise
-        except redis.exceptions.RedisError as error:
+        except Exception as error:  # noqa: BLE001 - every waiter gets an answer, whatever went wrong
+            if isinstance(error, redis.exceptions.RedisError):
+                error = Unavailable(f"embedding cache unreachable: {type(error).__name__}")
             if not future.done():
-                future.set_exception(Unavailable(f"embedding cache unreachable: {type(error).__name__}"))
+                future.set_exception(error)
         finally:
-            self._flights.pop(sha, None)
+            self._forget(sha, flight)
+
+    async def _outcome(self, sha: str) -> EncodeResult | None:
+        """The image's result if there is one yet: a valid cached embedding, or a recent failure."""
+        if await self.probe(sha) is not None:
+            return EncodeResult(sha)
+        failure = await self.client.get(encode_jobs.error_key(self.fingerprint, sha))
+        return None if failure is None else EncodeResult.from_json(failure)
 
     async def _wait(self, sha: str, future: asyncio.Future) -> None:
-        """Until the result is published (or found by polling), at most one lock period."""
+        """Until the result is published (or found by polling, in case the message was missed), at most one lock
+        period."""
         give_up = time.monotonic() + self.lock_ttl_s
         while not future.done() and time.monotonic() < give_up:
             await asyncio.wait([future], timeout=self.poll_s)
-            if not future.done() and await self.probe(sha) is not None:
-                future.set_result(EncodeResult(sha))
+            if not future.done():
+                result = await self._outcome(sha)
+                if result is not None:
+                    future.set_result(result)

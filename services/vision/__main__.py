@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
 import torch
 
 from services.vision import metrics
 from services.vision.config import VisionConfig
 from services.vision.encoder import load_vision_encoder
 from services.vision.worker import VisionWorker
-from shared import checkpoint, tls
+from shared import checkpoint, redis_client, tls
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
 from shared.logs import setup_logging
@@ -37,7 +36,10 @@ async def serve(config: VisionConfig) -> None:
     encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype)
     await asyncio.to_thread(encoder.warm_up)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
-    client = aioredis.from_url(config.redis)
+    client = redis_client.connect(config.redis, config.redis_timeout_s, blocking_s=config.read_block_ms / 1000)
+    if config.fault_encode_delay_s or config.fault_encode_fail_sha256:
+        log.warning("fault injection on: encode delay %.1f s, failing images %s", config.fault_encode_delay_s,
+                    ",".join(config.fault_encode_fail_sha256) or "none")
     worker = VisionWorker(client, encoder, fingerprint, config, on_encoded=metrics.observe_batch)
     metrics.register(worker, config.redis)
     serve_metrics(config.metrics_port)
@@ -52,7 +54,9 @@ async def serve(config: VisionConfig) -> None:
         # leaving a process that looks alive and takes no jobs.
         log.error("worker loop failed: %r; exiting", work.exception())
         raise SystemExit(1)
-    # The job in hand finishes (bounded by the grace period); jobs not taken stay in the stream for others.
+    # NOT_SERVING at once; the job in hand finishes (bounded by the grace period); jobs not taken stay in the
+    # stream for the other workers.
+    await server.begin_drain()
     try:
         await asyncio.wait_for(work, timeout=config.drain_grace_s + config.read_block_ms / 1000)
     except asyncio.TimeoutError:

@@ -24,6 +24,7 @@ class VisionConfig:
     max_deliveries: int = option(3, "deliveries of a job before it goes to the dead-letter stream")
     max_image_pixels: int = option(50_000_000, "pixels an image may have (checked from its header)")
     embedding_ttl_s: int = option(0, "expiry of cached embeddings; 0: none (rely on Redis eviction)")
+    redis_timeout_s: float = option(5.0, "time limit of one Redis command (a blocking read: --read-block-ms more)")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds the job in hand may take to finish")
     metrics_port: int = option(9102, "port of the Prometheus /metrics endpoint; 0: none")
     torch_threads: int = option(0, "CPU threads of torch's operators; 0: torch's default (all cores)")
@@ -33,11 +34,18 @@ class VisionConfig:
     tls_cert: str = option("", "PEM certificate (chain) of the health port; with --tls-key: serve TLS")
     tls_key: str = option("", "PEM private key of --tls-cert")
     tls_client_ca: str = option("", "PEM CA that must have signed client certificates (mutual TLS)")
+    fault_encode_delay_s: float = option(0.0, "fault injection, for tests only: seconds each batch waits, jobs in "
+                                              "hand, before it is encoded; 0 (default): off")
+    fault_encode_fail_sha256: tuple[str, ...] = option((), "fault injection, for tests only: images (sha256, "
+                                                           "comma-separated) whose encoding always fails; empty "
+                                                           "(default): off")
 
     def __post_init__(self) -> None:
         tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.redis_timeout_s <= 0 or self.fault_encode_delay_s < 0:
+            raise ValueError("--redis-timeout-s must be positive, --fault-encode-delay-s not negative")
         if min(self.max_batch_images, self.read_block_ms, self.claim_idle_ms, self.max_deliveries) <= 0:
             raise ValueError("--max-batch-images, --read-block-ms, --claim-idle-ms and --max-deliveries "
                              "must be positive")

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 PATCH_SIZE = 16
 
 
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault injection (VisionConfig.fault_encode_fail_sha256)."""
+
+
 @dataclass(slots=True)
 class WorkerStats:
     num_encoded: int = 0        # images encoded and written
@@ -149,6 +153,7 @@ class VisionWorker:
 
     async def _encode_and_write(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
         try:
+            await self._inject_faults(todo)
             started = time.perf_counter()
             features = await asyncio.to_thread(self.encoder.encode, [pixels for _, _, pixels in todo])
             self.on_encoded(len(todo), time.perf_counter() - started)
@@ -169,6 +174,14 @@ class VisionWorker:
             log.info("encoded image %s (%dx%d patches) for %s", job.sha256, *grid, job.request_id,
                      extra={"request_id": job.request_id})
             await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
+
+    async def _inject_faults(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
+        """Test-only faults (VisionConfig.fault_*, off by default): a slow encode, and images that never encode."""
+        if self.config.fault_encode_delay_s:
+            await asyncio.sleep(self.config.fault_encode_delay_s)
+        for _, job, _ in todo:
+            if job.sha256 in self.config.fault_encode_fail_sha256:
+                raise InjectedFault(f"injected encode failure for image {job.sha256}")
 
     async def _is_cached(self, sha: str) -> bool:
         key = cache_key(self.fingerprint, sha)

@@ -1,0 +1,459 @@
+"""Load generator: drives a gateway with a mix of chats and reports throughput, latency, errors and cache hits.
+
+    python -m bench.load --concurrency 16 --requests 200 --max-tokens 64            # starts the tiny stack itself
+    python -m bench.load --gateway host:50051 --duration 60 --rate 20 --images 1    # a running gateway
+    python -m bench.load --images 1 --image-sizes 256x256 --repeat 0.8 --max-tokens 1 --vision-workers 2
+    python -m bench.load --soak --duration 180 --concurrency 8 --images 1 --repeat 0.5
+
+Load: `--concurrency N` callers sending back to back (closed loop; a caller waits `--error-backoff-ms` after a
+failed call, as a client with backoff does), or `--rate R` arrivals per second (open loop, Poisson; at most
+`--concurrency` outstanding, arrivals beyond it are counted as client_dropped), for `--duration` seconds or
+`--requests` requests. Each request is one user message: `--images` images (sizes drawn from `--image-sizes`; a
+share `--repeat` of them repeat an image sent before in the run, the others are new) and a text; `--max-tokens`
+new tokens (`A` or a range `A-B`), temperature `--temperature`.
+
+Without `--gateway` it starts the stack (pixtral-serve's launcher: tiny model on the CPU, its own Redis) with
+`--vision-workers` and `--decoders`; `--set name=value` passes a role setting (PIXTRAL_NAME) to every role, e.g.
+`--set max_num_seqs=8 --set max_queued=8`. `--engine-only` runs the decoder engine alone in this process (no
+gRPC, no gateway) with `--concurrency` sequences: the baseline of the per-token cost of streaming. `--soak`
+samples the resident memory of every process of the stack (/proc/<pid>/status VmRSS; `--pid` adds others, e.g.
+of a running stack) and says whether it stays flat: growth over the second half of the run below
+`--max-growth-mib` per process.
+
+Reports requests/s, tokens/s, images/s, p50/p95/p99 time to first token and time per output token, errors by
+status code, and the cache hit ratio (usage: images served from cache over images of successful requests).
+Results: printed, and written to $OUT/load-<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import itertools
+import os
+import random
+import statistics
+import struct
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from bench.common import save
+from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+TEXT = "Describe everything you can see, including colours, shapes and textures. Request {index}."
+
+
+# -- images -------------------------------------------------------------------------------------------------------
+
+def noise_png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def with_text_chunk(png: bytes, text: str) -> bytes:
+    """The same picture with a tEXt chunk after IHDR: other bytes (another sha256: a new image to the cache) and
+    the same pixels (the same encoding work), without encoding the PNG again."""
+    data = b"Comment\0" + text.encode()
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
+
+
+class ImageSource:
+    """New images (a base picture per size made unique by a text chunk) and repeats of images sent before."""
+
+    def __init__(self, sizes: list[tuple[int, int]], repeat_share: float, rng: random.Random) -> None:
+        self.bases = [noise_png(w, h, seed=index) for index, (w, h) in enumerate(sizes)]
+        self.repeat_share = repeat_share
+        self.rng = rng
+        self.sent: list[bytes] = []
+        self._nonce = time.time_ns()   # never an image that a previous run left in a shared Redis
+        self._numbers = itertools.count()
+
+    def next(self) -> bytes:
+        if self.sent and self.rng.random() < self.repeat_share:
+            return self.rng.choice(self.sent)
+        image = with_text_chunk(self.rng.choice(self.bases), f"{self._nonce}-{next(self._numbers)}")
+        self.sent.append(image)
+        return image
+
+
+# -- requests -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    code: str                     # gRPC status name
+    started: float                # monotonic seconds
+    seconds: float                # whole call
+    ttft: float | None = None     # seconds to the first token
+    tpot: float | None = None     # seconds per output token after the first
+    num_tokens: int = 0
+    num_images: int = 0
+    num_cached: int = 0
+    num_encoded: int = 0
+
+
+def build_request(index: int, images: list[bytes], max_tokens: int, temperature: float):
+    content = [gateway_pb2.ContentPart(image=gateway_pb2.ImagePart(data=image)) for image in images]
+    content.append(gateway_pb2.ContentPart(text=TEXT.format(index=index)))
+    return gateway_pb2.ChatRequest(messages=[gateway_pb2.Message(role=gateway_pb2.ROLE_USER, content=content)],
+                                   sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                                      seed=index))
+
+
+async def timed_chat(stub, request, timeout_s: float) -> Outcome:
+    started = time.monotonic()
+    first = last = None
+    num_tokens = 0
+    usage = None
+    try:
+        async for response in stub.Chat(request, timeout=timeout_s):
+            if response.token_ids:
+                last = time.monotonic()
+                first = first or last
+                num_tokens += len(response.token_ids)
+            if response.HasField("usage"):
+                usage = response.usage
+        code = "OK"
+    except grpc.aio.AioRpcError as error:
+        code = error.code().name
+    seconds = time.monotonic() - started
+    outcome = Outcome(code, started, seconds, num_tokens=num_tokens,
+                      num_images=sum(1 for part in request.messages[0].content if part.HasField("image")))
+    if first is not None:
+        outcome.ttft = first - started
+        if num_tokens > 1:
+            outcome.tpot = (last - first) / (num_tokens - 1)
+    if usage is not None:
+        outcome.num_cached, outcome.num_encoded = usage.cached_images, usage.encoded_images
+    return outcome
+
+
+@dataclass
+class Load:
+    gateway: str
+    concurrency: int
+    rate: float
+    duration_s: float
+    num_requests: int
+    num_images: int
+    images: ImageSource
+    max_tokens: tuple[int, int]
+    temperature: float
+    timeout_s: float
+    error_backoff_s: float
+    rng: random.Random
+    outcomes: list[Outcome] = field(default_factory=list)
+    num_client_dropped: int = 0
+    _issued: int = 0
+
+    def _next_request(self):
+        if self.num_requests and self._issued >= self.num_requests:
+            return None
+        index = self._issued
+        self._issued += 1
+        images = [self.images.next() for _ in range(self.num_images)]
+        return build_request(index, images, self.rng.randint(*self.max_tokens), self.temperature)
+
+    def _is_over(self, started: float) -> bool:
+        return bool(self.duration_s) and time.monotonic() - started >= self.duration_s
+
+    async def run(self) -> float:
+        """Runs the load; returns its wall-clock seconds (from the first request to the last answer)."""
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(self.gateway, options=options) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            started = time.monotonic()
+            if self.rate:
+                await self._open_loop(stub, started)
+            else:
+                await asyncio.gather(*(self._caller(stub, started) for _ in range(self.concurrency)))
+            return time.monotonic() - started
+
+    async def _caller(self, stub, started: float) -> None:
+        while not self._is_over(started):
+            request = self._next_request()
+            if request is None:
+                return
+            outcome = await timed_chat(stub, request, self.timeout_s)
+            self.outcomes.append(outcome)
+            if outcome.code != "OK" and self.error_backoff_s:
+                await asyncio.sleep(self.error_backoff_s)
+
+    async def _open_loop(self, stub, started: float) -> None:
+        outstanding: set[asyncio.Task] = set()
+        next_at = started
+        while not self._is_over(started):
+            request = self._next_request()
+            if request is None:
+                break
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += self.rng.expovariate(self.rate)
+            if len(outstanding) >= self.concurrency:
+                self.num_client_dropped += 1
+                continue
+            task = asyncio.ensure_future(timed_chat(stub, request, self.timeout_s))
+            task.add_done_callback(lambda done: (outstanding.discard(done), self.outcomes.append(done.result())))
+            outstanding.add(task)
+        if outstanding:
+            await asyncio.wait(outstanding)
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(outcomes: list[Outcome], wall_s: float, num_client_dropped: int) -> dict:
+    ok = [o for o in outcomes if o.code == "OK"]
+    results = {"requests": len(outcomes), "ok": len(ok), "wall_s": wall_s,
+               "errors": dict(Counter(o.code for o in outcomes if o.code != "OK")),
+               "client_dropped": num_client_dropped,
+               "requests_per_s": len(ok) / wall_s if wall_s else 0.0,
+               "tokens_per_s": sum(o.num_tokens for o in ok) / wall_s if wall_s else 0.0,
+               "images_per_s": sum(o.num_images for o in ok) / wall_s if wall_s else 0.0,
+               "encoded_images_per_s": sum(o.num_encoded for o in ok) / wall_s if wall_s else 0.0}
+    num_cached, num_encoded = sum(o.num_cached for o in ok), sum(o.num_encoded for o in ok)
+    results["cache_hit_ratio"] = num_cached / (num_cached + num_encoded) if num_cached + num_encoded else None
+    for name, values in (("ttft", [o.ttft for o in ok if o.ttft is not None]),
+                         ("tpot", [o.tpot for o in ok if o.tpot is not None]),
+                         ("latency", [o.seconds for o in ok]),
+                         ("error_latency", [o.seconds for o in outcomes if o.code != "OK"])):
+        for q in (0.5, 0.95, 0.99):
+            value = percentile(values, q)
+            results[f"{name}_p{int(q * 100)}_ms"] = None if value is None else 1000 * value
+    return results
+
+
+# -- memory over a soak -------------------------------------------------------------------------------------------
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+async def sample_rss(pids: dict[str, int], interval_s: float, samples: dict[str, list[tuple[float, float]]],
+                     stop: asyncio.Event) -> None:
+    started = time.monotonic()
+    while not stop.is_set():
+        for name, pid in pids.items():
+            value = rss_mib(pid)
+            if value is not None:
+                samples.setdefault(name, []).append((time.monotonic() - started, value))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        except asyncio.TimeoutError:
+            pass
+
+
+def memory_report(samples: dict[str, list[tuple[float, float]]], max_growth_mib: float) -> dict:
+    """Per process: RSS at the start, the middle and the end of the run, its peak, and its growth over the second
+    half (median of the last tenth of the samples minus the median of the tenth around the middle)."""
+    report = {}
+    for name, points in samples.items():
+        values = [value for _, value in points]
+        n = len(values)
+        tenth = max(1, n // 10)
+        middle = statistics.median(values[max(0, n // 2 - tenth // 2): n // 2 + tenth // 2 + 1])
+        end = statistics.median(values[-tenth:])
+        report[name] = {"start_mib": values[0], "middle_mib": middle, "end_mib": end, "peak_mib": max(values),
+                        "growth_second_half_mib": end - middle, "is_flat": end - middle < max_growth_mib,
+                        "samples": n}
+    return report
+
+
+# -- the engine alone ---------------------------------------------------------------------------------------------
+
+def engine_only(args) -> dict:
+    """Waves of `--concurrency` text-only sequences through the tiny decoder's engine in this process, with one torch
+    thread (what the launcher gives a model process on a 2-core machine): tokens/s and seconds per step."""
+    import torch
+
+    from services.decoder.config import DecoderConfig
+    from services.decoder.factory import build_engine_for
+    from services.decoder.model import load_decoder
+    from services.decoder.sequence import SamplingParams, Sequence
+    from shared.tiny import resolve_model
+
+    torch.set_num_threads(args.engine_threads)
+    device = torch.device("cpu")
+    model = load_decoder(resolve_model("tiny"), torch.float32, device)
+    engine, max_model_len = build_engine_for(model, DecoderConfig.load([]), device)
+    rng = random.Random(args.seed)
+    num_tokens = parse_range(args.max_tokens)[1]
+    rates, step_times = [], []
+    for wave in range(1 + max(1, args.requests // max(1, args.concurrency))):
+        sampling = [SamplingParams(max_tokens=num_tokens, temperature=args.temperature, seed=i)
+                    for i in range(args.concurrency)]
+        seqs = [Sequence(f"w{wave}-{i}", [1] + [rng.randrange(1000, 100000) for _ in range(31)], 32, sampling[i],
+                         max_model_len, i) for i in range(args.concurrency)]
+        for seq in seqs:
+            engine.add(seq, lambda output: None)
+        started, steps = time.perf_counter(), 0
+        while not all(seq.is_finished for seq in seqs):
+            engine.step()
+            steps += 1
+        seconds = time.perf_counter() - started
+        if wave:   # the first wave warms up
+            rates.append(sum(seq.num_output_tokens for seq in seqs) / seconds)
+            step_times.append(seconds / steps)
+    return {"engine_tokens_per_s": statistics.median(rates), "engine_step_ms": 1000 * statistics.median(step_times),
+            "concurrency": args.concurrency, "max_tokens": num_tokens, "temperature": args.temperature}
+
+
+# -- the stack ----------------------------------------------------------------------------------------------------
+
+def start_stack(args) -> tuple[object, object, str, dict[str, int]]:
+    """(launcher, redis server, gateway address, {process name: pid}) of the stack started for the run."""
+    from services.launcher import Launcher, ServeConfig, free_port
+    from tests.support import RedisServer
+    for setting in args.set:
+        name, _, value = setting.partition("=")
+        os.environ[f"PIXTRAL_{name.upper()}"] = value   # read by the roles' configs; unknown ones are ignored
+    # Its own Redis: a clean cache, and its memory measured too. With a memory cap, as deploy/ lays it out: only
+    # embeddings (written with an expiry) are evicted, never the job stream.
+    cap = ("--maxmemory", f"{args.redis_maxmemory_mib}mb", "--maxmemory-policy", "volatile-lru") \
+        if args.redis_maxmemory_mib else ()
+    if cap:
+        os.environ["PIXTRAL_EMBEDDING_TTL_S"] = "86400"
+    redis_server = RedisServer(cap).start()
+    launcher = Launcher(ServeConfig(model="tiny", redis=redis_server.url, vision_workers=args.vision_workers,
+                                    decoders=args.decoders, port=free_port()))
+    gateway = launcher.start()
+    pids = {name.replace(" ", ""): process.pid for name, process in launcher.children}
+    pids["redis"] = redis_server.process.pid
+    return launcher, redis_server, gateway, pids
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(side) for side in size.split("x")) for size in text.split(",")]
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+def print_report(results: dict) -> None:
+    def ms(key: str) -> str:
+        value = results.get(key)
+        return "-" if value is None else f"{value:.1f}"
+    print(f"requests {results['requests']} ok {results['ok']} errors {results['errors']} "
+          f"client_dropped {results['client_dropped']} in {results['wall_s']:.1f} s", file=sys.stderr)
+    hit_ratio = "-" if results["cache_hit_ratio"] is None else f"{results['cache_hit_ratio']:.3f}"
+    print(f"requests/s {results['requests_per_s']:.2f}  tokens/s {results['tokens_per_s']:.1f}  "
+          f"images/s {results['images_per_s']:.2f} (encoded {results['encoded_images_per_s']:.2f})  "
+          f"cache hit ratio {hit_ratio}", file=sys.stderr)
+    for name in ("ttft", "tpot", "latency", "error_latency"):
+        print(f"{name:>14} p50 {ms(f'{name}_p50_ms')} ms  p95 {ms(f'{name}_p95_ms')} ms  "
+              f"p99 {ms(f'{name}_p99_ms')} ms", file=sys.stderr)
+    for name, memory in results.get("memory", {}).items():
+        print(f"{name:>14} RSS start {memory['start_mib']:.0f} MiB, middle {memory['middle_mib']:.0f}, end "
+              f"{memory['end_mib']:.0f}, peak {memory['peak_mib']:.0f}; growth over the second half "
+              f"{memory['growth_second_half_mib']:+.1f} MiB: {'flat' if memory['is_flat'] else 'GROWING'}",
+              file=sys.stderr)
+
+
+async def measure(args, gateway: str, pids: dict[str, int]) -> dict:
+    rng = random.Random(args.seed)
+    load = Load(gateway=gateway, concurrency=args.concurrency, rate=args.rate, duration_s=args.duration,
+                num_requests=args.requests, num_images=args.images,
+                images=ImageSource(parse_sizes(args.image_sizes), args.repeat, rng),
+                max_tokens=parse_range(args.max_tokens), temperature=args.temperature, timeout_s=args.timeout,
+                error_backoff_s=args.error_backoff_ms / 1000, rng=rng)
+    if args.warmup:
+        warm = Load(gateway, 1, 0.0, 0.0, args.warmup, args.images, ImageSource(parse_sizes(args.image_sizes), 0.0,
+                                                                                 random.Random(-1)),
+                    (4, 4), 0.0, args.timeout, 0.0, random.Random(-1))
+        await warm.run()
+    stop, samples = asyncio.Event(), {}
+    sampler = asyncio.ensure_future(sample_rss(pids, args.rss_interval_s, samples, stop)) if args.soak else None
+    wall = await load.run()
+    stop.set()
+    if sampler is not None:
+        await sampler
+    results = summarize(load.outcomes, wall, load.num_client_dropped)
+    if args.soak:
+        results["memory"] = memory_report(samples, args.max_growth_mib)
+        results["memory_is_flat"] = all(memory["is_flat"] for memory in results["memory"].values())
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gateway", help="a running gateway host:port; default: start the tiny stack")
+    parser.add_argument("--concurrency", type=int, default=8, help="callers (closed loop) or outstanding cap")
+    parser.add_argument("--rate", type=float, default=0.0, help="arrivals per second (open loop); 0: closed loop")
+    parser.add_argument("--duration", type=float, default=0.0, help="seconds of load")
+    parser.add_argument("--requests", type=int, default=0, help="requests in all (default 100 without --duration)")
+    parser.add_argument("--images", type=int, default=0, help="images per request")
+    parser.add_argument("--image-sizes", default="256x256", help="WxH,... drawn at random for each new image")
+    parser.add_argument("--repeat", type=float, default=0.0, help="share of images that repeat one sent before")
+    parser.add_argument("--max-tokens", default="32", help="new tokens per request: N or a range A-B")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each call (seconds)")
+    parser.add_argument("--error-backoff-ms", type=float, default=100.0, help="closed loop: wait after an error")
+    parser.add_argument("--warmup", type=int, default=4, help="requests before the measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision-workers", type=int, default=1, help="stack started here: vision workers")
+    parser.add_argument("--decoders", type=int, default=1, help="stack started here: decoders")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="stack started here: a role setting (PIXTRAL_NAME) for every role")
+    parser.add_argument("--redis-maxmemory-mib", type=int, default=0,
+                        help="stack started here: cap its Redis, embeddings evictable (volatile-lru); 0: no cap")
+    parser.add_argument("--engine-only", action="store_true", help="the decoder engine alone, in this process")
+    parser.add_argument("--engine-threads", type=int, default=1, help="--engine-only: torch threads")
+    parser.add_argument("--soak", action="store_true", help="sample every process's RSS; report whether flat")
+    parser.add_argument("--pid", action="append", default=[], type=int, help="soak: another process to watch")
+    parser.add_argument("--rss-interval-s", type=float, default=2.0)
+    parser.add_argument("--max-growth-mib", type=float, default=16.0, help="soak: 'flat' below this growth")
+    parser.add_argument("--name", default="load", help="results go to $OUT/load-<name>.json")
+    args = parser.parse_args(argv)
+    if not args.duration and not args.requests:
+        args.requests = 100
+    if args.engine_only:
+        results = engine_only(args)
+        save(f"load-{args.name}", results)
+        return 0
+    launcher = redis_server = None
+    try:
+        if args.gateway:
+            gateway, pids = args.gateway, {}
+        else:
+            launcher, redis_server, gateway, pids = start_stack(args)
+        pids.update({f"pid{pid}": pid for pid in args.pid})
+        results = asyncio.run(measure(args, gateway, pids))
+    finally:
+        if launcher is not None:
+            launcher.stop()
+        if redis_server is not None:
+            redis_server.stop()
+    results["cpus"] = os.cpu_count()
+    results["args"] = vars(args)
+    print_report(results)
+    save(f"load-{args.name}", results)
+    return 0 if not args.soak or results["memory_is_flat"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Fault injection, for tests only: off unless the decoder is started with `--fault-forward-file`.
+
+Tests must make a forward pass fail in the middle of a batch of streams, in a separate process, at a moment they
+choose: while the named file exists, every forward pass raises, as a device fault would.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from services.decoder.model_runner import ModelRunner
+from services.decoder.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class FailingRunner:
+    """The model runner, except that run() raises while `marker` exists."""
+
+    def __init__(self, runner: ModelRunner, marker: str) -> None:
+        self.runner = runner
+        self.marker = Path(marker)
+        log.warning("fault injection on: forward passes fail while %s exists", marker)
+
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        if self.marker.exists():
+            raise InjectedFault("injected forward-pass fault")
+        return self.runner.run(batch)

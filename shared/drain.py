@@ -1,0 +1,90 @@
+"""Graceful stop of a gRPC server: a grpc.aio interceptor that counts the calls in flight and, once draining, refuses
+new ones with UNAVAILABLE (clients retry them on another instance).
+
+Health is neither counted nor refused: it keeps answering NOT_SERVING while the calls in flight finish, so probes
+and balancers see the instance leave, and an open health Watch does not hold the drain up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from shared.auth import EXEMPT_PREFIX as HEALTH_PREFIX
+from shared.errors import Unavailable
+
+_HANDLER_KINDS = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, refuse: Callable[[grpc.aio.ServicerContext, Unavailable, str], Awaitable[None]]) -> None:
+        self._refuse = refuse   # (context, error, rpc): ends the call with the error's status (grpc_server.py)
+        self.is_draining = False
+        self.num_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call is in flight, False if some still are after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+            return handler
+        rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        if self.is_draining:
+            async def refuse(request_or_iterator, context):
+                await self._refuse(context, Unavailable(f"{rpc}: server is shutting down; retry on another "
+                                                        "instance"), rpc)
+            return _with_behaviour(handler, refuse)
+        behaviour = _behaviour(handler)
+        if inspect.isasyncgenfunction(behaviour):
+            async def counted_stream(request_or_iterator, context):
+                self._enter()
+                try:
+                    async for response in behaviour(request_or_iterator, context):
+                        yield response
+                finally:
+                    self._leave()
+            return _with_behaviour(handler, counted_stream)
+
+        async def counted(request_or_iterator, context):
+            self._enter()
+            try:
+                return await behaviour(request_or_iterator, context)
+            finally:
+                self._leave()
+        return _with_behaviour(handler, counted)
+
+    def _enter(self) -> None:
+        self.num_in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.num_in_flight -= 1
+        if self.num_in_flight == 0:
+            self._idle.set()
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
+    _, name = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+    return getattr(handler, name)
+
+
+def _with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMethodHandler:
+    make, _ = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+    return make(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
