@@ -276,6 +276,8 @@ def test_a_stopped_worker_finishes_its_job_and_leaves_the_queued_ones_to_others(
                    "not NOT_SERVING at once after SIGTERM")
         assert stack.processes[first].wait(timeout=10) == 0
         assert pending_jobs(client) == 0, "the stopped worker left a job pending"
+        group = client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP)
+        assert first not in {consumer["name"].decode() for consumer in group}, "the stopped worker stayed in the group"
         done_by_first = sum(encodes(stack, first, sha256_hex(image)) for image in images)
         assert done_by_first == 1, "the stopped worker took jobs after SIGTERM"
         second = workers.start()

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from services.gateway import metrics
 from services.gateway.config import GatewayConfig
-from services.gateway.decoders import DecodeRequest, DecoderPool
+from services.gateway.decoders import DecodeOutput, DecodeRequest, DecoderPool
 from services.gateway.detokenizer import IncrementalDetokenizer, StopMatcher
 from services.gateway.prompt import ImageFile, Prompt, PromptBuilder, PromptImage, resolve_image
 from services.gateway.request import ChatInput, ImageSource, Role, Sampling, validate_sampling
@@ -178,11 +178,13 @@ class ChatService:
         detokenizer = IncrementalDetokenizer(self.builder.tokenizer)
         stops = StopMatcher(sampling.stop)
         num_completion, finish_reason, last_token_at = 0, None, None
+
+        def count_reencoded(again: EnsureResult) -> None:
+            nonlocal ensured   # images found in the cache first and then encoded again count as encoded
+            ensured = EnsureResult(ensured.num_cached - again.num_encoded, ensured.num_encoded + again.num_encoded)
+
         try:
-            async for output in self._decode(request, prompt, ensured, give_up):
-                if isinstance(output, EnsureResult):
-                    ensured = output
-                    continue
+            async for output in self._decode(request, prompt, give_up, count_reencoded):
                 now = time.monotonic()
                 if output.token_ids:
                     if last_token_at is None:
@@ -217,8 +219,8 @@ class ChatService:
                 raise DeadlineExceeded("deadline exceeded before the images were encoded")
         return await self.pool.ensure(images, request_id, timeout)
 
-    async def _decode(self, request: DecodeRequest, prompt: Prompt, ensured: EnsureResult,
-                      give_up: float | None):
+    async def _decode(self, request: DecodeRequest, prompt: Prompt, give_up: float | None,
+                      on_reencoded: Callable[[EnsureResult], None]) -> AsyncIterator[DecodeOutput]:
         """The decoder's outputs; if it finds an embedding gone (evicted, corrupt), re-encode once and retry."""
         for attempt in range(2):
             timeout = None if give_up is None else max(0.0, give_up - time.monotonic())
@@ -231,8 +233,7 @@ class ChatService:
                     raise
                 log.warning("decoder found no valid embedding of %s: re-encoding", error.sha256)
                 await self.pool.invalidate(error.sha256)
-                again = await self._ensure_images(prompt.images, request.request_id, give_up)
-                yield EnsureResult(ensured.num_cached - again.num_encoded, ensured.num_encoded + again.num_encoded)
+                on_reencoded(await self._ensure_images(prompt.images, request.request_id, give_up))
 
     @staticmethod
     def _usage(prompt: Prompt, num_completion: int, ensured: EnsureResult) -> Usage:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import cv2
+import redis.exceptions
 import torch
 
 from services.vision import metrics
@@ -23,7 +25,9 @@ log = logging.getLogger("services.vision")
 
 async def serve(config: VisionConfig) -> None:
     if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)  # processes sharing a CPU must not oversubscribe it
+        # Processes sharing a CPU must not oversubscribe it: torch's operators and OpenCV's resize (preprocessing).
+        torch.set_num_threads(config.torch_threads)
+        cv2.setNumThreads(config.torch_threads)
     stop = asyncio.Event()
     install_stop_signals(stop)
     # Health only: for probes and the launcher.
@@ -59,8 +63,12 @@ async def serve(config: VisionConfig) -> None:
     await server.begin_drain()
     try:
         await asyncio.wait_for(work, timeout=config.drain_grace_s + config.read_block_ms / 1000)
+        await worker.leave()
     except asyncio.TimeoutError:
         log.warning("job still running after the grace period; it will be reclaimed by another worker")
+    except redis.exceptions.RedisError as error:
+        log.warning("could not leave the consumer group (%s); the other workers will remove it",
+                    type(error).__name__)
     watcher.cancel()
     await server.stop(1.0)
     await client.aclose()

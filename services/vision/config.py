@@ -22,6 +22,8 @@ class VisionConfig:
     read_block_ms: int = option(1000, "how long one read of the stream waits for jobs")
     claim_idle_ms: int = option(10000, "a job pending this long (its worker died) is reclaimed")
     max_deliveries: int = option(3, "deliveries of a job before it goes to the dead-letter stream")
+    consumer_expiry_s: int = option(3600, "a consumer of the group idle this long, holding no job, belongs to a "
+                                          "worker that is gone and is removed; 0: never")
     max_image_pixels: int = option(50_000_000, "pixels an image may have (checked from its header)")
     embedding_ttl_s: int = option(0, "expiry of cached embeddings; 0: none (rely on Redis eviction)")
     redis_timeout_s: float = option(5.0, "time limit of one Redis command (a blocking read: --read-block-ms more)")
@@ -44,8 +46,9 @@ class VisionConfig:
         tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.redis_timeout_s <= 0 or self.fault_encode_delay_s < 0:
-            raise ValueError("--redis-timeout-s must be positive, --fault-encode-delay-s not negative")
+        if self.redis_timeout_s <= 0 or self.fault_encode_delay_s < 0 or self.consumer_expiry_s < 0:
+            raise ValueError("--redis-timeout-s must be positive, --fault-encode-delay-s and --consumer-expiry-s "
+                             "not negative")
         if min(self.max_batch_images, self.read_block_ms, self.claim_idle_ms, self.max_deliveries) <= 0:
             raise ValueError("--max-batch-images, --read-block-ms, --claim-idle-ms and --max-deliveries "
                              "must be positive")

@@ -4,6 +4,10 @@ Any number of workers share the consumer group: each job goes to one of them. A 
 entry deleted) only after its embedding is written, so a worker killed mid-job leaves it pending and another
 worker reclaims it (XAUTOCLAIM) once it has been idle for `claim_idle_ms`; a job delivered more than
 `max_deliveries` times goes to the dead-letter stream and its waiters get an error.
+
+Workers come and go (autoscaling): one that stops leaves the group, and consumers of workers that died (idle past
+`consumer_expiry_s`, nothing pending once their jobs were reclaimed) are removed by the others, so the group's
+consumer list stays the size of the pool.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from shared.images import InvalidImage, preprocess
 log = logging.getLogger(__name__)
 
 PATCH_SIZE = 16
+CLEANUP_INTERVAL_S = 60.0   # how often a worker looks for consumers of workers that are gone
 
 
 class InjectedFault(RuntimeError):
@@ -64,8 +69,12 @@ class VisionWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ensure_group()
+        next_cleanup = time.monotonic()
         while not stop.is_set():
             try:
+                if self.config.consumer_expiry_s and time.monotonic() >= next_cleanup:
+                    next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
+                    await self.remove_gone_consumers()
                 entries = await self._reclaim() or await self._read()
                 if entries:
                     await self._process(entries)
@@ -77,6 +86,32 @@ class VisionWorker:
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
                 log.warning("redis unavailable (%s); retrying", type(error).__name__)
                 await asyncio.sleep(1.0)
+
+    async def leave(self) -> None:
+        """Removes this worker from the group, unless it still holds a job (deleting it would drop the job from the
+        pending list: it stays, for another worker to reclaim)."""
+        if not await self._holds_jobs(self.consumer):
+            await self.client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, self.consumer)
+            log.info("left the consumer group")
+
+    async def remove_gone_consumers(self) -> list[str]:
+        """Removes the consumers of workers that are gone: idle past consumer_expiry_s (a live worker reads every
+        read_block_ms) and holding no job. Returns their names."""
+        removed = []
+        for consumer in await self.client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP):
+            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+            if (name == self.consumer or consumer["idle"] < self.config.consumer_expiry_s * 1000
+                    or consumer["pending"] or await self._holds_jobs(name)):
+                continue
+            await self.client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, name)
+            removed.append(name)
+        if removed:
+            log.info("removed consumers of workers that are gone: %s", ", ".join(removed))
+        return removed
+
+    async def _holds_jobs(self, consumer: str) -> bool:
+        return bool(await self.client.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, min="-", max="+",
+                                                     count=1, consumername=consumer))
 
     async def _read(self) -> list[tuple[bytes, dict]]:
         response = await self.client.xreadgroup(encode_jobs.GROUP, self.consumer, {encode_jobs.STREAM: ">"},
