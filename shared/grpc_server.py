@@ -29,6 +29,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Health service name that is SERVING as long as the process runs: for liveness probes, which must not depend
 # on Redis or on the model being loaded ("" and the API service names are the readiness signal).
 LIVENESS_SERVICE = "liveness"
+# Health service name that turns SERVING once the role has loaded what it needs (weights, tokenizer) and stays so:
+# for startup probes, which cover loading and must not depend on Redis either.
+STARTUP_SERVICE = "startup"
 
 # Large enough for a request with several images of a few MB each; larger messages get RESOURCE_EXHAUSTED
 # from gRPC itself before any of our code runs.
@@ -146,8 +149,13 @@ class GrpcServer:
 
     async def start(self) -> None:
         await self.set_serving(False)
+        await self.health.set(STARTUP_SERVICE, NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.server.start()
+
+    async def mark_started(self) -> None:
+        """Loading is over: the startup probe passes (readiness goes on following Redis and the role's state)."""
+        await self.health.set(STARTUP_SERVICE, SERVING)
 
     async def begin_drain(self) -> None:
         """NOT_SERVING at once (health keeps answering, for probes and balancers); new calls are refused."""

@@ -39,7 +39,7 @@ from services.gateway.config import GatewayConfig
 from services.vision.config import VisionConfig
 from shared import encode_jobs
 from shared.embedding_cache import KEY_PREFIX
-from shared.grpc_server import LIVENESS_SERVICE
+from shared.grpc_server import LIVENESS_SERVICE, STARTUP_SERVICE
 from shared.settings import ENV_PREFIX, env_name, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,7 +409,7 @@ def test_ports_probes_and_metrics_match_the_config(overlay):
             assert probe and set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, \
                 f"{where}: {kind} must be a gRPC health probe"
             assert probe["grpc"]["port"] == config.port, f"{where}: {kind} probes another port"
-            expected = LIVENESS_SERVICE if kind == "livenessProbe" else ""
+            expected = {"startupProbe": STARTUP_SERVICE, "livenessProbe": LIVENESS_SERVICE}.get(kind, "")
             assert probe["grpc"].get("service", "") == expected, f"{where}: {kind} checks the wrong service"
         startup = container["startupProbe"]
         budget = STARTUP_BUDGET_S.get((overlay.name, role), DEFAULT_STARTUP_BUDGET_S)

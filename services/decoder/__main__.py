@@ -38,6 +38,7 @@ async def serve(config: DecoderConfig) -> None:
     loaded = await asyncio.to_thread(build_engine, config)
     # Ready while Redis answers and the engine's forward passes work.
     readiness = Readiness(server.set_serving)
+    await readiness.set("redis", False)   # until its watcher's first PING answers
     await readiness.set("engine", True)
     loop = asyncio.get_running_loop()
     failed = asyncio.Event()
@@ -53,6 +54,7 @@ async def serve(config: DecoderConfig) -> None:
                             pin_memory=config.device == "cuda")
     servicer.service = DecoderService(loaded.engine, features, loaded.spec, loaded.max_model_len)
     watcher = asyncio.create_task(watch_redis(client, functools.partial(readiness.set, "redis")))
+    await server.mark_started()
     log.info("ready on port %d", server.port)
     stopping, failing = asyncio.create_task(stop.wait()), asyncio.create_task(failed.wait())
     await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)

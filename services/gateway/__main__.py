@@ -52,6 +52,7 @@ async def serve(config: GatewayConfig) -> None:
     servicer.service = ChatService(config, builder, pool, decoders, max_model_len, url_fetcher(config))
     serve_metrics(config.metrics_port)
     watcher = asyncio.create_task(watch_redis(client, server.set_serving))
+    await server.mark_started()
     log.info("ready on port %d (model fingerprint %s, context %d, decoders %s)", server.port, fingerprint,
              max_model_len, ",".join(config.decoder_addresses))
     await stop.wait()

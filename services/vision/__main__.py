@@ -48,6 +48,7 @@ async def serve(config: VisionConfig) -> None:
     metrics.register(worker, config.redis)
     serve_metrics(config.metrics_port)
     watcher = asyncio.create_task(watch_redis(client, server.set_serving))
+    await server.mark_started()
     work = asyncio.create_task(worker.run(stop))
     log.info("ready: consumer %s, model fingerprint %s, health on port %d", worker.consumer, fingerprint,
              server.port)

@@ -68,10 +68,13 @@ class VisionWorker:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure_group()
+        has_group = False   # (re)created inside the loop: Redis may be away when the worker starts
         next_cleanup = time.monotonic()
         while not stop.is_set():
             try:
+                if not has_group:
+                    await self.ensure_group()
+                    has_group = True
                 if self.config.consumer_expiry_s and time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
                     await self.remove_gone_consumers()
@@ -82,7 +85,7 @@ class VisionWorker:
                 if "NOGROUP" not in str(error):
                     raise
                 log.warning("consumer group missing (Redis restarted?): recreating it")
-                await self.ensure_group()
+                has_group = False
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
                 log.warning("redis unavailable (%s); retrying", type(error).__name__)
                 await asyncio.sleep(1.0)
