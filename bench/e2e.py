@@ -5,7 +5,12 @@
 
 Measures a wave of N concurrent chat requests (each a distinct image + ~32 tokens of text, greedy, max_tokens
 new tokens): tokens/s over the wave, time to first token and time per output token percentiles; then the time
-to first token of a new 1024x1024 image (encoded on the way) and of the same image again (cached).
+to first token of a new 1024x1024 image (encoded on the way), of the same image again (its embedding cached), and
+of the same image with another question each time.
+
+`--prefix-caching off` (default) starts the decoders without their prefix cache, so that the repeated image's
+time to first token is that of the embedding cache: the whole prompt is prefilled. With `on`, a repeated image's
+KV is reused and only the tokens after it are prefilled.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -92,6 +98,10 @@ async def measure(gateway: str, args) -> dict:
         repeats = [await timed_chat(stub, by_reference) for _ in range(5)]
         results["ttft_1024_cached_by_sha256_ms"] = 1000 * statistics.median(r["ttft"] for r in repeats)
         assert first["usage"].encoded_images == 1 and all(r["usage"].cached_images == 1 for r in repeats)
+        questions = [f"Question {i}: what is in the top left corner of this picture, and what colour is it?"
+                     for i in range(5)]
+        repeats = [await timed_chat(stub, request(big, 1, question)) for question in questions]
+        results["ttft_1024_new_question_ms"] = 1000 * statistics.median(r["ttft"] for r in repeats)
     return results
 
 
@@ -104,8 +114,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--vision-workers", type=int, default=1)
     parser.add_argument("--decoders", type=int, default=1)
+    parser.add_argument("--prefix-caching", choices=("on", "off"), default="off",
+                        help="the decoders' prefix cache (off: a repeated image is prefilled again)")
     parser.add_argument("--name", default="e2e")
     args = parser.parse_args()
+    os.environ["PIXTRAL_ENABLE_PREFIX_CACHING"] = "true" if args.prefix_caching == "on" else "false"
     model = str(random_12b_dir()) if args.model == "random-12b" else args.model
     launcher = Launcher(ServeConfig(model=model, device=args.device, vision_workers=args.vision_workers,
                                     decoders=args.decoders, port=free_port()))
@@ -113,7 +126,7 @@ def main() -> None:
         started = time.perf_counter()
         gateway = launcher.start()
         results = {"device": gpu_name() if args.device == "cuda" else "cpu", "model": args.model,
-                   "startup_s": time.perf_counter() - started}
+                   "prefix_caching": args.prefix_caching, "startup_s": time.perf_counter() - started}
         results.update(asyncio.run(measure(gateway, args)))
     finally:
         launcher.stop()

@@ -94,3 +94,24 @@ def test_two_vision_workers_share_jobs_and_concurrent_requests_stay_exact(tiny_m
     finally:
         stack.stop()
         redis_server.stop()
+
+
+def test_a_second_question_on_the_same_image_reuses_its_prefill_and_stays_exact(observed_stack, tiny_model):
+    """The decoder's prefix cache: the image's [IMG] tokens come first, so their KV is shared, not computed again."""
+    from tests.support import metric_value
+    picture = image_bytes(noise_image(256, 128, seed=21))
+    chats = [[("user", [picture, question])] for question in ("Describe this picture.", "What colour dominates?")]
+
+    def hit_tokens() -> float:
+        return metric_value(observed_stack.metrics("decoder0"), "pixtral_decoder_prefix_cache_hit_tokens_total")
+
+    before = hit_tokens()
+    for chat in chats:
+        _, expected, logits = reference_generate(tiny_model, chat, MAX_TOKENS)
+        token_ids, _, last = run_chat(observed_stack.gateway, chat_request(chat, max_tokens=MAX_TOKENS,
+                                                                           temperature=0.0))
+        assert_greedy_equal(token_ids, expected, logits)
+    image_tokens = last.usage.image_tokens
+    assert image_tokens == (128 // 16) * (256 // 16 + 1)
+    # Everything up to the block holding the end of the image, in blocks of 16 tokens.
+    assert hit_tokens() - before >= (image_tokens // 16) * 16

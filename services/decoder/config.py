@@ -22,6 +22,8 @@ class DecoderConfig:
     max_queued: int = option(256, "requests queued beyond max_num_seqs before RESOURCE_EXHAUSTED")
     max_model_len: int = option(0, "prompt + generated tokens per request; 0: the model's, capped by the KV cache")
     block_size: int = option(16, "tokens per KV-cache block")
+    enable_prefix_caching: bool = option(True, "reuse the KV cache of prompt prefixes computed before (same tokens, "
+                                                "same images): an image asked about again skips its prefill")
     kv_cache_gib: float = option(0.0, "KV cache size; 0: 0.25 GiB on CPU, what is free after the weights on CUDA")
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory this process may use (CUDA, auto KV)")
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (CUDA only)")

@@ -53,6 +53,9 @@ class EngineStats:
     last_batch_size: int         # sequences in the latest forward pass
     num_failed_steps: int        # forward passes that raised so far
     is_healthy: bool             # no forward pass has failed since the last one that worked
+    num_prefix_queried_tokens: int = 0   # prompt tokens of admitted sequences
+    num_prefix_hit_tokens: int = 0       # of those, tokens whose KV came from the prefix cache
+    num_prefix_cached_blocks: int = 0    # blocks registered in the prefix cache (in use or not)
 
 
 Sink = Callable[[EngineOutput], None]
@@ -114,7 +117,9 @@ class Engine:
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_free_blocks,
-                           bm.num_blocks, **self._counters, is_healthy=self.is_healthy)
+                           bm.num_blocks, **self._counters, is_healthy=self.is_healthy,
+                           num_prefix_queried_tokens=bm.num_queried_tokens, num_prefix_hit_tokens=bm.num_hit_tokens,
+                           num_prefix_cached_blocks=bm.num_cached_blocks)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -209,6 +214,7 @@ class Engine:
             self.scheduler.finish(chunk.seq, FinishReason.ERROR)
             self._emit(chunk.seq, [], error=f"forward pass failed: {type(error).__name__}")
         self._counters["num_failed_steps"] += 1
+        self.scheduler.block_manager.reset_prefix_cache()   # a faulty device may have written anything anywhere
         self._num_failures += 1
         if self._num_failures == 1:
             self.on_health(False)

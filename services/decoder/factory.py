@@ -57,7 +57,7 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
     cache = KVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
     max_model_len = min(config.max_model_len or spec.max_position_embeddings, num_blocks * config.block_size)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-                          BlockManager(num_blocks, config.block_size))
+                          BlockManager(num_blocks, config.block_size, config.enable_prefix_caching))
     log.info("KV cache: %d blocks of %d tokens, %.2f GiB, %d tokens in all; context length %d",
              num_blocks, config.block_size, cache.num_bytes / GIB, num_blocks * config.block_size, max_model_len)
     is_cuda = device.type == "cuda"

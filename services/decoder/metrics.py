@@ -36,6 +36,12 @@ class EngineCollector:
                                   value=stats.num_preempted)
         yield CounterMetricFamily("pixtral_decoder_failed_steps", "Forward passes that failed (their streams ended "
                                   "with an error)", value=stats.num_failed_steps)
+        yield CounterMetricFamily("pixtral_decoder_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
+                                  "prefix cache", value=stats.num_prefix_queried_tokens)
+        yield CounterMetricFamily("pixtral_decoder_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the "
+                                  "prefix cache (not computed)", value=stats.num_prefix_hit_tokens)
+        yield GaugeMetricFamily("pixtral_decoder_prefix_cache_blocks", "KV blocks registered in the prefix cache, "
+                                "in use or kept for reuse", value=stats.num_prefix_cached_blocks)
         yield GaugeMetricFamily("pixtral_decoder_engine_healthy", "1 while forward passes work, 0 after a failure "
                                 "until one works again", value=float(stats.is_healthy))
 

@@ -3,7 +3,8 @@
 Pure Python (no torch), unit tested on its own. Every step has a token budget shared by all sequences:
 decoding sequences take one token each, prompts are prefilled in chunks of what is left of the budget, so a
 long image prompt never stalls the streams that are decoding. Older sequences come first; when KV blocks run
-out, the newest running sequence is preempted (its blocks freed) and recomputed later.
+out, the newest running sequence is preempted (its blocks freed) and recomputed later. A sequence admitted with
+a prompt whose leading blocks are in the prefix cache (block_manager.py) starts after them.
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ class Scheduler:
         while (self.waiting and budget > 0 and not batch.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_tokens):
+            blocks = self.block_manager
+            shared = blocks.match_prefix(seq)   # leading blocks whose KV is cached already
+            num_cached = len(shared) * blocks.block_size
+            num_tokens = min(len(seq) - num_cached, budget)
+            if blocks.blocks_for(num_cached + num_tokens) - len(shared) > (blocks.num_free_blocks
+                                                                          - blocks.num_unused(shared)):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.block_manager.allocate(seq, num_tokens)
+            blocks.share_prefix(seq, shared)
+            blocks.allocate(seq, num_tokens)
             self.running.append(seq)
             batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
@@ -120,6 +126,7 @@ class Scheduler:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.register_full_blocks(seq)
             if not chunk.is_sampling:
                 continue
             reason = seq.append_token(token_id)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +46,16 @@ class Sequence:
     max_model_len: int              # prompt + generated tokens never exceed this
     arrival: int                    # admission order: older sequences are served first, newer ones preempted first
     images: Any = None              # opaque to the scheduler: the model runner's image features for [IMG] positions
+    # (first position, end position, sha256) of each image's [IMG] tokens: what the KV of a block depends on
+    # besides its tokens. A sequence with images but no spans is never shared through the prefix cache.
+    image_spans: tuple[tuple[int, int, str], ...] = ()
     eos_token_id: int = 2
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0    # tokens whose KV entries are written
     block_table: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0      # leading blocks of block_table registered in the prefix cache
     finish_reason: FinishReason | None = None
+    _block_hashes: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -69,6 +76,27 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def is_shareable(self) -> bool:
+        """Whether its KV blocks can be shared through the prefix cache: the identity of every image is known."""
+        return self.images is None or bool(self.image_spans)
+
+    def block_hashes(self, block_size: int, count: int) -> list[bytes]:
+        """Content hashes of its first `count` full blocks. Each covers everything before it (the previous block's
+        hash), the block's token ids and the images whose [IMG] tokens it holds: equal hashes, equal KV entries.
+        SHA-256, not Python's hash(): a crafted prompt must not be able to collide with another user's blocks."""
+        hashes = self._block_hashes
+        while len(hashes) < count:
+            start = len(hashes) * block_size
+            end = start + block_size
+            digest = hashlib.sha256(hashes[-1] if hashes else b"")
+            digest.update(array("q", self.token_ids[start:end]).tobytes())
+            for first, last, sha256 in self.image_spans:
+                if first < end and start < last:
+                    digest.update(sha256.encode())
+            hashes.append(digest.digest())
+        return hashes[:count]
+
     def append_token(self, token_id: int) -> FinishReason | None:
         """Adds a sampled token and says whether the sequence is now finished."""
         self.token_ids.append(token_id)
@@ -82,4 +110,5 @@ class Sequence:
         """After preemption its KV entries are gone: the prompt and the tokens so far are prefilled again."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_cached_blocks = 0
         self.status = SequenceStatus.WAITING

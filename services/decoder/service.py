@@ -65,6 +65,18 @@ class OutputRouter:
             queue.put_nowait(output)
 
 
+def image_spans(refs: list[ImageRef], images: ImageInputs | None) -> tuple[tuple[int, int, str], ...]:
+    """(first, end, sha256) of each image's [IMG] positions: the images' identity for the prefix cache."""
+    if images is None:
+        return ()
+    spans, row = [], 0
+    for ref in refs:
+        num_rows = ref.grid_height * ref.grid_width
+        spans.append((int(images.positions[row]), int(images.positions[row + num_rows - 1]) + 1, ref.sha256))
+        row += num_rows
+    return tuple(spans)
+
+
 class DecoderService:
     def __init__(self, engine: Engine, features: FeatureStore, spec: TextModelSpec, max_model_len: int) -> None:
         self.engine = engine
@@ -116,7 +128,7 @@ class DecoderService:
         seq = Sequence(request_id=f"{request.request_id}#{arrival}", token_ids=list(request.prompt_token_ids),
                        num_prompt_tokens=len(request.prompt_token_ids), sampling=sampling,
                        max_model_len=self.max_model_len, arrival=arrival, images=images,
-                       eos_token_id=self.spec.eos_token_id)
+                       image_spans=image_spans(request.images, images), eos_token_id=self.spec.eos_token_id)
         if self._router is None:
             self._router = OutputRouter(asyncio.get_running_loop())
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
