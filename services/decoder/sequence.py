@@ -55,7 +55,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0      # leading blocks of block_table registered in the prefix cache
     finish_reason: FinishReason | None = None
-    _block_hashes: list[bytes] = field(default_factory=list)
+    _block_hashes: list[bytes] = field(default_factory=list, repr=False)   # see block_hashes()
 
     def __len__(self) -> int:
         return len(self.token_ids)
