@@ -12,12 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
-from mistral_common.protocol.instruct.messages import UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from PIL import Image
-
-from shared.tokenizer import load_tokenizer
 
 OUT = Path(os.environ.get("OUT", "bench-results"))
 
@@ -53,6 +48,12 @@ def noise_png(width: int, height: int, seed: int) -> bytes:
 
 def image_prompt(width: int, height: int, seed: int, text: str = QUESTION):
     """(token ids, [(3, H, W) float32 pixels]) of one user turn: an image then text, via mistral-common."""
+    # Imported here: benchmarks that make no prompts run where mistral-common is not installed.
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+    from mistral_common.protocol.instruct.messages import UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    from shared.tokenizer import load_tokenizer
     image = Image.open(io.BytesIO(noise_png(width, height, seed)))
     encoded = load_tokenizer().encode_chat_completion(ChatCompletionRequest(messages=[
         UserMessage(content=[ImageChunk(image=image), TextChunk(text=text)])]))
