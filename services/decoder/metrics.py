@@ -19,7 +19,8 @@ class EngineCollector:
         yield GaugeMetricFamily("pixtral_decoder_waiting_requests", "Requests waiting for a slot (autoscaling)",
                                 value=stats.num_waiting)
         used = stats.num_blocks - stats.num_free_blocks
-        yield GaugeMetricFamily("pixtral_decoder_kv_cache_usage_ratio", "Share of KV blocks in use",
+        yield GaugeMetricFamily("pixtral_decoder_kv_cache_usage_ratio", "Share of KV blocks in use (blocks kept "
+                                "only by the prefix cache count as free)",
                                 value=used / stats.num_blocks if stats.num_blocks else 0.0)
         yield GaugeMetricFamily("pixtral_decoder_batch_size", "Sequences in the latest forward pass",
                                 value=stats.last_batch_size)
