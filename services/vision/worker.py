@@ -103,8 +103,7 @@ class VisionWorker:
         removed = []
         for consumer in await self.client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP):
             name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
-            if (name == self.consumer or consumer["idle"] < self.config.consumer_expiry_s * 1000
-                    or consumer["pending"] or await self._holds_jobs(name)):
+            if name == self.consumer or consumer["idle"] < self.config.consumer_expiry_s * 1000 or consumer["pending"]:
                 continue
             await self.client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, name)
             removed.append(name)
