@@ -39,6 +39,14 @@ def timed(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(samples)
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) of `values` by rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def noise_png(width: int, height: int, seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()

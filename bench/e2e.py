@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import QUESTION, gpu_name, noise_png, save
+from bench.common import QUESTION, gpu_name, noise_png, percentile, save
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.launcher import Launcher, ServeConfig, free_port
 from shared.checkpoint import RANDOM_WEIGHTS_FILE
@@ -59,11 +59,6 @@ async def timed_chat(stub, message) -> dict:
     finished = time.perf_counter()
     return {"ttft": first - started, "tokens": tokens, "tpot": (finished - first) / max(1, tokens - 1),
             "usage": response.usage}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def measure(gateway: str, args) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import itertools
 import os
 import random
@@ -43,23 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
-from PIL import Image
 
-from bench.common import save
+from bench.common import noise_png, percentile, save
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 TEXT = "Describe everything you can see, including colours, shapes and textures. Request {index}."
 
 
 # -- images -------------------------------------------------------------------------------------------------------
-
-def noise_png(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
 
 def with_text_chunk(png: bytes, text: str) -> bytes:
     """The same picture with a tEXt chunk after IHDR: other bytes (another sha256: a new image to the cache) and
@@ -211,13 +201,6 @@ class Load:
 
 
 # -- report -------------------------------------------------------------------------------------------------------
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
 
 def summarize(outcomes: list[Outcome], wall_s: float, num_client_dropped: int) -> dict:
     ok = [o for o in outcomes if o.code == "OK"]

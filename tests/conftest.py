@@ -30,6 +30,14 @@ def redis_server():
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def module_redis():
+    """A Redis of the test module's own, for modules that stop, slow, corrupt or fill it."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def stack(tiny_model, redis_server, tmp_path_factory):
     """One decoder, one vision worker, one gateway: shared by the tests that do not change the stack."""

@@ -20,7 +20,7 @@ from shared.checkpoint import vision_fingerprint
 from shared.embedding_cache import HEADER_BYTES, cache_key, decode_entry
 from shared.images import sha256_hex
 from tests.reference import chat_request
-from tests.support import RedisServer, Stack, assert_nothing_left, call_chat, image_bytes, noise_image
+from tests.support import Stack, assert_nothing_left, call_chat, image_bytes, noise_image
 
 MAX_TOKENS = 6
 COLUMNS = 64   # the tiny model's vision hidden size
@@ -64,24 +64,17 @@ _seeds = itertools.count(8000)
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_model, redis_server, tmp_path_factory):
-    running = Stack(tiny_model, redis_server.url, tmp_path_factory.mktemp("corrupt-cache"), with_metrics=True,
+def stack(tiny_model, module_redis, tmp_path_factory):
+    running = Stack(tiny_model, module_redis.url, tmp_path_factory.mktemp("corrupt-cache"), with_metrics=True,
                     decoder_args=("--feature-cache-mib", "0")).start()
     yield running
     running.stop()
 
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
-def test_a_corrupt_entry_is_a_miss_recomputed_overwritten_and_never_reaches_the_model(stack, redis_server,
+def test_a_corrupt_entry_is_a_miss_recomputed_overwritten_and_never_reaches_the_model(stack, module_redis,
                                                                                       tiny_model, kind):
-    client = redis_server.client()
+    client = module_redis.client()
     image = image_bytes(noise_image(32, 48, seed=next(_seeds)))
     sha = sha256_hex(image)
     key = cache_key(vision_fingerprint(tiny_model), sha)

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from pixtral.v1 import common_pb2
 from tests.reference import chat_request
-from tests.support import (BackgroundChat, RedisServer, Stack, call_chat, decoder_load, health_status, metric_value,
+from tests.support import (BackgroundChat, Stack, call_chat, decoder_load, health_status, metric_value,
                            wait_decoder_idle, wait_until)
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -46,9 +46,8 @@ def fault_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory, fault_file):
-    redis_server = RedisServer().start()
-    running = Stack(tiny_model, redis_server.url, tmp_path_factory.mktemp("decoder-lifecycle"), num_vision=0,
+def stack(tiny_model, module_redis, tmp_path_factory, fault_file):
+    running = Stack(tiny_model, module_redis.url, tmp_path_factory.mktemp("decoder-lifecycle"), num_vision=0,
                     with_metrics=True,
                     decoder_args=("--max-num-seqs", str(MAX_NUM_SEQS), "--max-queued", str(MAX_QUEUED),
                                   "--fault-forward-file", str(fault_file), "--max-forward-failures", "1000",
@@ -56,7 +55,6 @@ def stack(tiny_model, tmp_path_factory, fault_file):
                     gateway_args=("--health-check-interval-s", "0.2")).start()
     yield running
     running.stop()
-    redis_server.stop()
 
 
 # -- case 23: load above capacity -------------------------------------------------------------------------------

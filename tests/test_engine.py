@@ -71,6 +71,13 @@ def run_alone(model, seq: Sequence) -> list[int]:
     return collector.tokens(seq.request_id)
 
 
+def fail_forward_passes(engine: Engine, monkeypatch) -> None:
+    """Every forward pass of `engine` raises until the test restores its runner."""
+    def fail(batch):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(engine.runner, "run", fail)
+
+
 SAMPLINGS = [SamplingParams(9), SamplingParams(7, temperature=0.9, seed=5),
              SamplingParams(11, temperature=1.2, top_k=40, top_p=0.8, seed=77), SamplingParams(5),
              SamplingParams(8, temperature=0.7, top_p=0.5, seed=3), SamplingParams(6)]
@@ -163,7 +170,7 @@ def test_a_failing_forward_pass_ends_its_streams_with_error_and_the_engine_goes_
     a = make_request(50, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)
     original = engine.runner.run
-    monkeypatch.setattr(engine.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("injected")))
+    fail_forward_passes(engine, monkeypatch)
     engine.step()
     assert collector.finish_reason(a.request_id) is FinishReason.ERROR
     assert "RuntimeError" in collector.outputs[a.request_id][-1].error
@@ -184,7 +191,7 @@ def test_a_failed_forward_pass_makes_the_engine_unhealthy_until_its_probe_runs(m
     a = make_request(52, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)
     original = engine.runner.run
-    monkeypatch.setattr(engine.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("injected")))
+    fail_forward_passes(engine, monkeypatch)
     engine.step()
     assert health == [False] and not engine.is_healthy
     assert engine.stats().num_waiting == 1   # the engine's own one-token probe
@@ -204,7 +211,7 @@ def test_forward_passes_failing_in_a_row_stop_the_engine_and_end_every_request(m
     engine.retry_interval_s = 0.01
     fatal = threading.Event()
     engine.on_fatal = fatal.set
-    monkeypatch.setattr(engine.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("injected")))
+    fail_forward_passes(engine, monkeypatch)
     collector = Collector()
     a = make_request(53, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from shared import encode_jobs
 from shared.images import sha256_hex
 from tests.reference import chat_request
-from tests.support import (RedisServer, Stack, TcpProxy, assert_nothing_left, call_chat, health_status, image_bytes,
+from tests.support import (Stack, TcpProxy, assert_nothing_left, call_chat, health_status, image_bytes,
                            noise_image, pending_jobs, wait_until)
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -33,15 +33,8 @@ def image_chat(seed: int, max_tokens: int = 4):
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(redis_server):
-    running = TcpProxy(redis_server.port)
+def proxy(module_redis):
+    running = TcpProxy(module_redis.port)
     yield running
     running.close()
 
@@ -69,7 +62,7 @@ def assert_alive(stack: Stack) -> None:
     assert [health_status(address, "liveness") for address in addresses(stack)] == [SERVING] * 3
 
 
-def test_a_slow_redis_slows_requests_down_but_they_succeed(stack, proxy, redis_server):
+def test_a_slow_redis_slows_requests_down_but_they_succeed(stack, proxy, module_redis):
     proxy.delay_s = 0.05
     try:
         outcome = call_chat(stack.gateway, image_chat(9001), 30)
@@ -78,10 +71,10 @@ def test_a_slow_redis_slows_requests_down_but_they_succeed(stack, proxy, redis_s
     assert outcome.code == grpc.StatusCode.OK, outcome.details
     assert outcome.last.usage.encoded_images == 1
     wait_health(stack, SERVING)
-    assert_nothing_left(stack, redis_server.client())
+    assert_nothing_left(stack, module_redis.client())
 
 
-def test_a_stalled_redis_fails_requests_fast_and_readiness_follows(stack, proxy, redis_server):
+def test_a_stalled_redis_fails_requests_fast_and_readiness_follows(stack, proxy, module_redis):
     proxy.stall()
     try:
         outcome = call_chat(stack.gateway, image_chat(9002), 20)
@@ -98,29 +91,29 @@ def test_a_stalled_redis_fails_requests_fast_and_readiness_follows(stack, proxy,
     wait_health(stack, SERVING)
     outcome = call_chat(stack.gateway, image_chat(9003), 30)
     assert outcome.code == grpc.StatusCode.OK and outcome.last.usage.encoded_images == 1
-    assert_nothing_left(stack, redis_server.client())
+    assert_nothing_left(stack, module_redis.client())
 
 
-def test_connections_cut_under_the_roles_are_opened_again(stack, proxy, redis_server):
+def test_connections_cut_under_the_roles_are_opened_again(stack, proxy, module_redis):
     for seed in (9004, 9005):
         proxy.cut()
         outcome = call_chat(stack.gateway, image_chat(seed), 30)
         assert outcome.code == grpc.StatusCode.OK, outcome.details
         assert outcome.last.usage.encoded_images == 1
     wait_health(stack, SERVING)
-    assert_nothing_left(stack, redis_server.client())
+    assert_nothing_left(stack, module_redis.client())
 
 
-def test_redis_down_fails_waiting_requests_fast_and_an_empty_restart_is_recovered(stack, proxy, redis_server):
+def test_redis_down_fails_waiting_requests_fast_and_an_empty_restart_is_recovered(stack, proxy, module_redis):
     """Last: it empties the module's Redis."""
-    client = redis_server.client()
+    client = module_redis.client()
     stuck = chat_request([("user", ["Stuck:", STUCK_IMAGE])], max_tokens=4)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(call_chat, stack.gateway, stuck, 30)
         wait_until(lambda: pending_jobs(client) == 1, 10, "the worker never took the stuck job")
         time.sleep(0.3)   # the request is waiting on the pool now
-        redis_server.process.terminate()
-        redis_server.process.wait(timeout=10)
+        module_redis.process.terminate()
+        module_redis.process.wait(timeout=10)
         stopped = time.monotonic()
         outcome = waiting.result()
     try:
@@ -131,7 +124,7 @@ def test_redis_down_fails_waiting_requests_fast_and_an_empty_restart_is_recovere
         wait_health(stack, NOT_SERVING)
         assert_alive(stack)
     finally:
-        redis_server.start()   # the same port, empty
+        module_redis.start()   # the same port, empty
     wait_health(stack, SERVING)
     wait_until(lambda: client.exists(encode_jobs.STREAM) and any(
         group["name"] == encode_jobs.GROUP.encode() for group in client.xinfo_groups(encode_jobs.STREAM)),

@@ -25,7 +25,7 @@ from shared.embedding_cache import cache_key
 from shared.encode_jobs import EncodeJob, EncodeResult
 from shared.images import sha256_hex
 from tests.reference import chat_request
-from tests.support import (RedisServer, Stack, assert_nothing_left, call_chat, health_status, image_bytes,
+from tests.support import (Stack, assert_nothing_left, call_chat, health_status, image_bytes,
                            noise_image, pending_jobs, wait_serving, wait_until)
 
 # Short waits, so that a job of a dead worker is reclaimed within a second, but longer than a tiny encode.
@@ -67,23 +67,16 @@ def job_holder(client: redis.Redis) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def pool_redis():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_model, pool_redis, tmp_path_factory):
-    running = Stack(tiny_model, pool_redis.url, tmp_path_factory.mktemp("vision-faults"), num_vision=0,
+def stack(tiny_model, module_redis, tmp_path_factory):
+    running = Stack(tiny_model, module_redis.url, tmp_path_factory.mktemp("vision-faults"), num_vision=0,
                     with_metrics=True, vision_args=WORKER_FLAGS).start()
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="module")
-def client(pool_redis):
-    return pool_redis.client()
+def client(module_redis):
+    return module_redis.client()
 
 
 @pytest.fixture(scope="module")
