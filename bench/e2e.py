@@ -10,7 +10,8 @@ of the same image with another question each time.
 
 `--prefix-caching off` (default) starts the decoders without their prefix cache, so that the repeated image's
 time to first token is that of the embedding cache: the whole prompt is prefilled. With `on`, a repeated image's
-KV is reused and only the tokens after it are prefilled.
+KV is reused and only the tokens after it are prefilled. `--async-scheduling off` makes the decoders read each
+step's tokens before they launch the next (on, the default, overlaps the two on CUDA).
 """
 
 from __future__ import annotations
@@ -111,9 +112,12 @@ def main() -> None:
     parser.add_argument("--decoders", type=int, default=1)
     parser.add_argument("--prefix-caching", choices=("on", "off"), default="off",
                         help="the decoders' prefix cache (off: a repeated image is prefilled again)")
+    parser.add_argument("--async-scheduling", choices=("on", "off"), default="on",
+                        help="the decoders' overlap of host and device work (CUDA)")
     parser.add_argument("--name", default="e2e")
     args = parser.parse_args()
     os.environ["PIXTRAL_ENABLE_PREFIX_CACHING"] = "true" if args.prefix_caching == "on" else "false"
+    os.environ["PIXTRAL_ASYNC_SCHEDULING"] = "true" if args.async_scheduling == "on" else "false"
     model = str(random_12b_dir()) if args.model == "random-12b" else args.model
     launcher = Launcher(ServeConfig(model=model, device=args.device, vision_workers=args.vision_workers,
                                     decoders=args.decoders, port=free_port()))
@@ -121,7 +125,8 @@ def main() -> None:
         started = time.perf_counter()
         gateway = launcher.start()
         results = {"device": gpu_name() if args.device == "cuda" else "cpu", "model": args.model,
-                   "prefix_caching": args.prefix_caching, "startup_s": time.perf_counter() - started}
+                   "prefix_caching": args.prefix_caching, "async_scheduling": args.async_scheduling,
+                   "startup_s": time.perf_counter() - started}
         results.update(asyncio.run(measure(gateway, args)))
     finally:
         launcher.stop()

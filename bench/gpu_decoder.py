@@ -4,6 +4,9 @@ Both run the same weights (ours are converted from the transformers model) and t
 
     python -m bench.gpu_decoder        # results in $OUT/decoder.json and on stderr
 
+Decode rates are measured with the engine's asynchronous scheduling on (the default on CUDA) and off
+(`*_read_each_step_*`: the host reads each step's tokens before it launches the next), in the same run.
+
 Measures: decode tokens/s at batch 1 (one 1024x1024 image prompt), decode tokens/s with 32 and 64 streams
 (512x512 image prompts, prefill excluded), time to first token of a 1024x1024 image + ~32 text tokens with the
 image features already computed, a wave of 32 requests x 128 tokens in-process (prefill included), memory.
@@ -122,17 +125,29 @@ def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
         run_until(engine, lambda: seq.is_finished)
     results["ttft_1024_engine_ms"] = 1000 * timed(first_token, repeats=5)
 
+    # the same with a prompt length never seen before each time, as a service sees them
+    def first_token_new_length(index=[0]):
+        index[0] += 1
+        ids, images = prompt_1024
+        seq = sequence(2000 + index[0], (ids + [1000 + index[0]] * (3 * index[0]), images), 1, features)
+        engine.add(seq, lambda output: None)
+        run_until(engine, lambda: seq.is_finished)
+    results["ttft_1024_engine_new_lengths_ms"] = 1000 * timed(first_token_new_length, repeats=5)
+
     seq = sequence(0, prompt_1024, 10_000, features_1024)
     engine.add(seq, lambda output: None)
     run_until(engine, lambda: seq.num_output_tokens >= 1)
     run_until(engine, lambda: seq.num_output_tokens >= 16)
     results["greedy_1024"] = seq.output_token_ids[:16]
     steps = 128
-    sync()
-    started = time.perf_counter()
-    for _ in range(steps):
+    for overlap, name in ((False, "_read_each_step"), (True, "")):   # host work between steps, then overlapped
+        engine.overlap = overlap
         engine.step()
-    results["decode_b1_tok_s"] = steps / (time.perf_counter() - started)
+        sync()
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        results[f"decode_b1{name}_tok_s"] = steps / (time.perf_counter() - started)
     engine.abort(seq.request_id)
     engine.step()
 
@@ -145,23 +160,35 @@ def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
         run_until(engine, lambda: all(s.num_output_tokens >= 1 for s in seqs))
         results[f"prefill_{batch}x{len(prompts_512[0][0])}_s"] = time.perf_counter() - started
         steps = 64
-        sync()
-        started = time.perf_counter()
-        for _ in range(steps):
+        for overlap, name in ((False, "_read_each_step"), (True, "")):
+            engine.overlap = overlap
             engine.step()
-        results[f"decode_b{batch}_tok_s"] = batch * steps / (time.perf_counter() - started)
+            sync()
+            started = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            results[f"decode_b{batch}{name}_tok_s"] = batch * steps / (time.perf_counter() - started)
         for s in seqs:
             engine.abort(s.request_id)
         engine.step()
 
-    seqs = [sequence(500 + i, prompts_512[i], 128, features) for i in range(32)]
+    seqs = [sequence(300 + i, prompts_512[i], 1, features) for i in range(32)]   # the 32-stream prefill again
     sync()
     started = time.perf_counter()
     for s in seqs:
         engine.add(s, lambda output: None)
     run_until(engine, lambda: all(s.is_finished for s in seqs))
-    results["wave_32x128_in_process_tok_s"] = sum(s.num_output_tokens for s in seqs) / (
-        time.perf_counter() - started)
+    results[f"prefill_32x{len(prompts_512[0][0])}_again_s"] = time.perf_counter() - started
+    for overlap, name in ((False, "_read_each_step"), (True, "")):
+        engine.overlap = overlap
+        seqs = [sequence(500 + i + 100 * overlap, prompts_512[i], 128, features) for i in range(32)]
+        sync()
+        started = time.perf_counter()
+        for s in seqs:
+            engine.add(s, lambda output: None)
+        run_until(engine, lambda: all(s.is_finished for s in seqs))
+        results[f"wave_32x128_in_process{name}_tok_s"] = sum(s.num_output_tokens for s in seqs) / (
+            time.perf_counter() - started)
     return results
 
 

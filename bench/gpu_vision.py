@@ -2,6 +2,10 @@
 and the economics of the embedding cache (bytes, Redis round trips, projector and preprocessing costs).
 
     python -m bench.gpu_vision [--redis redis://127.0.0.1:6379/0]     # results in $OUT/vision.json
+
+Also the time of each op of one layer at 1024x1024, each timed alone (`layer_1024_*`), after a sweep of the launch
+shapes of the memory-bound Triton kernels (`kernel_sweep_*`: RMSNorm and SwiGLU at the vision tower's and the
+decoder's prefill shapes, the vision RoPE); the best of each is used for the rest of the run.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import torch
 from PIL import Image
 
 from bench.common import gpu_name, noise_png, save, timed
+from services.vision.kernels import rotate_heads_
 from services.vision.model import VisionSpec, VisionTower, state_from_checkpoint
+from shared import sdpa
 from shared.embedding_cache import decode_entry, encode_entry
 from shared.images import preprocess
 from shared.tiny import pixtral_12b_config
@@ -47,6 +53,83 @@ class Graphed:
         return self.outputs
 
 
+def bench_ms(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=200)
+
+
+SWEEPS = {
+    "RMS_NORM_LAUNCH": [(1, 8), (1, 4), (2, 4), (4, 4), (4, 8), (8, 8)],
+    "SILU_LAUNCH": [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8)],
+    "ROTATE_LAUNCH": [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8)],
+}
+
+
+@torch.inference_mode()
+def kernel_sweep(results: dict) -> None:
+    from services.decoder import kernels
+    from services.vision import kernels as vision_kernels
+    vision = torch.randn(4096, 1024, device=DEVICE, dtype=DTYPE)
+    prefill = torch.randn(8192, 5120, device=DEVICE, dtype=DTYPE)
+    weights = {n: torch.ones(n, device=DEVICE, dtype=DTYPE) for n in (1024, 5120)}
+    swiglu_vision = torch.randn(4096, 8192, device=DEVICE, dtype=DTYPE)
+    swiglu_prefill = torch.randn(8192, 28672, device=DEVICE, dtype=DTYPE)
+    qkv = torch.randn(4096, 3072, device=DEVICE, dtype=DTYPE)
+    angles = torch.rand(4096, 32, device=DEVICE) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    cases = {
+        "RMS_NORM_LAUNCH": (kernels, {
+            "vision": lambda: kernels.add_rms_norm(vision, weights[1024], 1e-5, vision),
+            "prefill": lambda: kernels.add_rms_norm(prefill, weights[5120], 1e-5, prefill)}),
+        "SILU_LAUNCH": (kernels, {"vision": lambda: kernels.silu_and_mul(swiglu_vision),
+                                  "prefill": lambda: kernels.silu_and_mul(swiglu_prefill)}),
+        "ROTATE_LAUNCH": (vision_kernels, {"vision": lambda: vision_kernels.rotate_heads_(qkv, cos, sin, 32, 64)}),
+    }
+    for name, (module, shapes) in cases.items():
+        scores = {}
+        for launch in SWEEPS[name]:
+            setattr(module, name, launch)
+            scores[launch] = 0.0
+            for shape, fn in shapes.items():
+                ms = bench_ms(fn)
+                results[f"kernel_sweep_{name.lower()}_{shape}_{launch[0]}x{launch[1]}_ms"] = ms
+                scores[launch] += ms / results[f"kernel_sweep_{name.lower()}_{shape}_"
+                                               f"{SWEEPS[name][0][0]}x{SWEEPS[name][0][1]}_ms"]
+        best = min(scores, key=scores.get)
+        setattr(module, name, best)
+        results[f"kernel_sweep_{name.lower()}_best"] = list(best)
+
+
+@torch.inference_mode()
+def layer_breakdown(tower: VisionTower, results: dict) -> None:
+    """GPU time of each op of one layer at 1024x1024 (4,096 patches), each timed alone."""
+    from services.decoder.kernels import silu_and_mul
+    attention = sdpa.attention
+    layer, ops, spec = tower.layers[0], tower.ops, tower.spec
+    n, heads, dim = 4096, spec.num_heads, spec.head_dim
+    x = torch.randn(n, spec.hidden_size, device=DEVICE, dtype=DTYPE)
+    angles = torch.rand(n, dim // 2, device=DEVICE) * 6.28   # a rotation: repeated in place, values stay finite
+    cos, sin = angles.cos(), angles.sin()
+    qkv = layer.qkv_proj(x)
+    q, k, v = (t.view(1, n, heads, dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    hidden = torch.nn.functional.linear(x, layer.gate_up_proj.weight)
+    activated = silu_and_mul(hidden)
+    figures = {
+        "add_rms_norm": lambda: ops.add_rms_norm(x, layer.attention_norm, 1e-5, x),
+        "qkv_proj": lambda: layer.qkv_proj(x),
+        "rotate_qk": lambda: rotate_heads_(qkv, cos, sin, 2 * heads, dim),
+        "attention_strided": lambda: attention(q, k, v),
+        "attention_contiguous": lambda: attention(qc, kc, vc),
+        "o_proj": lambda: layer.o_proj(x),
+        "gate_up_proj": lambda: torch.nn.functional.linear(x, layer.gate_up_proj.weight),
+        "silu_and_mul": lambda: silu_and_mul(hidden),
+        "down_proj": lambda: layer.down_proj(activated),
+    }
+    for name, fn in figures.items():
+        results[f"layer_1024_{name}_ms"] = bench_ms(fn)
+
+
 @torch.inference_mode()
 def encoder_figures(results: dict) -> None:
     from transformers import PixtralVisionModel
@@ -67,6 +150,9 @@ def encoder_figures(results: dict) -> None:
         sizes = torch.tensor([list(pixels.shape[1:])], device=DEVICE)
         return hf(pixels[None], image_sizes=sizes).last_hidden_state[0]
 
+    # A worker's steady state: the shapes measured here are frequent ones, on cuDNN's attention (shared/sdpa.py);
+    # flash attention, which a shape gets while it is rare, is measured at the end.
+    sdpa.CUDNN_AFTER = 0
     p512, p1024 = pixels_of(512, 512, 1), pixels_of(1024, 1024, 2)
     reference = hf_features(p512).float()
     ours = tower([p512])[0].float()
@@ -84,10 +170,14 @@ def encoder_figures(results: dict) -> None:
         results[f"ours_512_batch{batch}_eager_img_s"] = batch / timed(lambda: tower(inputs), repeats=5)
         graphed = Graphed(tower, inputs)
         results[f"ours_512_batch{batch}_graph_img_s"] = batch / timed(lambda: graphed(inputs), repeats=5)
+    layer_breakdown(tower, results)
     for batch in (1, 4, 8, 16):
         inputs = [pixels_of(*MIXED[i % len(MIXED)], seed=50 + i) for i in range(batch)]
         results[f"ours_mixed_batch{batch}_eager_img_s"] = batch / timed(lambda: tower(inputs), repeats=5)
         results[f"ours_mixed_batch{batch}_patches"] = sum(x.shape[1] * x.shape[2] // 256 for x in inputs)
+    sdpa.CUDNN_AFTER = 10**9
+    graphed = Graphed(tower, [p1024])
+    results["ours_1024_graph_flash_ms"] = 1000 * timed(lambda: graphed([p1024]), repeats=20, warmup=3)
     rows = torch.randn(1, 4096, 1024, device=DEVICE, dtype=DTYPE)
     results["projector_4096_rows_ms"] = 1000 * timed(lambda: projector(rows), repeats=20, warmup=3)
 
@@ -127,6 +217,7 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     results = {"device": gpu_name()}
+    kernel_sweep(results)
     encoder_figures(results)
     preprocessing_figures(results)
     cache_figures(results, args.redis)

@@ -1,23 +1,57 @@
-"""Scaled dot-product attention, on CUDA with the backend measured fastest first.
+"""Scaled dot-product attention on CUDA: flash attention for shapes seen rarely, cuDNN's for shapes seen often.
 
-On the H100, cuDNN's attention beats flash attention by 30-46% for the service's shapes (vision tower
-[1, 16, 4096, 64]: 0.18 vs 0.26 ms; 4,183-token causal prefill [1, 32, 4183, 128]: 0.31 vs 0.57 ms;
-bench/attention_backends.py). PyTorch falls back to the next backend when one cannot take a call (a mask,
-a head size).
+cuDNN's attention is the fastest for the service's shapes on Hopper (H200, bench/attention_backends.py: vision
+tower [1, 16, 4096, 64] 0.17 ms vs flash 0.26; a 4,183-token causal prefill 0.31 vs 0.56), but it builds an
+execution plan the first time it sees a shape: 53 ms for a causal prefill, 676 ms with a mask. Prompt lengths
+and image sizes change from request to request, so a shape runs on flash attention (nothing to build) until it
+has been called CUDNN_AFTER times; then its cuDNN plan is built once, which the faster calls repay in ~600 calls.
+PyTorch falls back to the next backend when one cannot take a call (a mask, a head size).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.MATH]
+CUDNN_AFTER = 512     # calls of one shape (a forward pass makes one per layer) before it moves to cuDNN
+_MAX_SHAPES = 4096    # shapes whose calls are counted, least recently used dropped first
+_RARE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+_FREQUENT = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+_calls: OrderedDict[tuple, int] = OrderedDict()
+
+
+def backends_for(key: tuple) -> list[SDPBackend]:
+    """The backend order of a call of this shape, counting the call."""
+    count = _calls.pop(key, 0) + 1
+    _calls[key] = count
+    if len(_calls) > _MAX_SHAPES:
+        _calls.popitem(last=False)
+    return _FREQUENT if count > CUDNN_AFTER else _RARE
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
-    if query.is_cuda:
-        with sdpa_kernel(_CUDA_ORDER, set_priority=True):
-            return F.scaled_dot_product_attention(query, key, value, **kwargs)
-    return F.scaled_dot_product_attention(query, key, value, **kwargs)
+    if not query.is_cuda:
+        return F.scaled_dot_product_attention(query, key, value, **kwargs)
+    shape = (tuple(query.shape), tuple(key.shape), query.dtype, kwargs.get("is_causal", False),
+             kwargs.get("attn_mask") is not None)
+    with sdpa_kernel(backends_for(shape), set_priority=True):
+        return F.scaled_dot_product_attention(query, key, value, **kwargs)
+
+
+def prefill_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            scale: float) -> torch.Tensor | None:
+    """Causal attention of the last query_len positions of a context (a later chunk of a prompt, or a prompt after
+    a cached prefix): query [1, H, L, D] over key/value [1, Hkv, C, D], C >= L, query i seeing keys <= C - L + i.
+    Flash attention's causal mask is aligned to the bottom right, which is exactly that, with no mask to build
+    (as a mask, cuDNN would build a plan per shape: 676 ms). None where flash attention cannot run it."""
+    if not query.is_cuda:
+        return None
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False,
+                                                                   scale=scale)[0]
+    except RuntimeError:
+        return None

@@ -6,7 +6,6 @@ Run by tests/test_kernels.py in a subprocess (the interpreter must be chosen bef
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -22,21 +21,33 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
+def launches(module, name: str, choices):
+    """Runs the body of a loop under each launch shape of a kernel, then restores the module's own."""
+    own = getattr(module, name)
+    try:
+        for choice in choices:
+            setattr(module, name, choice)
+            yield choice
+    finally:
+        setattr(module, name, own)
+
+
 def check_add_rms_norm() -> None:
-    from services.decoder.kernels import add_rms_norm
-    for dtype, tolerance in DTYPES:
-        x = torch.randn(5, 96, device=DEVICE).to(dtype)
-        residual = torch.randn(5, 96, device=DEVICE).to(dtype)
-        weight = (1 + 0.1 * torch.randn(96, device=DEVICE)).to(dtype)
-        out, new_residual = add_rms_norm(x, weight, 1e-5, residual)
-        summed = x + residual
-        xf = summed.float()
-        ref = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-        assert torch.equal(new_residual, summed), "residual sum"
-        assert relative_error(out, ref) < tolerance, (dtype, relative_error(out, ref))
-        out2, same = add_rms_norm(x, weight, 1e-5)
-        assert same is x and relative_error(out2, weight * (x.float() * torch.rsqrt(
-            x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)) < tolerance
+    from services.decoder import kernels
+    for _ in launches(kernels, "RMS_NORM_LAUNCH", [(1, 8), (2, 4), (4, 4)]):   # 5 rows: a partly filled program
+        for dtype, tolerance in DTYPES:
+            x = torch.randn(5, 96, device=DEVICE).to(dtype)
+            residual = torch.randn(5, 96, device=DEVICE).to(dtype)
+            weight = (1 + 0.1 * torch.randn(96, device=DEVICE)).to(dtype)
+            out, new_residual = kernels.add_rms_norm(x, weight, 1e-5, residual)
+            summed = x + residual
+            xf = summed.float()
+            ref = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+            assert torch.equal(new_residual, summed), "residual sum"
+            assert relative_error(out, ref) < tolerance, (dtype, relative_error(out, ref))
+            out2, same = kernels.add_rms_norm(x, weight, 1e-5)
+            assert same is x and relative_error(out2, weight * (x.float() * torch.rsqrt(
+                x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)) < tolerance
 
 
 def rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -49,12 +60,12 @@ def rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
 
 def check_rotary_and_cache() -> None:
     from services.decoder.kernels import rotary_and_cache
-    heads, kv_heads, dim, tokens = 4, 2, 16, 6
+    heads, kv_heads, dim, tokens = 4, 2, 16, 22   # more tokens than one program takes, and a partial block
     inv_freq = 1.0 / (1e9 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=DEVICE)
-    positions = torch.tensor([0, 5, 9, 100, 4096, 7], device=DEVICE)
-    slots = torch.tensor([3, 0, 7, -1, 12, 1], device=DEVICE)
-    k_cache = torch.zeros(16, kv_heads, dim, device=DEVICE)
+    positions = torch.tensor([0, 5, 9, 100, 4096, 7] + list(range(200, 216)), device=DEVICE)
+    slots = torch.tensor([3, 0, 7, -1, 12, 1] + list(range(16, 30)) + [-1, 31], device=DEVICE)
+    k_cache = torch.zeros(32, kv_heads, dim, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
     q = rotary_and_cache(qkv, positions, inv_freq, k_cache, v_cache, slots, heads, kv_heads, dim)
     q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
@@ -64,7 +75,7 @@ def check_rotary_and_cache() -> None:
         if slot >= 0:
             assert relative_error(k_cache[slot], k_rot[token]) < 1e-5
             assert torch.equal(v_cache[slot], v_ref[token].view(kv_heads, dim))
-    assert not k_cache[[2, 4, 5]].any(), "a slot -1 row was written"
+    assert not k_cache[[2, 4, 5, 30]].any(), "a slot -1 row was written"
 
 
 def check_paged_decode_attention() -> None:
@@ -98,11 +109,12 @@ def check_paged_decode_attention() -> None:
 
 
 def check_silu_and_mul() -> None:
-    from services.decoder.kernels import silu_and_mul
-    for dtype, tolerance in DTYPES:
-        x = torch.randn(3, 2 * 1500, device=DEVICE).to(dtype)
-        gate, up = x.split(1500, -1)
-        assert relative_error(silu_and_mul(x), F.silu(gate) * up) < tolerance
+    from services.decoder import kernels
+    for _ in launches(kernels, "SILU_LAUNCH", [(1024, 4), (2048, 8)]):
+        for dtype, tolerance in DTYPES:
+            x = torch.randn(3, 2 * 1500, device=DEVICE).to(dtype)
+            gate, up = x.split(1500, -1)
+            assert relative_error(kernels.silu_and_mul(x), F.silu(gate) * up) < tolerance
 
 
 def check_fused_engine_matches_reference_engine() -> None:
@@ -175,6 +187,39 @@ def check_cuda_graph_decode_matches_eager() -> None:
     assert outputs[0] == outputs[1], outputs
 
 
+def check_rotate_heads() -> None:
+    from services.vision import kernels
+    from services.vision.model import apply_rotary
+    for _ in launches(kernels, "ROTATE_LAUNCH", [(4096, 8), (8192, 8)]):
+        for heads, dim, tokens in ((32, 64, 37), (6, 16, 5)):   # the tower's shape, and one with padded blocks
+            for dtype, tolerance in DTYPES:
+                qkv = torch.randn(tokens, 3 * heads // 2 * dim, device=DEVICE).to(dtype)
+                angles = torch.rand(tokens, dim // 2, device=DEVICE) * 6.28
+                cos, sin = angles.cos(), angles.sin()
+                rotated = qkv.clone()
+                kernels.rotate_heads_(rotated, cos, sin, heads, dim)
+                x = qkv[:, :heads * dim].view(tokens, heads, dim).float()
+                ref = apply_rotary(x, torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None])
+                assert relative_error(rotated[:, :heads * dim].view(tokens, heads, dim), ref.to(dtype)) < tolerance
+                assert torch.equal(rotated[:, heads * dim:], qkv[:, heads * dim:]), "only the first heads turn"
+
+
+def check_prefill_chunk_attention_matches_a_mask() -> None:
+    """Flash attention's bottom-right causal mask is the chunk mask of the decoder's prefill (CUDA only)."""
+    from shared.sdpa import prefill_chunk_attention
+    if DEVICE.type != "cuda":
+        raise NotApplicable("needs CUDA")
+    for query_len, context_len in ((600, 1600), (37, 37 + 4096), (5, 5)):
+        q = torch.randn(1, 32, query_len, 128, device=DEVICE, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 8, context_len, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        rows = torch.arange(context_len - query_len, context_len, device=DEVICE)
+        mask = torch.arange(context_len, device=DEVICE)[None, :] <= rows[:, None]
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.1,
+                                             enable_gqa=True)
+        out = prefill_chunk_attention(q, k, v, 0.1)
+        assert out is not None and relative_error(out, ref) < 2e-2, (query_len, relative_error(out, ref))
+
+
 def check_fused_vision_tower_matches_reference() -> None:
     from services.vision.model import VisionSpec, VisionTower
     spec = VisionSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=16,
@@ -196,7 +241,7 @@ def check_fused_vision_tower_matches_reference() -> None:
 
 CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul,
           check_fused_engine_matches_reference_engine, check_cuda_graph_decode_matches_eager,
-          check_fused_vision_tower_matches_reference]
+          check_rotate_heads, check_fused_vision_tower_matches_reference, check_prefill_chunk_attention_matches_a_mask]
 
 
 class NotApplicable(Exception):

@@ -23,8 +23,10 @@ def model(tiny_model):
     return load_decoder(tiny_model, torch.float32, CPU)
 
 
-def make_engine(model, *flags: str) -> Engine:
+def make_engine(model, *flags: str, overlap: bool = False) -> Engine:
+    """`overlap`: the next decode step is launched before the current one is read, as on CUDA by default."""
     engine, _ = build_engine_for(model, DecoderConfig.load(list(flags)), CPU)
+    engine.overlap = overlap
     return engine
 
 
@@ -42,9 +44,10 @@ def make_request(index: int, num_prompt: int, num_images: int, sampling: Samplin
     return Sequence(f"r{index}", ids, len(ids), sampling, max_model_len=4096, arrival=index, images=images)
 
 
-def clone(seq: Sequence) -> Sequence:
+def clone(seq: Sequence, eos_token_id: int | None = None) -> Sequence:
     return Sequence(seq.request_id, list(seq.token_ids[:seq.num_prompt_tokens]), seq.num_prompt_tokens,
-                    seq.sampling, seq.max_model_len, seq.arrival, seq.images)
+                    seq.sampling, seq.max_model_len, seq.arrival, seq.images,
+                    eos_token_id=seq.eos_token_id if eos_token_id is None else eos_token_id)
 
 
 class Collector:
@@ -73,9 +76,9 @@ def run_alone(model, seq: Sequence) -> list[int]:
 
 def fail_forward_passes(engine: Engine, monkeypatch) -> None:
     """Every forward pass of `engine` raises until the test restores its runner."""
-    def fail(batch):
+    def fail(batch, previous=None):
         raise RuntimeError("injected")
-    monkeypatch.setattr(engine.runner, "run", fail)
+    monkeypatch.setattr(engine.runner, "launch", fail)
 
 
 SAMPLINGS = [SamplingParams(9), SamplingParams(7, temperature=0.9, seed=5),
@@ -83,13 +86,14 @@ SAMPLINGS = [SamplingParams(9), SamplingParams(7, temperature=0.9, seed=5),
              SamplingParams(8, temperature=0.7, top_p=0.5, seed=3), SamplingParams(6)]
 
 
-def test_requests_joining_and_leaving_mid_way_get_their_single_request_tokens(model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-each-step", "overlapped"])
+def test_requests_joining_and_leaving_mid_way_get_their_single_request_tokens(model, overlap):
     requests = [make_request(i, num_prompt=n, num_images=k, sampling=s) for i, (n, k, s) in
                 enumerate(zip([30, 75, 12, 140, 9, 55], [1, 2, 0, 3, 0, 1], SAMPLINGS))]
     expected = {seq.request_id: run_alone(model, clone(seq)) for seq in requests}
 
     # A small budget forces chunked prefill; requests arrive while others decode and finish.
-    engine = make_engine(model, "--max-num-batched-tokens", "24", "--max-num-seqs", "3")
+    engine = make_engine(model, "--max-num-batched-tokens", "24", "--max-num-seqs", "3", overlap=overlap)
     collector = Collector()
     arrivals = {0: [0, 1], 2: [2], 5: [3], 9: [4, 5]}
     for step in range(400):
@@ -105,13 +109,40 @@ def test_requests_joining_and_leaving_mid_way_get_their_single_request_tokens(mo
         assert len(collector.tokens(seq.request_id)) == seq.sampling.max_tokens
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0
+    assert (stats.num_overlapped_steps > 0) == overlap
 
 
-def test_preemption_and_recomputation_keep_the_tokens(model):
+def test_a_stream_ending_on_its_eos_token_while_the_next_step_runs_drops_that_step(model):
+    """With overlap, the step after a sequence's end-of-sequence token is already launched when the token is
+    read: its token is dropped, the sequence ends where it would alone, and its KV blocks come back."""
+    base = [make_request(60 + i, num_prompt=20 + 7 * i, num_images=i % 2, sampling=SAMPLINGS[i]) for i in range(3)]
+    alone = [run_alone(model, clone(seq)) for seq in base]
+    # each stream's end-of-sequence token: a token it samples at a different step, not sampled before
+    ends = [next(i for i in range(2 + j, len(t)) if t[i] not in t[:i]) for j, t in enumerate(alone)]
+    requests = [clone(seq, eos_token_id=alone[j][ends[j]]) for j, seq in enumerate(base)]
+    engine = make_engine(model, overlap=True)
+    collector = Collector()
+    for seq in requests:
+        engine.add(seq, collector.sink)
+    for _ in range(100):
+        engine.step()
+        if all(seq.is_finished for seq in requests) and engine.stats().num_running == 0:
+            break
+    for j, seq in enumerate(requests):
+        assert collector.tokens(seq.request_id) == alone[j][:ends[j] + 1]
+        assert collector.finish_reason(seq.request_id) is FinishReason.STOP
+        assert seq.token_ids[seq.num_prompt_tokens:] == alone[j][:ends[j] + 1]
+    stats = engine.stats()
+    assert stats.num_overlapped_steps > 0
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-each-step", "overlapped"])
+def test_preemption_and_recomputation_keep_the_tokens(model, overlap):
     requests = [make_request(10 + i, num_prompt=45, num_images=1, sampling=SAMPLINGS[i % 3]) for i in range(4)]
     expected = {seq.request_id: run_alone(model, clone(seq)) for seq in requests}
     # 7 blocks of 16 tokens (8 KiB each in the tiny model): two of these 52- to 56-token sequences do not fit.
-    engine = make_engine(model, "--kv-cache-gib", str(7 * 8192 / 2**30))
+    engine = make_engine(model, "--kv-cache-gib", str(7 * 8192 / 2**30), overlap=overlap)
     assert engine.scheduler.block_manager.num_blocks == 7
     collector = Collector()
     for seq in requests:
@@ -125,8 +156,9 @@ def test_preemption_and_recomputation_keep_the_tokens(model):
         assert collector.tokens(seq.request_id) == expected[seq.request_id]
 
 
-def test_cancel_returns_kv_memory_at_once_and_ends_the_stream(model):
-    engine = make_engine(model)
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-each-step", "overlapped"])
+def test_cancel_returns_kv_memory_at_once_and_ends_the_stream(model, overlap):
+    engine = make_engine(model, overlap=overlap)
     collector = Collector()
     baseline = engine.stats().num_free_blocks
     a = make_request(20, num_prompt=60, num_images=1, sampling=SamplingParams(100))
@@ -169,12 +201,12 @@ def test_a_failing_forward_pass_ends_its_streams_with_error_and_the_engine_goes_
     collector = Collector()
     a = make_request(50, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)
-    original = engine.runner.run
+    original = engine.runner.launch
     fail_forward_passes(engine, monkeypatch)
     engine.step()
     assert collector.finish_reason(a.request_id) is FinishReason.ERROR
     assert "RuntimeError" in collector.outputs[a.request_id][-1].error
-    monkeypatch.setattr(engine.runner, "run", original)
+    monkeypatch.setattr(engine.runner, "launch", original)
     b = make_request(51, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(b, collector.sink)
     while not b.is_finished:
@@ -190,12 +222,12 @@ def test_a_failed_forward_pass_makes_the_engine_unhealthy_until_its_probe_runs(m
     collector = Collector()
     a = make_request(52, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)
-    original = engine.runner.run
+    original = engine.runner.launch
     fail_forward_passes(engine, monkeypatch)
     engine.step()
     assert health == [False] and not engine.is_healthy
     assert engine.stats().num_waiting == 1   # the engine's own one-token probe
-    monkeypatch.setattr(engine.runner, "run", original)
+    monkeypatch.setattr(engine.runner, "launch", original)
     engine.step()
     assert health == [False, True] and engine.is_healthy
     stats = engine.stats()
@@ -221,3 +253,49 @@ def test_forward_passes_failing_in_a_row_stop_the_engine_and_end_every_request(m
     assert collector.finish_reason(a.request_id) is FinishReason.ERROR
     with pytest.raises(Unavailable):
         engine.add(make_request(54, num_prompt=12, num_images=0, sampling=SamplingParams(4)), collector.sink)
+
+
+def test_a_step_failing_while_the_next_one_is_queued_ends_each_stream_once(model, monkeypatch):
+    engine = make_engine(model, overlap=True)
+    collector = Collector()
+    a = make_request(70, num_prompt=12, num_images=0, sampling=SamplingParams(50))
+    b = make_request(71, num_prompt=30, num_images=1, sampling=SamplingParams(50))
+    for seq in (a, b):
+        engine.add(seq, collector.sink)
+    while engine.stats().num_overlapped_steps < 3:
+        engine.step()
+    engine.abort(a.request_id)   # a ends while its token is in flight: its stream must not end twice
+
+    def fail(step):
+        raise RuntimeError("injected at read")
+    monkeypatch.setattr(engine.runner, "collect", fail)
+    engine.step()
+    assert collector.finish_reason(a.request_id) is FinishReason.CANCELLED
+    assert collector.finish_reason(b.request_id) is FinishReason.ERROR
+    assert [o.finish_reason is not None for o in collector.outputs[b.request_id]].count(True) == 1
+    assert [o.finish_reason is not None for o in collector.outputs[a.request_id]].count(True) == 1
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
+    assert engine._num_unfinished == 1   # only the engine's own probe
+
+
+def test_a_launch_failing_while_a_step_is_in_flight_ends_both_and_leaves_the_engine_unhealthy(model, monkeypatch):
+    engine = make_engine(model, overlap=True)
+    health = []
+    engine.on_health = health.append
+    collector = Collector()
+    a = make_request(72, num_prompt=12, num_images=0, sampling=SamplingParams(50))
+    engine.add(a, collector.sink)
+    while engine.stats().num_overlapped_steps < 2:
+        engine.step()
+    original = engine.runner.launch
+    fail_forward_passes(engine, monkeypatch)
+    engine.step()                      # the next step fails to launch; the one in flight is dropped with it
+    assert collector.finish_reason(a.request_id) is FinishReason.ERROR and health == [False]
+    monkeypatch.setattr(engine.runner, "launch", original)
+    engine.step()                      # the probe runs: healthy only once a new forward pass has worked
+    assert health == [False]
+    engine.step()
+    assert health == [False, True] and engine.is_healthy
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0

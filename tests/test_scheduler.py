@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.decoder.block_manager import BlockManager
 from services.decoder.scheduler import Scheduler, SchedulerConfig
-from services.decoder.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from services.decoder.sequence import PENDING_TOKEN, FinishReason, SamplingParams, Sequence, SequenceStatus
 
 
 def seq(request_id: str, num_prompt: int, arrival: int, max_tokens: int = 4) -> Sequence:
@@ -130,3 +130,37 @@ def test_block_manager_counts_blocks_per_token():
     assert not bm.can_allocate(a, 16)
     bm.free(a)
     assert bm.num_free_blocks == 4
+
+
+def test_continuing_a_decode_step_advances_each_sequence_by_a_pending_token():
+    s = scheduler(num_blocks=16, block_size=4)
+    a, b = seq("a", 4, 0, max_tokens=10), seq("b", 3, 1, max_tokens=2)
+    s.add(a)
+    s.add(b)
+    run_step(s)                        # both prompts: first tokens sampled
+    decode = s.schedule()              # a at position 4, b at 3: b's token from this step is its last
+    following = s.continue_decoding(decode)
+    assert [(c.seq.request_id, c.start) for c in following.chunks] == [("a", 5)]
+    assert a.token_ids[-1] == PENDING_TOKEN and a.num_computed_tokens == 5 and len(a.block_table) == 2
+    advanced = s.postprocess(decode, [11, 12])   # the tokens of the first step arrive
+    assert a.token_ids[5] == 11 and b.is_finished and b.finish_reason is FinishReason.LENGTH
+    assert [x.request_id for x in advanced] == ["a", "b"]
+    s.postprocess(following, [13])
+    assert a.output_token_ids == [7, 11, 13] and a.num_computed_tokens == 6
+
+
+def test_a_decode_step_is_not_continued_where_the_scheduler_must_decide():
+    s = scheduler(num_blocks=16, block_size=4, max_num_seqs=2)
+    a = seq("a", 4, 0, max_tokens=10)
+    s.add(a)
+    first, _ = run_step(s)
+    assert s.continue_decoding(first) is None         # a prompt step
+    decode = s.schedule()
+    s.add(seq("b", 3, 1))
+    assert s.continue_decoding(decode) is None        # b waits and there is a free slot: admit it first
+    full = scheduler(num_blocks=2, block_size=4)
+    c = seq("c", 7, 0, max_tokens=10)
+    full.add(c)
+    run_step(full)
+    step = full.schedule()                            # position 7: the last slot of the cache
+    assert full.continue_decoding(step) is None       # position 8 needs a block only preemption could free

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.sdpa import attention
+from shared.sdpa import attention, prefill_chunk_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +74,17 @@ class AttentionBackend:
             query = q[span.query_start:span.query_start + span.query_len].transpose(0, 1)[None]  # [1, H, L, D]
             key = keys.index_select(0, span.context_slots).transpose(0, 1)[None]                # [1, Hkv, C, D]
             value = values.index_select(0, span.context_slots).transpose(0, 1)[None]
-            mask, is_causal = None, False
+            mask, is_causal, attended = None, False, None
             if span.query_len > 1 and span.query_len == span.context_len:
                 is_causal = True  # a whole prompt at once: plain causal attention
             elif span.query_len > 1:  # a later chunk: row i sees the cached prefix and the chunk's rows <= i
-                rows = torch.arange(span.context_len - span.query_len, span.context_len, device=q.device)
-                mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows[:, None]
-            attended = attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                                 enable_gqa=True)
+                attended = prefill_chunk_attention(query, key, value, self.scale)
+                if attended is None:
+                    rows = torch.arange(span.context_len - span.query_len, span.context_len, device=q.device)
+                    mask = torch.arange(span.context_len, device=q.device)[None, :] <= rows[:, None]
+            if attended is None:
+                attended = attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                     enable_gqa=True)
             out[span.query_start:span.query_start + span.query_len] = attended[0].transpose(0, 1)
         return out
 

@@ -27,6 +27,8 @@ class DecoderConfig:
     kv_cache_gib: float = option(0.0, "KV cache size; 0: 0.25 GiB on CPU, what is free after the weights on CUDA")
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory this process may use (CUDA, auto KV)")
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (CUDA only)")
+    async_scheduling: bool = option(True, "queue each decode step on the GPU before reading the tokens of the one "
+                                          "running, so the host's work overlaps the GPU's (CUDA only)")
     feature_cache_mib: int = option(2048, "image features kept in this decoder's memory for reuse (LRU)")
     max_forward_failures: int = option(3, "forward passes failing in a row before the decoder exits for its "
                                           "supervisor to restart it (NOT_SERVING from the first failure on)")

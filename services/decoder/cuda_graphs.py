@@ -61,14 +61,18 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
-    def run(self, rows: np.ndarray, tables: np.ndarray) -> torch.Tensor:
-        """rows [4, B] (token, position, slot, context length), tables [B, width] -> logits [B, vocab]."""
+    def run(self, rows: np.ndarray, tables: np.ndarray, fill=None) -> torch.Tensor:
+        """rows [4, B] (token, position, slot, context length), tables [B, width] -> logits [B, vocab].
+        `fill(token_row)` writes input tokens that are on the device already (ModelRunner._pending_inputs)."""
         batch = rows.shape[1]
         size = next(size for size in self.sizes if size >= batch)
         padded = np.zeros((4, size), dtype=np.int64)
         padded[2] = -1
         padded[:, :batch] = rows
-        self.rows[:, :size].copy_(torch.from_numpy(padded))
-        self.tables[:batch, :tables.shape[1]].copy_(torch.from_numpy(tables))
+        # Asynchronous copies from pinned memory: the step before this one may still be running.
+        self.rows[:, :size].copy_(torch.from_numpy(padded).pin_memory(), non_blocking=True)
+        self.tables[:batch, :tables.shape[1]].copy_(torch.from_numpy(tables).pin_memory(), non_blocking=True)
+        if fill is not None:
+            fill(self.rows[0])
         self.graphs[size].replay()
         return self.logits[size][:batch]

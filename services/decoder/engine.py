@@ -4,6 +4,11 @@ Requests and cancellations arrive through a thread-safe inbox and are applied be
 and leave the batch at token granularity. Each request has a sink (a callable) that receives its outputs from
 the engine thread; decoder/service.py bridges sinks to asyncio.
 
+With `overlap`, a decode step is queued on the device before the tokens of the one in flight are read
+(Scheduler.continue_decoding): the host's work of a step (reading and emitting tokens, scheduling, preparing
+inputs) runs while the device computes, instead of between its steps. Steps that prefill, admit or preempt are
+scheduled after the step in flight has been read, as without it.
+
 A forward pass that fails ends the streams of its batch with FinishReason.ERROR and makes the engine unhealthy
 (`on_health(False)`) until a forward pass succeeds again: at once a one-token probe runs (when no request waits
 to be the probe), then every `retry_interval_s`. After `max_forward_failures` failures in a row the device is
@@ -21,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.decoder.model_runner import ModelRunner
+from services.decoder.model_runner import LaunchedStep, ModelRunner
 from services.decoder.scheduler import Scheduler
 from services.decoder.sequence import FinishReason, SamplingParams, Sequence
 from shared.errors import Overloaded, Unavailable
@@ -56,6 +61,7 @@ class EngineStats:
     num_prefix_queried_tokens: int = 0   # prompt tokens of admitted sequences
     num_prefix_hit_tokens: int = 0       # of those, tokens whose KV came from the prefix cache
     num_prefix_cached_blocks: int = 0    # blocks registered in the prefix cache (in use or not)
+    num_overlapped_steps: int = 0        # steps launched before the tokens of the step before them were read
 
 
 Sink = Callable[[EngineOutput], None]
@@ -63,9 +69,11 @@ Sink = Callable[[EngineOutput], None]
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_queued: int,
-                 max_forward_failures: int = 3, retry_interval_s: float = 1.0) -> None:
+                 max_forward_failures: int = 3, retry_interval_s: float = 1.0, overlap: bool = False) -> None:
         self.runner = runner
         self.scheduler = scheduler
+        self.overlap = overlap         # queue the next decode step before reading the one in flight
+        self._in_flight: LaunchedStep | None = None   # launched, tokens not read yet
         self.max_queued = max_queued   # sequences waiting for a slot beyond max_num_seqs before we refuse
         self.max_forward_failures = max_forward_failures   # failed forward passes in a row before stopping
         self.retry_interval_s = retry_interval_s           # between probes after the second failure in a row
@@ -83,7 +91,7 @@ class Engine:
         self._num_failures = 0         # forward passes failed in a row
         self._probes = itertools.count()
         self._counters = {"num_steps": 0, "num_generated_tokens": 0, "num_computed_tokens": 0, "num_preempted": 0,
-                          "last_batch_size": 0, "num_failed_steps": 0}
+                          "last_batch_size": 0, "num_failed_steps": 0, "num_overlapped_steps": 0}
 
     # -- called from any thread ---------------------------------------------------------------------------------
 
@@ -135,7 +143,7 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._is_stopping:
-            if self.scheduler.num_unfinished == 0:
+            if self.scheduler.num_unfinished == 0 and self._in_flight is None:
                 try:
                     self._apply(self._inbox.get(timeout=0.5))  # idle: sleep until work arrives
                 except queue.Empty:
@@ -185,18 +193,47 @@ class Engine:
                 break
         if self._is_stopping:
             return
-        batch = self.scheduler.schedule()
-        if not batch:
-            return
+        previous, batch = self._in_flight, None
+        if previous is not None and self.overlap:
+            batch = self.scheduler.continue_decoding(previous.batch)
+        if batch is None:
+            if previous is not None:   # read it first: the scheduler decides on what it sampled
+                self._in_flight, step, previous = None, previous, None
+                if not self._read(step):
+                    return
+            batch = self.scheduler.schedule()
+            if not batch:
+                return
         try:
-            sampled = self.runner.run(batch)
+            launched = self.runner.launch(batch, previous)
         except Exception as error:  # noqa: BLE001 - the batch's streams end, the engine goes on
-            self._fail(batch, error)
+            self._in_flight = None   # a step launched before the failure proves nothing about the device
+            self._fail([batch] if previous is None else [previous.batch, batch], error)
             return
+        self._in_flight = launched
+        if previous is not None:
+            self._counters["num_overlapped_steps"] += 1
+            self._read(previous)
+        elif not self.overlap:
+            self._in_flight = None
+            self._read(launched)
+
+    def _read(self, step: LaunchedStep) -> bool:
+        """Reads a launched step's tokens and emits them; False if the step failed."""
+        try:
+            sampled = self.runner.collect(step)
+        except Exception as error:  # noqa: BLE001
+            batches = [step.batch]
+            if self._in_flight is not None and self._in_flight is not step:
+                batches.append(self._in_flight.batch)   # queued after a failed step: its inputs are lost too
+            self._in_flight = None
+            self._fail(batches, error)
+            return False
         if self._num_failures:
             log.warning("forward pass succeeded again after %d failures: healthy", self._num_failures)
             self._num_failures = 0
             self.on_health(True)
+        batch = step.batch
         advanced = self.scheduler.postprocess(batch, sampled)
         for seq in advanced:
             self._emit(seq, seq.token_ids[-1:])
@@ -206,13 +243,17 @@ class Engine:
         counters["num_computed_tokens"] += batch.num_tokens
         counters["num_preempted"] += len(batch.preempted)
         counters["last_batch_size"] = len(batch.chunks)
+        return True
 
-    def _fail(self, batch, error: Exception) -> None:
+    def _fail(self, batches: list, error: Exception) -> None:
+        # each sequence once; those that ended before (cancelled while the step ran) have had their last output
+        seqs = [seq for seq in {id(chunk.seq): chunk.seq for batch in batches for chunk in batch.chunks}.values()
+                if not seq.is_finished]
         log.error("forward pass failed (%s: %s); ending %d sequences", type(error).__name__, error,
-                  len(batch.chunks), exc_info=error)
-        for chunk in batch.chunks:
-            self.scheduler.finish(chunk.seq, FinishReason.ERROR)
-            self._emit(chunk.seq, [], error=f"forward pass failed: {type(error).__name__}")
+                  len(seqs), exc_info=error)
+        for seq in seqs:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            self._emit(seq, [], error=f"forward pass failed: {type(error).__name__}")
         self._counters["num_failed_steps"] += 1
         self.scheduler.block_manager.reset_prefix_cache()   # a faulty device may have written anything anywhere
         self._num_failures += 1

@@ -69,7 +69,8 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
         runner.graphs.capture()
     if config.fault_forward_file:
         runner = FailingRunner(runner, config.fault_forward_file)
-    return Engine(runner, scheduler, config.max_queued, config.max_forward_failures), max_model_len
+    return Engine(runner, scheduler, config.max_queued, config.max_forward_failures,
+                  overlap=is_cuda and config.async_scheduling), max_model_len
 
 
 def build_engine(config: DecoderConfig) -> LoadedEngine:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from services.decoder.model_runner import ModelRunner
+from services.decoder.model_runner import LaunchedStep, ModelRunner
 from services.decoder.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -20,14 +20,17 @@ class InjectedFault(RuntimeError):
 
 
 class FailingRunner:
-    """The model runner, except that run() raises while `marker` exists."""
+    """The model runner, except that launch() raises while `marker` exists."""
 
     def __init__(self, runner: ModelRunner, marker: str) -> None:
         self.runner = runner
         self.marker = Path(marker)
         log.warning("fault injection on: forward passes fail while %s exists", marker)
 
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
         if self.marker.exists():
             raise InjectedFault("injected forward-pass fault")
-        return self.runner.run(batch)
+        return self.runner.launch(batch, previous)
+
+    def collect(self, step: LaunchedStep) -> list[int | None]:
+        return self.runner.collect(step)

@@ -24,22 +24,29 @@ import triton.language as tl
 
 # -- RMSNorm ----------------------------------------------------------------------------------------------------
 
-@triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+# Launch shapes of the memory-bound kernels, chosen by bench/gpu_vision.py's sweep (`kernel_sweep_*`) on an H200:
+# (rows a program normalises, warps) and (columns a program activates, warps).
+RMS_NORM_LAUNCH = (2, 4)
+SILU_LAUNCH = (2048, 8)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, num_rows, hidden, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    x = tl.load(x_ptr + row * hidden + cols, mask=mask, other=0.0)
+    mask = (rows[:, None] < num_rows) & (cols[None, :] < hidden)
+    offsets = rows[:, None] * hidden + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32))
+        x = (x.to(tl.float32) + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
         x = x.to(out_ptr.dtype.element_ty)   # the sum in the model dtype, as `residual + out` would be
-        tl.store(residual_out_ptr + row * hidden + cols, x, mask=mask)
+        tl.store(residual_out_ptr + offsets, x, mask=mask)
     xf = x.to(tl.float32)
-    variance = tl.sum(xf * xf, axis=0) / hidden
-    normed = (xf * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * hidden + cols, (normed.to(tl.float32) * weight.to(tl.float32)).to(
+    variance = tl.sum(xf * xf, axis=1) / hidden
+    normed = (xf * tl.rsqrt(variance + eps)[:, None]).to(out_ptr.dtype.element_ty)
+    weight = tl.load(weight_ptr + cols, mask=cols < hidden, other=0.0)
+    tl.store(out_ptr + offsets, (normed.to(tl.float32) * weight[None, :].to(tl.float32)).to(
         out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -48,76 +55,61 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """[T, hidden] -> (RMSNorm(x + residual), x + residual); without a residual, x itself is the new residual."""
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else x
-    hidden = x.shape[-1]
-    _add_rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, residual_out,
-                                         hidden, eps, HAS_RESIDUAL=residual is not None,
-                                         BLOCK=triton.next_power_of_2(hidden), num_warps=8)
+    num_rows, hidden = x.shape
+    rows, warps = RMS_NORM_LAUNCH
+    _add_rms_norm_kernel[(triton.cdiv(num_rows, rows),)](
+        x, residual if residual is not None else x, weight, out, residual_out, num_rows, hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), ROWS=rows, num_warps=warps)
     return out, residual_out
 
 
 # -- RoPE and the KV-cache write --------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])   # one compiled variant for every batch size
 def _rotary_cache_kernel(qkv_ptr, positions_ptr, inv_freq_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
-                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    token = tl.program_id(0)
+                         num_tokens, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)                       # 0..H-1: query heads, H..H+Hkv-1: key heads (with values)
     half: tl.constexpr = HEAD_DIM // 2
     offs = tl.arange(0, half)
-    position = tl.load(positions_ptr + token).to(tl.float32)
-    angle = position * tl.load(inv_freq_ptr + offs)
+    in_batch = tokens < num_tokens
+    mask = in_batch[:, None]
+    position = tl.load(positions_ptr + tokens, mask=in_batch, other=0).to(tl.float32)
+    angle = position[:, None] * tl.load(inv_freq_ptr + offs)[None, :]
     cos, sin = tl.cos(angle), tl.sin(angle)
-    row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM + head * HEAD_DIM
-    x1 = tl.load(row + offs).to(tl.float32)
-    x2 = tl.load(row + half + offs).to(tl.float32)
+    row = qkv_ptr + tokens[:, None] * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM + head * HEAD_DIM + offs[None, :]
+    x1 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(row + half, mask=mask, other=0.0).to(tl.float32)
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
     if head < NUM_HEADS:
-        out = q_out_ptr + (token * NUM_HEADS + head) * HEAD_DIM
-        tl.store(out + offs, y1.to(q_out_ptr.dtype.element_ty))
-        tl.store(out + half + offs, y2.to(q_out_ptr.dtype.element_ty))
+        out = q_out_ptr + (tokens[:, None] * NUM_HEADS + head) * HEAD_DIM + offs[None, :]
+        tl.store(out, y1.to(q_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + half, y2.to(q_out_ptr.dtype.element_ty), mask=mask)
     else:
-        slot = tl.load(slots_ptr + token)
-        if slot >= 0:                             # padding rows of a CUDA graph have slot -1
-            kv_head = head - NUM_HEADS
-            dest = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
-            tl.store(k_cache_ptr + dest + offs, y1.to(k_cache_ptr.dtype.element_ty))
-            tl.store(k_cache_ptr + dest + half + offs, y2.to(k_cache_ptr.dtype.element_ty))
-            value = row + NUM_KV_HEADS * HEAD_DIM
-            full = tl.arange(0, HEAD_DIM)
-            tl.store(v_cache_ptr + dest + full, tl.load(value + full))
+        slot = tl.load(slots_ptr + tokens, mask=in_batch, other=-1)
+        written = mask & (slot[:, None] >= 0)     # padding rows of a CUDA graph have slot -1
+        dest = (slot[:, None] * NUM_KV_HEADS + (head - NUM_HEADS)) * HEAD_DIM + offs[None, :]
+        tl.store(k_cache_ptr + dest, y1.to(k_cache_ptr.dtype.element_ty), mask=written)
+        tl.store(k_cache_ptr + dest + half, y2.to(k_cache_ptr.dtype.element_ty), mask=written)
+        value = row + NUM_KV_HEADS * HEAD_DIM
+        tl.store(v_cache_ptr + dest, tl.load(value, mask=mask, other=0.0), mask=written)
+        tl.store(v_cache_ptr + dest + half, tl.load(value + half, mask=mask, other=0.0), mask=written)
 
 
 def rotary_and_cache(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
                      head_dim: int) -> torch.Tensor:
-    """qkv [T, (H + 2 Hkv) * D] -> rotated q [T, H, D]; rotated k and v go to their cache slots."""
+    """qkv [T, (H + 2 Hkv) * D] -> rotated q [T, H, D]; rotated k and v go to their cache slots.
+    A program takes one head of up to 16 tokens: one per (token, head) made a 4k-token prefill 170k programs."""
     num_tokens = qkv.shape[0]
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rotary_cache_kernel[(num_tokens, num_heads + num_kv_heads)](
-        qkv, positions, inv_freq, q, k_cache, v_cache, slot_mapping,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, num_warps=1)
+    block_t = 16
+    _rotary_cache_kernel[(triton.cdiv(num_tokens, block_t), num_heads + num_kv_heads)](
+        qkv, positions, inv_freq, q, k_cache, v_cache, slot_mapping, num_tokens,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4)
     return q
-
-
-@triton.jit
-def _rotate_heads_kernel(x_ptr, cos_ptr, sin_ptr, row_stride, HALF: tl.constexpr):
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    offs = tl.arange(0, HALF)
-    base = x_ptr + token * row_stride + head * 2 * HALF
-    cos = tl.load(cos_ptr + token * HALF + offs)
-    sin = tl.load(sin_ptr + token * HALF + offs)
-    x1 = tl.load(base + offs).to(tl.float32)
-    x2 = tl.load(base + HALF + offs).to(tl.float32)
-    tl.store(base + offs, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + offs, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty))
-
-
-def rotate_heads_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int) -> None:
-    """Rotate-half RoPE, in place, on the first `num_heads` heads of each row of x [T, >= num_heads * head_dim];
-    cos/sin [T, head_dim / 2] float32 (the angle of dimension i and i + head_dim / 2 is the same)."""
-    _rotate_heads_kernel[(x.shape[0], num_heads)](x, cos, sin, x.stride(0), HALF=head_dim // 2, num_warps=1)
 
 
 # -- paged decode attention -------------------------------------------------------------------------------------
@@ -250,6 +242,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2 * I] (gate then up) -> silu(gate) * up, [T, I]."""
     size = x.shape[-1] // 2
     out = torch.empty(x.shape[0], size, dtype=x.dtype, device=x.device)
-    block = 1024
-    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(size, block))](x, out, size, BLOCK=block)
+    block, warps = SILU_LAUNCH
+    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(size, block))](x, out, size, BLOCK=block, num_warps=warps)
     return out

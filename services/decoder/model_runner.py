@@ -4,6 +4,10 @@ The only module of the engine that touches torch devices; the scheduler hands it
 token per sampling chunk. On CUDA, a step where every sequence decodes one token replays a captured CUDA graph
 (cuda_graphs.py); other steps (prompt chunks) run eagerly, decode rows through the paged kernel and prompt chunks
 through SDPA.
+
+A step is launched (queued on the device) and collected (its sampled tokens read) separately, so the engine can
+queue the next decode step before it reads this one's tokens: the next step's input token of a sequence
+continued that way (a PENDING_TOKEN on the host) is taken from this step's output on the device.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import torch
 from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PrefillSpan
 from services.decoder.model import PixtralDecoder
 from services.decoder.ops import TorchOps, TritonOps
-from services.decoder.sampler import SamplingBatch, sample
+from services.decoder.sampler import SamplingBatch, sample, to_device
 from services.decoder.scheduler import ScheduledBatch, ScheduledChunk
+from services.decoder.sequence import PENDING_TOKEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,20 @@ class ImageInputs:
         """Indices [a, b) of the rows whose positions fall in [start, end)."""
         bounds = torch.searchsorted(self.positions, torch.tensor([start, end]))
         return int(bounds[0]), int(bounds[1])
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A forward pass queued on the device, with its sampling; collect() reads its tokens."""
+
+    batch: ScheduledBatch
+    sampling_chunks: list[ScheduledChunk]   # in the order of `tokens`' rows
+    tokens: torch.Tensor | None             # [rows] int64 on the device; None if no chunk samples
+    host: torch.Tensor | None = None        # their copy on the host, filled asynchronously on CUDA
+    done: torch.cuda.Event | None = None    # recorded after that copy (CUDA)
+
+    def row_of(self) -> dict[int, int]:
+        return {id(chunk.seq): row for row, chunk in enumerate(self.sampling_chunks)}
 
 
 class ModelRunner:
@@ -89,14 +108,21 @@ class ModelRunner:
             tables[i, :len(table)] = table
         return rows, tables
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queues the batch's forward pass and sampling. `previous`: the step in flight whose tokens the
+        PENDING_TOKEN inputs of this batch are."""
         if self.graphs is not None and batch.is_decode_only and self.graphs.fits(len(batch.chunks)):
-            logits = self.graphs.run(*self.decode_inputs(batch.chunks))
-            return self._sample(logits, batch.chunks, batch.chunks)
+            fill = self._pending_inputs(batch.chunks, previous)
+            logits = self.graphs.run(*self.decode_inputs(batch.chunks), fill)
+            return self._sample(logits, batch, batch.chunks)
         # Fused: decode rows first (one paged-kernel call), then prompt chunks.
         order = sorted(batch.chunks, key=lambda c: not (c.num_tokens == 1 and c.is_sampling)) \
             if self.is_fused else list(batch.chunks)
+        fill = self._pending_inputs(order, previous)
         num_decode = sum(1 for c in order if c.num_tokens == 1 and c.is_sampling) if self.is_fused else 0
         token_ids, positions, slot_mapping, prefills = [], [], [], []
         image_features, image_rows, logits_rows = [], [], []
@@ -129,6 +155,8 @@ class ModelRunner:
             from services.decoder.kernels import num_decode_splits
             meta.num_splits = num_decode_splits(num_decode, self.model.spec.num_kv_heads)
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        if fill is not None:
+            fill(ids)
         # pinned host rows: the copies overlap with the work queued before them
         features = torch.cat([f.to(self.device, non_blocking=True) for f in image_features]) \
             if image_features else None
@@ -137,19 +165,54 @@ class ModelRunner:
         # Prompt chunks that do not reach their end yet sample nothing; the last row is computed anyway.
         logits = self.model(hidden, torch.cat(positions).to(self.device), meta, self.backend, self.ops,
                             torch.tensor(logits_rows or [row - 1], device=self.device))
-        return self._sample(logits, [c for c in order if c.is_sampling], batch.chunks)
+        return self._sample(logits, batch, [c for c in order if c.is_sampling])
 
-    def _sample(self, logits: torch.Tensor, sampling_chunks: list[ScheduledChunk],
-                chunks: list[ScheduledChunk]) -> list[int | None]:
-        """`logits` has one row per chunk of `sampling_chunks`; results come back in the order of `chunks`."""
+    def _pending_inputs(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None):
+        """A function that writes the tokens of `previous` into the PENDING_TOKEN input rows of `chunks`
+        (one row per chunk before them: continued sequences decode), or None when there are none."""
+        if previous is None or previous.tokens is None:
+            return None
+        source = previous.row_of()
+        rows, sources, row = [], [], 0
+        for chunk in chunks:
+            if chunk.seq.token_ids[chunk.start] == PENDING_TOKEN:
+                rows.append(row)
+                sources.append(source[id(chunk.seq)])
+            row += chunk.num_tokens
+        if not rows:
+            return None
+        rows_on_device = to_device(torch.tensor(rows), self.device)
+        taken = previous.tokens.index_select(0, to_device(torch.tensor(sources), self.device))
+
+        def fill(input_ids: torch.Tensor) -> None:
+            input_ids.index_copy_(0, rows_on_device, taken)
+        return fill
+
+    def _sample(self, logits: torch.Tensor, batch: ScheduledBatch,
+                sampling_chunks: list[ScheduledChunk]) -> LaunchedStep:
+        """`logits` has one row per chunk of `sampling_chunks`."""
         if not sampling_chunks:
-            return [None] * len(chunks)
+            return LaunchedStep(batch, [], None)
         params = [chunk.seq.sampling for chunk in sampling_chunks]
         if all(p.is_greedy for p in params):
             chosen = logits.argmax(dim=-1)   # no parameter tensors to build and copy
         else:
             steps = [chunk.seq.num_output_tokens for chunk in sampling_chunks]
             chosen = sample(logits, SamplingBatch.build(params, steps, self.device))
-        tokens = chosen.cpu().tolist()  # .cpu() waits for the GPU without holding the GIL
-        by_seq = {id(chunk.seq): token for chunk, token in zip(sampling_chunks, tokens)}
-        return [by_seq.get(id(chunk.seq)) if chunk.is_sampling else None for chunk in chunks]
+        if self.device.type != "cuda":
+            return LaunchedStep(batch, sampling_chunks, chosen, chosen)
+        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host.copy_(chosen, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(batch, sampling_chunks, chosen, host, done)
+
+    def collect(self, step: LaunchedStep) -> list[int | None]:
+        """Waits for the step and returns one token per chunk of its batch (None for chunks not sampling)."""
+        if step.tokens is None:
+            return [None] * len(step.batch.chunks)
+        if step.done is not None:
+            step.done.synchronize()   # waits without holding the GIL
+        # by sequence: a chunk's is_sampling no longer holds once a later step has continued its sequence
+        by_seq = dict(zip((id(chunk.seq) for chunk in step.sampling_chunks), step.host.tolist()))
+        return [by_seq.get(id(chunk.seq)) for chunk in step.batch.chunks]

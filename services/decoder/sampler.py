@@ -15,6 +15,14 @@ from services.decoder.sequence import SamplingParams
 _MASK32 = 0xFFFFFFFF
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-to-device copy that does not wait for the device's queued work, as a plain copy does: the engine
+    prepares a step while the one before it runs."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingBatch:
     """Per-row parameters of one batch, as tensors on the logits' device."""
@@ -29,12 +37,14 @@ class SamplingBatch:
 
     @staticmethod
     def build(params: list[SamplingParams], steps: list[int], device: torch.device) -> SamplingBatch:
+        def tensor(values, dtype):
+            return to_device(torch.tensor(values, dtype=dtype), device)
         return SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            seed=torch.tensor([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], dtype=torch.int64, device=device),
-            step=torch.tensor(steps, dtype=torch.int64, device=device),
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.int64),
+            seed=tensor([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
+            step=tensor(steps, torch.int64),
             is_greedy=all(p.is_greedy for p in params),
             needs_filter=any(p.top_p < 1.0 or p.top_k > 0 for p in params if not p.is_greedy),
         )

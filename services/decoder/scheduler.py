@@ -5,6 +5,9 @@ decoding sequences take one token each, prompts are prefilled in chunks of what 
 long image prompt never stalls the streams that are decoding. Older sequences come first; when KV blocks run
 out, the newest running sequence is preempted (its blocks freed) and recomputed later. A sequence admitted with
 a prompt whose leading blocks are in the prefix cache (block_manager.py) starts after them.
+
+`continue_decoding` lets the engine queue the next decode step before the current one's tokens are read: each
+sequence advances by one PENDING_TOKEN that `postprocess` later replaces with the sampled token.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.decoder.block_manager import BlockManager
-from services.decoder.sequence import FinishReason, Sequence, SequenceStatus
+from services.decoder.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,8 @@ class ScheduledChunk:
 class ScheduledBatch:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # id() of the sequences a later batch continued before this one's tokens were read (continue_decoding)
+    continued: set[int] = field(default_factory=set)
 
     @property
     def num_tokens(self) -> int:
@@ -115,6 +120,35 @@ class Scheduler:
                 return False
         return True
 
+    def continue_decoding(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The next decode step of the sequences of `batch`, a decode step whose tokens are not read yet.
+
+        None when the next step needs the scheduler's full decision: prompts to prefill, sequences waiting for a
+        slot, a running sequence outside `batch`, or blocks that only preemption would free. Sequences that end
+        with this token by their length are left out; one that ends by its end-of-sequence token has computed one
+        token for nothing, which postprocess() drops.
+        """
+        if not batch.is_decode_only or (self.waiting and len(self.running) < self.config.max_num_seqs):
+            return None
+        in_batch = {id(chunk.seq) for chunk in batch.chunks}
+        if any(id(seq) not in in_batch for seq in self.running):
+            return None
+        seqs = [chunk.seq for chunk in batch.chunks
+                if not chunk.seq.is_finished and not chunk.seq.ends_by_length_at(chunk.start + 1)]
+        num_free = self.block_manager.num_free_blocks
+        needed = sum(self.block_manager.num_new_blocks(seq, 2) for seq in seqs)   # this token and the next
+        if not seqs or needed > num_free:
+            return None
+        following = ScheduledBatch()
+        for seq in seqs:
+            seq.num_computed_tokens += 1   # the step in flight writes this position's KV
+            self.block_manager.register_full_blocks(seq)
+            seq.token_ids.append(PENDING_TOKEN)
+            self.block_manager.allocate(seq, 1)
+            following.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
+            batch.continued.add(id(seq))
+        return following
+
     def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
         """Records the step's results; `sampled[i]` is the token of chunk i (None if it was not sampling).
 
@@ -123,13 +157,16 @@ class Scheduler:
         advanced = []
         for chunk, token_id in zip(batch.chunks, sampled, strict=True):
             seq = chunk.seq
-            if seq.is_finished:  # aborted while the step ran
+            if seq.is_finished:  # aborted while the step ran, or ended by the token before a continued step
                 continue
-            seq.num_computed_tokens += chunk.num_tokens
-            self.block_manager.register_full_blocks(seq)
-            if not chunk.is_sampling:
-                continue
-            reason = seq.append_token(token_id)
+            if id(seq) in batch.continued:   # counted and allocated already: write in the token
+                reason = seq.fill_pending_token(chunk.start + 1, token_id)
+            else:
+                seq.num_computed_tokens += chunk.num_tokens
+                self.block_manager.register_full_blocks(seq)
+                if not chunk.is_sampling:
+                    continue
+                reason = seq.append_token(token_id)
             if reason is not None:
                 self.finish(seq, reason)
             advanced.append(seq)

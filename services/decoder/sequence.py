@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# Stands for a token that a forward pass in flight is sampling: the next step, queued before the host reads it,
+# takes it from the device (model_runner.py), and the host writes it in once it arrives (Scheduler.postprocess).
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # queued, or preempted and waiting to be recomputed
     RUNNING = "running"    # holds KV blocks; prefilling in chunks or decoding
@@ -100,11 +105,24 @@ class Sequence:
     def append_token(self, token_id: int) -> FinishReason | None:
         """Adds a sampled token and says whether the sequence is now finished."""
         self.token_ids.append(token_id)
-        if token_id == self.eos_token_id:
+        return self.finish_reason_at(len(self.token_ids) - 1)
+
+    def fill_pending_token(self, index: int, token_id: int) -> FinishReason | None:
+        """Writes the token sampled for position `index`, a PENDING_TOKEN until now; whether it finishes."""
+        self.token_ids[index] = token_id
+        return self.finish_reason_at(index)
+
+    def finish_reason_at(self, index: int) -> FinishReason | None:
+        """Whether the sequence ends with its token at position `index`."""
+        if self.token_ids[index] == self.eos_token_id:
             return FinishReason.STOP
-        if self.num_output_tokens >= self.sampling.max_tokens or len(self.token_ids) >= self.max_model_len:
+        if self.ends_by_length_at(index):
             return FinishReason.LENGTH
         return None
+
+    def ends_by_length_at(self, index: int) -> bool:
+        """Whether a token at position `index` is the last one max_tokens and the context length allow."""
+        return index + 1 - self.num_prompt_tokens >= self.sampling.max_tokens or index + 1 >= self.max_model_len
 
     def reset_for_recompute(self) -> None:
         """After preemption its KV entries are gone: the prompt and the tokens so far are prefilled again."""

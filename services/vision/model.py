@@ -85,16 +85,17 @@ class TorchVisionOps:
 
 
 class TritonVisionOps:
-    """The same, fused into the decoder's Triton kernels (CUDA)."""
+    """The same, fused into Triton kernels (CUDA): the decoder's norm and SwiGLU kernels, and the vision RoPE."""
 
     def __init__(self) -> None:
         from services.decoder import kernels
-        self.kernels = kernels
+        from services.vision.kernels import rotate_heads_
         self.add_rms_norm = kernels.add_rms_norm
         self.silu_and_mul = kernels.silu_and_mul
+        self.rotate_heads_ = rotate_heads_
 
     def rotate_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, dim: int):
-        self.kernels.rotate_heads_(qkv, cos, sin, 2 * heads, dim)   # q and k heads, in place
+        self.rotate_heads_(qkv, cos, sin, 2 * heads, dim)   # q and k heads, in place
         q, k, v = qkv.chunk(3, dim=-1)
         return q.view(-1, heads, dim), k.view(-1, heads, dim), v.view(-1, heads, dim)
 
@@ -135,13 +136,16 @@ class VisionLayer(nn.Module):
         heads, dim = spec.num_heads, spec.head_dim
         normed, residual = ops.add_rms_norm(x, self.attention_norm, spec.rms_norm_eps, residual)
         q, k, v = ops.rotate_qk(self.qkv_proj(normed), cos, sin, heads, dim)  # [N, H, d] each
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if len(groups) > 1 else None
         for group in groups:
             rows = slice(group.start, group.start + group.count * group.num_patches)
             shape = (group.count, group.num_patches, heads, dim)
-            attended = attention(*(t[rows].view(shape).transpose(1, 2) for t in (q, k, v)))
-            out[rows] = attended.transpose(1, 2).reshape(-1, heads, dim)
-        normed, residual = ops.add_rms_norm(self.o_proj(out.view(out.shape[0], -1)), self.ffn_norm,
+            attended = attention(*(t[rows].view(shape).transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+            if out is None:   # one size in the batch: no copy into a shared output
+                out = attended.reshape(-1, heads, dim)
+            else:
+                out[rows] = attended.reshape(-1, heads, dim)
+        normed, residual = ops.add_rms_norm(self.o_proj(out.reshape(out.shape[0], -1)), self.ffn_norm,
                                             spec.rms_norm_eps, residual)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(normed))), residual
 
@@ -181,7 +185,7 @@ class VisionTower(nn.Module):
             patches.extend(embedded.flatten(2).transpose(1, 2))               # count x [gh * gw, D]
             angles.append(axial_angles(group.grid_height, group.grid_width, self.spec.head_dim,
                                        self.spec.rope_theta, embedded.device).repeat(group.count, 1))
-        x = rms_norm(torch.cat(patches), self.ln_pre, self.spec.rms_norm_eps)     # [N, D]
+        x, _ = self.ops.add_rms_norm(torch.cat(patches), self.ln_pre, self.spec.rms_norm_eps)   # [N, D]
         angles = torch.cat(angles)[:, :self.spec.head_dim // 2]                   # the second half repeats it
         cos, sin = angles.cos().contiguous(), angles.sin().contiguous()           # [N, D / 2] float32
         residual = None
