@@ -281,9 +281,11 @@ def test_a_stopped_worker_finishes_its_job_and_leaves_the_queued_ones_to_others(
 
 
 def test_workers_added_and_removed_mid_burst_lose_no_job(stack, client, workers, fingerprint):
+    # each encode stays under the pool's claim-idle time (no job is reclaimed from a live worker); 80 of them keep
+    # the first worker busy for 12 s alone, longer than a second worker takes to start on a busy machine
     slow_encode = ("--fault-encode-delay-s", "0.15", "--max-batch-images", "1")
     first = workers.start(*slow_encode)
-    images = [new_image() for _ in range(40)]
+    images = [new_image() for _ in range(80)]
     shas = {sha256_hex(image) for image in images}
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(encode_jobs.done_channel(fingerprint))
@@ -303,13 +305,18 @@ def test_workers_added_and_removed_mid_burst_lose_no_job(stack, client, workers,
     collect(3)
     second = workers.start(*slow_encode, wait=False)   # joins while the burst runs
     wait_serving(workers.addresses[second], stack.processes[second])
-    collect(len(results) + 3)
-    assert len(results) < len(images) - 10, "the burst ended before the pool changed"
+    # both workers encode before the first leaves (the second's own start can take seconds on a busy machine)
+    wait_until(lambda: sum(encodes(stack, second, sha) for sha in shas) >= 1, 30, "the added worker took no job")
+    done = sum(encodes(stack, name, sha) for sha in shas for name in (first, second))
+    assert done < len(images) - 10, "the burst ended before the pool changed"
     stack.stop_process(first, signal.SIGTERM)          # leaves mid-burst
     collect(len(images))
     assert set(results) == shas and all(result.ok for result in results.values())
     counts = [sum(encodes(stack, name, sha) for sha in shas) for name in (first, second)]
-    assert sum(counts) == 40 and min(counts) >= 1, f"jobs per worker: {counts}"
+    # Each job is encoded once, except one reclaimed from a worker that held it past --claim-idle-ms (the new
+    # worker's first job can take that long on a busy machine): the pool delivers at least once.
+    reclaimed = sum(stack.logs(name).count("reclaimed job") for name in (first, second))
+    assert len(images) <= sum(counts) <= len(images) + reclaimed and min(counts) >= 1, f"jobs per worker: {counts}"
     assert all(client.exists(cache_key(fingerprint, sha)) for sha in shas)
     assert client.xlen(encode_jobs.STREAM) == 0
     assert_nothing_left(stack, client)
