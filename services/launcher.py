@@ -8,6 +8,7 @@ child dies, the others are stopped and pixtral-serve exits non-zero.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,10 +51,35 @@ class ServeConfig:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
 
 
+_given_ports: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port for a process about to start. Taken below the kernel's ephemeral range: a port from that range
+    can be handed to some outgoing connection (to Redis, say) before the process binds it. Never the same port
+    twice in this process."""
+    low = _ephemeral_start()
+    for _ in range(1000):
+        port = random.randrange(10000, low) if low > 11000 else 0
+        if port in _given_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        _given_ports.add(port)
+        return port
+    raise OSError("no free port found")
 
 
 def is_serving(address: str, timeout_s: float = 1.0) -> bool:

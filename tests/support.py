@@ -24,13 +24,9 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from services.launcher import free_port  # noqa: F401 - the tests' ports, as the launcher picks them
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:
