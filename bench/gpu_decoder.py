@@ -31,6 +31,8 @@ from shared.tiny import pixtral_12b_config
 
 DEVICE = torch.device("cuda")
 DTYPE = torch.bfloat16
+# (engine.overlap, result-name suffix): the host reads each step's tokens before the next, then overlapped
+SCHEDULING_MODES = ((False, "_read_each_step"), (True, ""))
 
 
 def hf_model(config):
@@ -140,7 +142,7 @@ def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
     run_until(engine, lambda: seq.num_output_tokens >= 16)
     results["greedy_1024"] = seq.output_token_ids[:16]
     steps = 128
-    for overlap, name in ((False, "_read_each_step"), (True, "")):   # host work between steps, then overlapped
+    for overlap, name in SCHEDULING_MODES:
         engine.overlap = overlap
         engine.step()
         sync()
@@ -160,7 +162,7 @@ def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
         run_until(engine, lambda: all(s.num_output_tokens >= 1 for s in seqs))
         results[f"prefill_{batch}x{len(prompts_512[0][0])}_s"] = time.perf_counter() - started
         steps = 64
-        for overlap, name in ((False, "_read_each_step"), (True, "")):
+        for overlap, name in SCHEDULING_MODES:
             engine.overlap = overlap
             engine.step()
             sync()
@@ -179,7 +181,7 @@ def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
         engine.add(s, lambda output: None)
     run_until(engine, lambda: all(s.is_finished for s in seqs))
     results[f"prefill_32x{len(prompts_512[0][0])}_again_s"] = time.perf_counter() - started
-    for overlap, name in ((False, "_read_each_step"), (True, "")):
+    for overlap, name in SCHEDULING_MODES:
         engine.overlap = overlap
         seqs = [sequence(500 + i + 100 * overlap, prompts_512[i], 128, features) for i in range(32)]
         sync()

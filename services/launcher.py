@@ -68,17 +68,15 @@ def free_port() -> int:
     twice in this process."""
     low = _ephemeral_start()
     for _ in range(1000):
-        port = random.randrange(10000, low) if low > 11000 else 0
-        if port in _given_ports:
-            continue
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("127.0.0.1", random.randrange(10000, low) if low > 11000 else 0))
             except OSError:
                 continue
             port = sock.getsockname()[1]
-        _given_ports.add(port)
-        return port
+        if port not in _given_ports:   # checked after the bind: port 0 picks one of the kernel's own
+            _given_ports.add(port)
+            return port
     raise OSError("no free port found")
 
 

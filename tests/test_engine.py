@@ -74,11 +74,14 @@ def run_alone(model, seq: Sequence) -> list[int]:
     return collector.tokens(seq.request_id)
 
 
-def fail_forward_passes(engine: Engine, monkeypatch) -> None:
-    """Every forward pass of `engine` raises until the test restores its runner."""
+def fail_forward_passes(engine: Engine, monkeypatch):
+    """Every forward pass of `engine` raises until the returned function restores its runner."""
+    original = engine.runner.launch
+
     def fail(batch, previous=None):
         raise RuntimeError("injected")
     monkeypatch.setattr(engine.runner, "launch", fail)
+    return lambda: monkeypatch.setattr(engine.runner, "launch", original)
 
 
 SAMPLINGS = [SamplingParams(9), SamplingParams(7, temperature=0.9, seed=5),
@@ -201,12 +204,11 @@ def test_a_failing_forward_pass_ends_its_streams_with_error_and_the_engine_goes_
     collector = Collector()
     a = make_request(50, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)
-    original = engine.runner.launch
-    fail_forward_passes(engine, monkeypatch)
+    restore = fail_forward_passes(engine, monkeypatch)
     engine.step()
     assert collector.finish_reason(a.request_id) is FinishReason.ERROR
     assert "RuntimeError" in collector.outputs[a.request_id][-1].error
-    monkeypatch.setattr(engine.runner, "launch", original)
+    restore()
     b = make_request(51, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(b, collector.sink)
     while not b.is_finished:
@@ -222,12 +224,11 @@ def test_a_failed_forward_pass_makes_the_engine_unhealthy_until_its_probe_runs(m
     collector = Collector()
     a = make_request(52, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)
-    original = engine.runner.launch
-    fail_forward_passes(engine, monkeypatch)
+    restore = fail_forward_passes(engine, monkeypatch)
     engine.step()
     assert health == [False] and not engine.is_healthy
     assert engine.stats().num_waiting == 1   # the engine's own one-token probe
-    monkeypatch.setattr(engine.runner, "launch", original)
+    restore()
     engine.step()
     assert health == [False, True] and engine.is_healthy
     stats = engine.stats()
@@ -288,11 +289,10 @@ def test_a_launch_failing_while_a_step_is_in_flight_ends_both_and_leaves_the_eng
     engine.add(a, collector.sink)
     while engine.stats().num_overlapped_steps < 2:
         engine.step()
-    original = engine.runner.launch
-    fail_forward_passes(engine, monkeypatch)
+    restore = fail_forward_passes(engine, monkeypatch)
     engine.step()                      # the next step fails to launch; the one in flight is dropped with it
     assert collector.finish_reason(a.request_id) is FinishReason.ERROR and health == [False]
-    monkeypatch.setattr(engine.runner, "launch", original)
+    restore()
     engine.step()                      # the probe runs: healthy only once a new forward pass has worked
     assert health == [False]
     engine.step()

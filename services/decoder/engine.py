@@ -198,9 +198,10 @@ class Engine:
             batch = self.scheduler.continue_decoding(previous.batch)
         if batch is None:
             if previous is not None:   # read it first: the scheduler decides on what it sampled
-                self._in_flight, step, previous = None, previous, None
-                if not self._read(step):
+                self._in_flight = None
+                if not self._read(previous):
                     return
+                previous = None
             batch = self.scheduler.schedule()
             if not batch:
                 return
@@ -210,13 +211,13 @@ class Engine:
             self._in_flight = None   # a step launched before the failure proves nothing about the device
             self._fail([batch] if previous is None else [previous.batch, batch], error)
             return
+        if not self.overlap:   # nothing is ever continued: read the step at once
+            self._read(launched)
+            return
         self._in_flight = launched
         if previous is not None:
             self._counters["num_overlapped_steps"] += 1
             self._read(previous)
-        elif not self.overlap:
-            self._in_flight = None
-            self._read(launched)
 
     def _read(self, step: LaunchedStep) -> bool:
         """Reads a launched step's tokens and emits them; False if the step failed."""

@@ -135,9 +135,8 @@ class Scheduler:
             return None
         seqs = [chunk.seq for chunk in batch.chunks
                 if not chunk.seq.is_finished and not chunk.seq.ends_by_length_at(chunk.start + 1)]
-        num_free = self.block_manager.num_free_blocks
         needed = sum(self.block_manager.num_new_blocks(seq, 2) for seq in seqs)   # this token and the next
-        if not seqs or needed > num_free:
+        if not seqs or needed > self.block_manager.num_free_blocks:
             return None
         following = ScheduledBatch()
         for seq in seqs:
