@@ -15,6 +15,7 @@ import grpc
 
 from shared.auth import EXEMPT_PREFIX as HEALTH_PREFIX
 from shared.errors import Unavailable
+from shared.streams import write_all
 
 _HANDLER_KINDS = {
     (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
@@ -35,9 +36,10 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call is in flight, False if some still are after `timeout_s`."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -55,8 +57,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             async def counted_stream(request_or_iterator, context):
                 self._enter()
                 try:
-                    async for response in behaviour(request_or_iterator, context):
-                        yield response
+                    await write_all(behaviour(request_or_iterator, context), context)
                 finally:
                     self._leave()
             return _with_behaviour(handler, counted_stream)

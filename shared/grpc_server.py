@@ -21,6 +21,7 @@ from shared.drain import DrainInterceptor
 from shared.errors import ServiceError
 from shared.logs import request_id_var
 from shared.metrics import GRPC_REQUESTS
+from shared.streams import write_all
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError, rpc
 def map_errors(method: Callable) -> Callable:
     """Turns ServiceError into the matching gRPC status; anything else becomes INTERNAL without details.
 
-    Works for unary methods and for server-streaming methods written as async generators. Each call ends with
-    one log line (method, status, seconds), carrying the request id the method put in the log context.
+    Works for unary methods and for server-streaming methods written as async generators (served as coroutines
+    that write each message: shared/streams.py says why). Each call ends with one log line (method, status,
+    seconds), carrying the request id the method put in the log context.
     """
     name = method.__qualname__
     rpc = name.split(".")[-1]
@@ -78,8 +80,7 @@ def map_errors(method: Callable) -> Callable:
         async def stream(self, request, context):
             started = time.monotonic()
             try:
-                async for item in method(self, request, context):
-                    yield item
+                await write_all(method(self, request, context), context)
                 finished("OK", started)
             except asyncio.CancelledError:
                 finished("CANCELLED", started)

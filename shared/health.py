@@ -34,7 +34,8 @@ async def watch_redis(client: aioredis.Redis, set_serving: Callable[[bool], Awai
     current = None
     while True:
         try:
-            is_up = bool(await asyncio.wait_for(client.ping(), timeout=interval_s))
+            async with asyncio.timeout(interval_s):  # not wait_for: it may lose a cancel on Python 3.11
+                is_up = bool(await client.ping())
         except Exception:  # noqa: BLE001 - any failure means not serving
             is_up = False
         if is_up != current:

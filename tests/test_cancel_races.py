@@ -83,9 +83,11 @@ def test_hundreds_of_generate_cancel_races_lose_nothing(observed_stack):
         last = responses[-1]
         assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert last.usage.completion_tokens == WITNESS_TOKENS == sum(len(r.token_ids) for r in responses)
-    # Every cancelled stream's KV memory is back at once, nothing keeps running or waiting.
+    # Every cancelled stream's KV memory is back at once, nothing keeps running or waiting. (A client's cancel
+    # returns before the servers have seen it: the last ones may still be on their way.)
     wait_decoder_idle(observed_stack, 3)
-    assert metric_value(observed_stack.metrics("gateway"), "pixtral_gateway_chats_in_flight") == 0
+    wait_until(lambda: metric_value(observed_stack.metrics("gateway"), "pixtral_gateway_chats_in_flight") == 0, 3,
+               "the gateway still counts chats in flight")
     # And it goes on serving.
     request = chat_request([("user", ["Still there?", image_bytes(noise_image(32, 32, seed=2000))])], max_tokens=5)
     with grpc.insecure_channel(observed_stack.gateway) as channel:

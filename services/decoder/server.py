@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from services.decoder.service import DecoderService, GenerateRequest, ImageRef
 from services.decoder.sequence import FinishReason
@@ -41,6 +43,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         request_id_var.set(request.request_id)
         if self.service is None:
             raise Unavailable("decoder is loading its model")
-        async for output in self.service.generate(request_from_pb(request)):
-            yield decoder_pb2.GenerateResponse(token_ids=output.token_ids,
-                                               finish_reason=FINISH_REASONS[output.finish_reason])
+        async with aclosing(self.service.generate(request_from_pb(request))) as outputs:
+            async for output in outputs:   # closed on the way out: that aborts the sequence at once
+                yield decoder_pb2.GenerateResponse(token_ids=output.token_ids,
+                                                   finish_reason=FINISH_REASONS[output.finish_reason])

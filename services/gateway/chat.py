@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from services.gateway import metrics
@@ -157,8 +158,11 @@ class ChatService:
         """Streams text deltas; the last delta carries finish_reason and usage."""
         metrics.IN_FLIGHT.inc()
         try:
-            async for delta in self._chat(chat, timeout_s):
-                yield delta
+            # Each stream read here is closed on the way out (aclosing), not when it is garbage-collected: the
+            # innermost one holds the call to the decoder, whose slot must be freed when our caller goes away.
+            async with aclosing(self._chat(chat, timeout_s)) as deltas:
+                async for delta in deltas:
+                    yield delta
         finally:
             metrics.IN_FLIGHT.dec()
 
@@ -184,26 +188,27 @@ class ChatService:
             ensured = EnsureResult(ensured.num_cached - again.num_encoded, ensured.num_encoded + again.num_encoded)
 
         try:
-            async for output in self._decode(request, prompt, give_up, count_reencoded):
-                now = time.monotonic()
-                if output.token_ids:
-                    if last_token_at is None:
-                        metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
-                    else:
-                        metrics.TIME_PER_OUTPUT_TOKEN.observe((now - last_token_at) / len(output.token_ids))
-                    last_token_at = now
-                    metrics.GENERATED_TOKENS.inc(len(output.token_ids))
-                num_completion += len(output.token_ids)
-                text, is_stopped = stops.feed(detokenizer.add(output.token_ids))
-                if is_stopped:
-                    finish_reason = "stop"
-                elif output.finish_reason is not None:
-                    finish_reason = output.finish_reason
-                    text += stops.feed(detokenizer.flush())[0] + stops.flush()
-                if text or output.token_ids:
-                    yield ChatDelta(text, output.token_ids)
-                if finish_reason is not None:
-                    break  # leaving the decoder stream cancels it, which frees its slot at once
+            async with aclosing(self._decode(request, prompt, give_up, count_reencoded)) as outputs:
+                async for output in outputs:
+                    now = time.monotonic()
+                    if output.token_ids:
+                        if last_token_at is None:
+                            metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
+                        else:
+                            metrics.TIME_PER_OUTPUT_TOKEN.observe((now - last_token_at) / len(output.token_ids))
+                        last_token_at = now
+                        metrics.GENERATED_TOKENS.inc(len(output.token_ids))
+                    num_completion += len(output.token_ids)
+                    text, is_stopped = stops.feed(detokenizer.add(output.token_ids))
+                    if is_stopped:
+                        finish_reason = "stop"
+                    elif output.finish_reason is not None:
+                        finish_reason = output.finish_reason
+                        text += stops.feed(detokenizer.flush())[0] + stops.flush()
+                    if text or output.token_ids:
+                        yield ChatDelta(text, output.token_ids)
+                    if finish_reason is not None:
+                        break  # leaving the decoder stream cancels it, which frees its slot at once
         except ServiceError:
             if num_completion:
                 yield ChatDelta("", [], "error", self._usage(prompt, num_completion, ensured))
@@ -225,8 +230,9 @@ class ChatService:
         for attempt in range(2):
             timeout = None if give_up is None else max(0.0, give_up - time.monotonic())
             try:
-                async for output in self.decoders.generate(request, timeout):
-                    yield output
+                async with aclosing(self.decoders.generate(request, timeout)) as outputs:
+                    async for output in outputs:
+                        yield output
                 return
             except ImageNotCached as error:
                 if attempt or not error.sha256:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from contextlib import aclosing
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat import ChatDelta, ChatService, StoredImage
@@ -87,12 +88,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request_id_var.set(chat.request_id)
         service = self._ready()
         is_first = True
-        async for delta in service.chat(chat, context.time_remaining()):
-            response = delta_to_pb(delta, chat.request_id)
-            if is_first:
-                response.request_id = chat.request_id
-                is_first = False
-            yield response
+        async with aclosing(service.chat(chat, context.time_remaining())) as deltas:
+            async for delta in deltas:
+                response = delta_to_pb(delta, chat.request_id)
+                if is_first:
+                    response.request_id = chat.request_id
+                    is_first = False
+                yield response
 
     @map_errors
     async def Tokenize(self, request, context):

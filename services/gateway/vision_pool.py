@@ -121,9 +121,12 @@ class VisionPool:
         if missing:
             started = time.monotonic()
             try:
-                results = await asyncio.wait_for(asyncio.gather(
-                    *(self._encode(image, request_id) for image in missing.values())), timeout=timeout_s)
-            except asyncio.TimeoutError:
+                # Not asyncio.wait_for: on Python 3.11 it returns the result, and loses the cancellation, when the
+                # caller is cancelled as the encode ends; the cancelled call would go on to the decoder.
+                async with asyncio.timeout(timeout_s):
+                    results = await asyncio.gather(
+                        *(self._encode(image, request_id) for image in missing.values()))
+            except TimeoutError:
                 raise DeadlineExceeded(f"images: not encoded within {timeout_s:.1f} s") from None
             metrics.ENCODE_WAIT.observe(time.monotonic() - started)
             for image, result in zip(missing.values(), results):
