@@ -23,7 +23,7 @@ from bench.common import gpu_name, image_prompt, save, sync, timed
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
 from services.decoder.factory import GIB, build_engine_for
-from services.decoder.model import TextModelSpec, decoder_from_tensors
+from services.decoder.model import PixtralDecoder, TextModelSpec, decoder_from_tensors
 from services.decoder.model_runner import ImageInputs
 from services.decoder.sequence import SamplingParams, Sequence
 from shared import checkpoint
@@ -79,7 +79,7 @@ def hf_anchors(model, prompt_1024, prompts_512) -> dict:
     return results
 
 
-def convert(model) -> "PixtralDecoder":  # noqa: F821
+def convert(model) -> PixtralDecoder:
     """Our decoder with the transformers model's weights (q/k/v and gate/up concatenated: a copy)."""
     state = model.state_dict()
     text = {new: state[k] for k in state if (new := checkpoint.part_renamer("language_model")(k))}

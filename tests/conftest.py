@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, RedisServer, Stack, child_env
+from tests.support import EMBEDDING_TTL_S, ROOT, RedisServer, Stack, child_env
 
 
 def make_tiny_checkpoint(directory: Path, seed: int = 0, shards: int = 1) -> Path:
@@ -40,8 +40,11 @@ def module_redis():
 
 @pytest.fixture(scope="session")
 def stack(tiny_model, redis_server, tmp_path_factory):
-    """One decoder, one vision worker, one gateway: shared by the tests that do not change the stack."""
-    running = Stack(tiny_model, redis_server.url, tmp_path_factory.mktemp("stack")).start()
+    """One decoder, one vision worker, one gateway: shared by the tests that do not change the stack. Embeddings
+    expire as deployed: written with a TTL, renewed by the gateway when a request uses one."""
+    ttl = ("--embedding-ttl-s", str(EMBEDDING_TTL_S))
+    running = Stack(tiny_model, redis_server.url, tmp_path_factory.mktemp("stack"), vision_args=ttl,
+                    gateway_args=ttl).start()
     yield running
     running.stop()
 

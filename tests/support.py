@@ -27,6 +27,8 @@ from PIL import Image
 from services.launcher import free_port  # noqa: F401 - the tests' ports, as the launcher picks them
 
 ROOT = Path(__file__).resolve().parent.parent
+# Embedding expiry of the shared stack (conftest.py), as deployed: written by the vision worker, renewed on use.
+EMBEDDING_TTL_S = 3600
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -682,6 +682,10 @@ def test_redis_evicts_only_keys_with_an_expiry_and_embeddings_have_one(path):
     assert overlay.config("vision").embedding_ttl_s > 0
 
 
+def test_the_gateway_renews_embeddings_with_the_expiry_the_vision_workers_give_them(overlay):
+    assert overlay.config("gateway").embedding_ttl_s == overlay.config("vision").embedding_ttl_s > 0
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,9 +9,11 @@ import pytest
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from shared import encode_jobs
+from shared.checkpoint import vision_fingerprint
+from shared.embedding_cache import cache_key
 from shared.images import sha256_hex
 from tests.reference import assert_greedy_equal, chat_request, reference_generate
-from tests.support import RedisServer, Stack, image_bytes, noise_image
+from tests.support import EMBEDDING_TTL_S, RedisServer, Stack, image_bytes, noise_image
 
 MAX_TOKENS = 12
 
@@ -58,16 +60,22 @@ def test_second_request_and_sha256_reference_are_served_from_cache(stack, redis_
     assert (first.usage.encoded_images, first.usage.cached_images) == (1, 0)
 
     client = redis_server.client()
+    key = cache_key(vision_fingerprint(tiny_model), sha256_hex(picture))
+    assert 0 < client.ttl(key) <= EMBEDDING_TTL_S   # written with the vision worker's expiry
     jobs_before = client.xinfo_stream(encode_jobs.STREAM)["entries-added"]
+    client.expire(key, 100)
     second_ids, _, second = run_chat(stack.gateway, request)
     assert (second.usage.encoded_images, second.usage.cached_images) == (0, 1)
+    assert client.ttl(key) > 100, "using the embedding did not renew its expiry"
 
     by_ref = gateway_pb2.ChatRequest()
     by_ref.CopyFrom(request)
     by_ref.messages[0].content[1].image.Clear()
     by_ref.messages[0].content[1].image.sha256 = sha256_hex(picture)
+    client.expire(key, 100)
     ref_ids, _, third = run_chat(stack.gateway, by_ref)
     assert (third.usage.encoded_images, third.usage.cached_images) == (0, 1)
+    assert client.ttl(key) > 100, "using the embedding by its sha256 did not renew its expiry"
     assert client.xinfo_stream(encode_jobs.STREAM)["entries-added"] == jobs_before, "an encode job ran"
     assert first_ids == second_ids == ref_ids
     assert first.usage.prompt_tokens == second.usage.prompt_tokens == third.usage.prompt_tokens

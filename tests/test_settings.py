@@ -29,3 +29,6 @@ def test_invalid_values_exit_with_the_flag_named(capsys):
     with pytest.raises(SystemExit):
         load_config(DecoderConfig, [], {"PIXTRAL_PORT": "eighty"})
     assert "PIXTRAL_PORT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_config(GatewayConfig, ["--embedding-ttl-s", "-1"], {})
+    assert "--embedding-ttl-s must not be negative" in capsys.readouterr().err

@@ -42,7 +42,7 @@ async def serve(config: GatewayConfig) -> None:
     max_model_len = config.max_model_len or min(DEFAULT_CONTEXT, model_config.text_config.max_position_embeddings)
     builder = await asyncio.to_thread(PromptBuilder, config.max_image_pixels)
     client = redis_client.connect(config.redis, config.redis_timeout_s)
-    pool = VisionPool(client, fingerprint, config.lock_ttl_s)
+    pool = VisionPool(client, fingerprint, config.lock_ttl_s, embedding_ttl_s=config.embedding_ttl_s)
     await pool.start()
     decoders = DecoderPool(
         config.decoder_addresses,

@@ -26,6 +26,8 @@ class GatewayConfig:
     max_stop_strings: int = option(16, "stop strings per request at most")
     encode_timeout_s: float = option(120.0, "how long a request waits for its images to be encoded")
     lock_ttl_s: float = option(30.0, "expiry of the single-flight lock on an image being encoded")
+    embedding_ttl_s: int = option(0, "expiry a cached embedding gets again each time a request uses it (the vision "
+                                     "workers' --embedding-ttl-s, so that images in use stay); 0: left as written")
     redis_timeout_s: float = option(5.0, "time limit of one Redis command; a Redis that takes longer is unavailable")
     max_message_bytes: int = option(64 * 1024 * 1024, "largest request message gRPC accepts")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
@@ -57,6 +59,8 @@ class GatewayConfig:
             raise ValueError("image limits and --default-max-tokens must be positive")
         if self.encode_timeout_s <= 0 or self.lock_ttl_s <= 0 or self.redis_timeout_s <= 0:
             raise ValueError("--encode-timeout-s, --lock-ttl-s and --redis-timeout-s must be positive")
+        if self.embedding_ttl_s < 0:
+            raise ValueError("--embedding-ttl-s must not be negative")
         if self.image_url_timeout_s <= 0 or self.image_url_max_redirects < 0 or self.health_check_interval_s <= 0:
             raise ValueError("--image-url-timeout-s and --health-check-interval-s must be positive, "
                              "--image-url-max-redirects not negative")

@@ -4,6 +4,9 @@ Concurrent requests for one new image cause one encode: within a gateway process
 gateways the first to take the image's lock (SET NX with an expiry) enqueues the job, the others wait for the
 result on the pub/sub channel (with a slow poll of the cache in case a message is missed). If the lock expires
 without a result (its holder died), the next waiter takes it and enqueues again.
+
+With `embedding_ttl_s`, every look at a cached embedding (a request using it) gives it that expiry again: an image
+in use stays cached, one nobody asks for expires that long after its last use.
 """
 
 from __future__ import annotations
@@ -41,11 +44,13 @@ class _Flight:
 
 
 class VisionPool:
-    def __init__(self, client: aioredis.Redis, fingerprint: str, lock_ttl_s: float, poll_s: float = 0.5) -> None:
+    def __init__(self, client: aioredis.Redis, fingerprint: str, lock_ttl_s: float, poll_s: float = 0.5,
+                 embedding_ttl_s: int = 0) -> None:
         self.client = client
         self.fingerprint = fingerprint
         self.lock_ttl_s = lock_ttl_s
         self.poll_s = poll_s
+        self.embedding_ttl_s = embedding_ttl_s
         self._flights: dict[str, _Flight] = {}
         self._listener: asyncio.Task | None = None
 
@@ -82,7 +87,10 @@ class VisionPool:
         key = cache_key(self.fingerprint, sha)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                prefix, length = await pipe.getrange(key, 0, HEADER_BYTES - 1).strlen(key).execute()
+                pipe.getrange(key, 0, HEADER_BYTES - 1).strlen(key)
+                if self.embedding_ttl_s:
+                    pipe.expire(key, self.embedding_ttl_s)   # no-op on a missing key
+                prefix, length, *_ = await pipe.execute()
         except redis.exceptions.RedisError as error:
             raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
         if not prefix:

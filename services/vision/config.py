@@ -25,7 +25,8 @@ class VisionConfig:
     consumer_expiry_s: int = option(3600, "a consumer of the group idle this long, holding no job, belongs to a "
                                           "worker that is gone and is removed; 0: never")
     max_image_pixels: int = option(50_000_000, "pixels an image may have (checked from its header)")
-    embedding_ttl_s: int = option(0, "expiry of cached embeddings; 0: none (rely on Redis eviction)")
+    embedding_ttl_s: int = option(0, "expiry of cached embeddings (the gateway's --embedding-ttl-s renews it on "
+                                     "each use); 0: none (rely on Redis eviction)")
     redis_timeout_s: float = option(5.0, "time limit of one Redis command (a blocking read: --read-block-ms more)")
     drain_grace_s: float = option(30.0, "on SIGTERM, seconds the job in hand may take to finish")
     metrics_port: int = option(9102, "port of the Prometheus /metrics endpoint; 0: none")
