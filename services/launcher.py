@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 import grpc
 import redis
@@ -97,16 +99,25 @@ def redis_answers(url: str) -> bool:
 
 
 class Launcher:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, log_dir: Path | None = None) -> None:
+        """`log_dir`: each child writes its output to `<name>.log` there (gateway.log, decoder0.log, ...) rather
+        than to ours."""
         self.config = config
+        self.log_dir = log_dir
         self.children: list[tuple[str, subprocess.Popen]] = []
         self._redis_dir: str | None = None
+        self._logs: list[IO[bytes]] = []
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         env = None
         if self.config.auth_token:  # through the environment: argv is visible to every user of the machine
             env = {**os.environ, env_name("auth_token"): self.config.auth_token}
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
+        output = None
+        if self.log_dir is not None:
+            output = open(self.log_dir / f"{name.replace(' ', '')}.log", "wb")
+            self._logs.append(output)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, stdout=output,
+                                   stderr=None if output is None else subprocess.STDOUT)
         self.children.append((name, process))
         return process
 
@@ -186,6 +197,8 @@ class Launcher:
                 process.wait()
         if self._redis_dir:
             shutil.rmtree(self._redis_dir, ignore_errors=True)
+        for output in self._logs:
+            output.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,3 +83,11 @@ def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
         return encoder(ImageChunk(image=image)).image
     except Exception as error:  # noqa: BLE001 - a mode the reference cannot convert
         raise InvalidImage(f"image cannot be converted to RGB ({type(error).__name__})") from None
+
+
+def warm_up_preprocessing() -> None:
+    """Loads what preprocess() uses before the first job: mistral-common's image encoder comes with the whole
+    tokenizer, about a second to load, which the first images of a worker would otherwise wait for."""
+    data = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(data, "PNG")
+    preprocess(data.getvalue(), max_pixels=32 * 32)

@@ -16,6 +16,7 @@ from services.vision.worker import VisionWorker
 from shared import checkpoint, redis_client, tls
 from shared.grpc_server import GrpcServer, install_stop_signals
 from shared.health import watch_redis
+from shared.images import warm_up_preprocessing
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.tiny import resolve_model
@@ -39,6 +40,7 @@ async def serve(config: VisionConfig) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype)
     await asyncio.to_thread(encoder.warm_up)
+    await asyncio.to_thread(warm_up_preprocessing)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     client = redis_client.connect(config.redis, config.redis_timeout_s, blocking_s=config.read_block_ms / 1000)
     if config.fault_encode_delay_s or config.fault_encode_fail_sha256:
