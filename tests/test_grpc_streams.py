@@ -65,7 +65,7 @@ def test_a_stream_cancelled_between_messages_is_closed_before_the_call_is_over(c
             await call.read()
             await asyncio.sleep(0.2)   # the server is now blocked writing: the client reads no more
             call.cancel()
-            for _ in range(100):
+            for _ in range(500):   # until this call is over (10 s at most), so that the events do not interleave
                 if "call over" in streams.events[-1:]:
                     break
                 await asyncio.sleep(0.02)
