@@ -207,10 +207,8 @@ class ChatService:
                         text += stops.feed(detokenizer.flush())[0] + stops.flush()
                     if text or output.token_ids:
                         yield ChatDelta(text, output.token_ids)
-                    if is_stopped:
-                        # Leaving the decoder stream cancels it, which frees its slot at once. A stream the decoder
-                        # ended itself is read to its status instead: cancelled there, it would race that status.
-                        break
+                    if finish_reason is not None:
+                        break  # leaving the decoder stream cancels it, which frees its slot at once
         except ServiceError:
             if num_completion:
                 yield ChatDelta("", [], "error", self._usage(prompt, num_completion, ensured))

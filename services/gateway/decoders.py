@@ -4,6 +4,7 @@ mapping, TLS and the bearer token of the internal hop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -24,7 +25,8 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
                     # A restarted decoder is found again within seconds, not after gRPC's default 2-minute backoff.
                     ("grpc.initial_reconnect_backoff_ms", 500),
                     ("grpc.max_reconnect_backoff_ms", 5000)]
-
+# How long a stream's status may take after the decoder's last message before the call is let go anyway.
+STATUS_WAIT_S = 1.0
 
 FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -218,7 +220,16 @@ class DecoderPool:
                     if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
                         break
                     has_output = True
-                    yield DecodeOutput(list(response.token_ids), FINISH_REASONS.get(response.finish_reason))
+                    output = DecodeOutput(list(response.token_ids), FINISH_REASONS.get(response.finish_reason))
+                    if output.finish_reason is not None:
+                        # The decoder's last message: its status follows at once. Wait for it (briefly) before
+                        # the caller may leave, as leaving cancels the call and the cancel would race that status.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(STATUS_WAIT_S):
+                                await call.code()
+                        yield output
+                        return
+                    yield output
                 else:
                     return
                 last_error = Unavailable("decoder failed during generation")

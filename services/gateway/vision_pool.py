@@ -175,6 +175,13 @@ class VisionPool:
                     future.set_result(result)
                     break
                 if await self.client.set(lock, request_id, nx=True, px=int(self.lock_ttl_s * 1000)):
+                    # The lock may be free because an encode has just ended (a worker writes the embedding, then
+                    # frees the lock): look again, or that encode's image would be enqueued a second time.
+                    result = await self._outcome(sha)
+                    if result is not None:
+                        await self.client.delete(lock)
+                        future.set_result(result)
+                        break
                     job = EncodeJob(sha, self.fingerprint, image.data, request_id)
                     await self.client.xadd(encode_jobs.STREAM, job.to_fields())
                 await self._wait(sha, future)

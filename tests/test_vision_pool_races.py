@@ -1,0 +1,93 @@
+"""The gateway's vision pool where two things happen at once, each at the exact moment that matters:
+
+- a cancel that reaches `VisionPool.ensure` as the encode it waits for ends: the call ends cancelled, rather than
+  returning as if nobody had cancelled it and going on to the decoder (reliability case 20). The cache lookup and
+  the encode are replaced by ones that answer at once, so that every point of the wait can be hit in turn;
+- an encode that ends between a gateway's look at the cache and its taking of the image's lock (a worker writes the
+  embedding, then frees the lock): the gateway finds the embedding, enqueues no second job and frees the lock. On a
+  real Redis, the worker's side played by the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+import torch
+
+from services.gateway.prompt import PromptImage
+from services.gateway.vision_pool import VisionPool
+from shared import encode_jobs
+from shared.embedding_cache import cache_key, encode_entry
+from shared.encode_jobs import EncodeResult
+
+
+class InstantPool(VisionPool):
+    """Every image is missing from the cache, and its encode succeeds as soon as it is asked for."""
+
+    async def probe(self, sha: str):
+        return None
+
+    async def _drive(self, image: PromptImage, request_id: str, flight) -> None:
+        flight.future.set_result(EncodeResult(image.sha256))
+        self._forget(image.sha256, flight)
+
+
+def images(count: int) -> list[PromptImage]:
+    return [PromptImage(f"{i:064x}", b"png", 32, 32, 2, 2, f"images[{i}]") for i in range(count)]
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_a_cancel_at_any_step_of_ensure_is_never_lost(num_images):
+    async def cancel_after(num_steps: int) -> str:
+        pool = InstantPool(client=None, fingerprint="f", lock_ttl_s=5.0)
+        task = asyncio.create_task(pool.ensure(images(num_images), "r", timeout_s=5.0))
+        for _ in range(num_steps):
+            await asyncio.sleep(0)
+        if task.done():
+            return "returned before the cancel"
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "returned after the cancel"
+
+    async def sweep() -> set[str]:
+        return {await cancel_after(num_steps) for num_steps in range(30)}
+
+    assert asyncio.run(sweep()) == {"cancelled", "returned before the cancel"}
+
+
+class EncodeEndsAfterTheFirstLook(VisionPool):
+    """The first look at the cache finds nothing; right after it, a worker finishes the encode: it writes the
+    embedding and frees the lock, as the vision worker does."""
+
+    looks = 0
+
+    async def _outcome(self, sha: str) -> EncodeResult | None:
+        result = await super()._outcome(sha)
+        self.looks += 1
+        if self.looks == 1:
+            value = encode_entry(torch.zeros(6, 8), (2, 3), self.fingerprint, sha)
+            await self.client.set(cache_key(self.fingerprint, sha), value)
+            await self.client.delete(encode_jobs.lock_key(self.fingerprint, sha))
+        return result
+
+
+def test_an_encode_ending_just_before_the_lock_is_taken_is_not_enqueued_again(module_redis):
+    async def ensure() -> tuple:
+        client = aioredis.Redis.from_url(module_redis.url)   # its own: no worker takes the jobs
+        try:
+            pool = EncodeEndsAfterTheFirstLook(client, fingerprint="f" * 16, lock_ttl_s=5.0)
+            image = PromptImage("ab" * 32, b"png", 48, 32, 2, 3, "images[0]")
+            result = await pool.ensure([image], "r", timeout_s=5.0)
+            jobs = await client.xlen(encode_jobs.STREAM)
+            lock = await client.exists(encode_jobs.lock_key(pool.fingerprint, image.sha256))
+            return result, jobs, lock
+        finally:
+            await client.aclose()
+
+    result, jobs, lock = asyncio.run(ensure())
+    assert (result.num_encoded, jobs, lock) == (1, 0, 0)
