@@ -3,9 +3,9 @@
 - a cancel that reaches `VisionPool.ensure` as the encode it waits for ends: the call ends cancelled, rather than
   returning as if nobody had cancelled it and going on to the decoder (reliability case 20). The cache lookup and
   the encode are replaced by ones that answer at once, so that every point of the wait can be hit in turn;
-- an encode that ends between a gateway's look at the cache and its taking of the image's lock (a worker writes the
-  embedding, then frees the lock): the gateway finds the embedding, enqueues no second job and frees the lock. On a
-  real Redis, the worker's side played by the test.
+- an encode that ends just before a gateway takes the image's lock (a worker writes the embedding, then frees the
+  lock): the gateway finds the embedding, enqueues no second job and frees the lock. On a real Redis, the worker's
+  side played by the test.
 """
 
 from __future__ import annotations
@@ -60,27 +60,27 @@ def test_a_cancel_at_any_step_of_ensure_is_never_lost(num_images):
     assert asyncio.run(sweep()) == {"cancelled", "returned before the cancel"}
 
 
-class EncodeEndsAfterTheFirstLook(VisionPool):
-    """The first look at the cache finds nothing; right after it, a worker finishes the encode: it writes the
+class EncodeEndsBeforeTheLockIsTaken(VisionPool):
+    """Just before this gateway first takes the image's lock, a worker finishes the image's encode: it writes the
     embedding and frees the lock, as the vision worker does."""
 
-    looks = 0
+    attempts = 0
 
-    async def _outcome(self, sha: str) -> EncodeResult | None:
-        result = await super()._outcome(sha)
-        self.looks += 1
-        if self.looks == 1:
+    async def _take_lock(self, lock: str, request_id: str) -> bool:
+        self.attempts += 1
+        if self.attempts == 1:
+            sha = lock.rsplit(":", 1)[-1]
             value = encode_entry(torch.zeros(6, 8), (2, 3), self.fingerprint, sha)
             await self.client.set(cache_key(self.fingerprint, sha), value)
-            await self.client.delete(encode_jobs.lock_key(self.fingerprint, sha))
-        return result
+            await self.client.delete(lock)
+        return await super()._take_lock(lock, request_id)
 
 
 def test_an_encode_ending_just_before_the_lock_is_taken_is_not_enqueued_again(module_redis):
     async def ensure() -> tuple:
         client = aioredis.Redis.from_url(module_redis.url)   # its own: no worker takes the jobs
         try:
-            pool = EncodeEndsAfterTheFirstLook(client, fingerprint="f" * 16, lock_ttl_s=5.0)
+            pool = EncodeEndsBeforeTheLockIsTaken(client, fingerprint="f" * 16, lock_ttl_s=5.0)
             image = PromptImage("ab" * 32, b"png", 48, 32, 2, 3, "images[0]")
             result = await pool.ensure([image], "r", timeout_s=5.0)
             jobs = await client.xlen(encode_jobs.STREAM)

@@ -108,9 +108,6 @@ class ModelRunner:
             tables[i, :len(table)] = table
         return rows, tables
 
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        return self.collect(self.launch(batch))
-
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queues the batch's forward pass and sampling. `previous`: the step in flight whose tokens the

@@ -170,18 +170,16 @@ class VisionPool:
         lock = encode_jobs.lock_key(self.fingerprint, sha)
         try:
             while not future.done():
+                # The lock first, then the look at the cache: a worker writes the embedding before it frees the
+                # lock, so an encode that ends before we take the lock is seen here and not enqueued again.
+                has_lock = await self._take_lock(lock, request_id)
                 result = await self._outcome(sha)
                 if result is not None:
+                    if has_lock:
+                        await self.client.delete(lock)
                     future.set_result(result)
                     break
-                if await self.client.set(lock, request_id, nx=True, px=int(self.lock_ttl_s * 1000)):
-                    # The lock may be free because an encode has just ended (a worker writes the embedding, then
-                    # frees the lock): look again, or that encode's image would be enqueued a second time.
-                    result = await self._outcome(sha)
-                    if result is not None:
-                        await self.client.delete(lock)
-                        future.set_result(result)
-                        break
+                if has_lock:
                     job = EncodeJob(sha, self.fingerprint, image.data, request_id)
                     await self.client.xadd(encode_jobs.STREAM, job.to_fields())
                 await self._wait(sha, future)
@@ -194,6 +192,9 @@ class VisionPool:
                 future.set_exception(error)
         finally:
             self._forget(sha, flight)
+
+    async def _take_lock(self, lock: str, request_id: str) -> bool:
+        return bool(await self.client.set(lock, request_id, nx=True, px=int(self.lock_ttl_s * 1000)))
 
     async def _outcome(self, sha: str) -> EncodeResult | None:
         """The image's result if there is one yet: a valid cached embedding, or a recent failure."""
