@@ -161,11 +161,13 @@ def main() -> None:
     parser.add_argument("--async-scheduling", choices=("on", "off"), default="on",
                         help="the decoders' overlap of host and device work (CUDA)")
     parser.add_argument("--name", default="e2e")
+    parser.add_argument("--log-dir", default="", help="where the roles' logs go (default: a new temporary folder)")
     args = parser.parse_args()
     os.environ["PIXTRAL_ENABLE_PREFIX_CACHING"] = "true" if args.prefix_caching == "on" else "false"
     os.environ["PIXTRAL_ASYNC_SCHEDULING"] = "true" if args.async_scheduling == "on" else "false"
     model = str(random_12b_dir()) if args.model == "random-12b" else args.model
-    log_dir = Path(tempfile.mkdtemp(prefix="pixtral-e2e-logs-"))
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pixtral-e2e-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     launcher = Launcher(ServeConfig(model=model, device=args.device, vision_workers=args.vision_workers,
                                     decoders=args.decoders, port=free_port()), log_dir=log_dir)
     try:

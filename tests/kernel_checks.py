@@ -220,6 +220,29 @@ def check_prefill_chunk_attention_matches_a_mask() -> None:
         assert out is not None and relative_error(out, ref) < 2e-2, (query_len, relative_error(out, ref))
 
 
+def check_image_row_staging_keeps_rows_in_flight() -> None:
+    """CUDA only: image rows staged for the device arrive intact while the device is still busy with earlier work,
+    and a buffer is not refilled before the copy out of it has run."""
+    from services.decoder.model_runner import ImageRowStaging
+    if DEVICE.type != "cuda":
+        raise NotApplicable("needs CUDA")
+    staging = ImageRowStaging(64, 32, torch.bfloat16)
+    busy = torch.randn(4096, 4096, device=DEVICE)
+    sent, arrived = [], []
+    for step in range(6):
+        for _ in range(20):   # device work queued ahead of the copy, so the copy runs well after the call returns
+            busy = busy @ busy / 64
+        parts = [torch.randn(n, 32).to(torch.bfloat16) for n in ((5, 17), (64,), (1, 2, 3))[step % 3]]
+        sent.append(torch.cat(parts))
+        arrived.append(staging.to_device(parts, DEVICE))
+    too_many = [torch.randn(65, 32).to(torch.bfloat16)]   # more rows than the buffers hold: copied directly
+    sent.append(too_many[0])
+    arrived.append(staging.to_device(too_many, DEVICE))
+    torch.cuda.synchronize()
+    for expected, got in zip(sent, arrived):
+        assert torch.equal(got.cpu(), expected)
+
+
 def check_fused_vision_tower_matches_reference() -> None:
     from services.vision.model import VisionSpec, VisionTower
     spec = VisionSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=16,
@@ -241,7 +264,8 @@ def check_fused_vision_tower_matches_reference() -> None:
 
 CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul,
           check_fused_engine_matches_reference_engine, check_cuda_graph_decode_matches_eager,
-          check_rotate_heads, check_fused_vision_tower_matches_reference, check_prefill_chunk_attention_matches_a_mask]
+          check_rotate_heads, check_fused_vision_tower_matches_reference, check_prefill_chunk_attention_matches_a_mask,
+          check_image_row_staging_keeps_rows_in_flight]
 
 
 class NotApplicable(Exception):

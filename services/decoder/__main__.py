@@ -50,8 +50,7 @@ async def serve(config: DecoderConfig) -> None:
     serve_metrics(config.metrics_port)
     client = redis_client.connect(config.redis, config.redis_timeout_s)
     features = FeatureStore(client, loaded.fingerprint, loaded.spec.vision_hidden_size,
-                            local_capacity_bytes=config.feature_cache_mib << 20,
-                            pin_memory=config.device == "cuda")
+                            local_capacity_bytes=config.feature_cache_mib << 20)
     servicer.service = DecoderService(loaded.engine, features, loaded.spec, loaded.max_model_len)
     watcher = asyncio.create_task(watch_redis(client, functools.partial(readiness.set, "redis")))
     await server.mark_started()

@@ -62,7 +62,8 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
              num_blocks, config.block_size, cache.num_bytes / GIB, num_blocks * config.block_size, max_model_len)
     is_cuda = device.type == "cuda"
     runner = ModelRunner(model, cache, device, config.max_num_seqs, max_model_len, use_fused_kernels=is_cuda,
-                         use_cuda_graphs=is_cuda and config.cuda_graphs)
+                         use_cuda_graphs=is_cuda and config.cuda_graphs,
+                         max_step_tokens=config.max_num_batched_tokens)
     if is_cuda:
         runner.warm_up(config.max_num_batched_tokens)
     if runner.graphs is not None:

@@ -1,9 +1,11 @@
 """Fetches a prompt's image features: from this decoder's own memory when it used the image recently, else from
 the embedding cache in Redis (async).
 
-The local copy (an LRU bounded in bytes, in pinned host memory so the engine's copy to the GPU is asynchronous)
-spares a hot image the Redis round trip and the validation: 8 MiB for a 1024x1024 image. A key names what made
-the features (model fingerprint + image hash), so a local copy never goes stale.
+The local copy (an LRU bounded in bytes) spares a hot image the Redis round trip and the validation: 8 MiB for a
+1024x1024 image. A key names what made the features (model fingerprint + image hash), so a local copy never goes
+stale. It is ordinary memory, not page-locked: allocating page-locked memory waits for the GPU's queued work, which
+here, on the event loop, held every other request for the length of a prefill step; the engine stages the rows
+through page-locked buffers of its own (model_runner.py).
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from shared.errors import ImageNotCached, Unavailable
 
 class FeatureStore:
     def __init__(self, client: aioredis.Redis, fingerprint: str, num_columns: int,
-                 local_capacity_bytes: int = 0, pin_memory: bool = False) -> None:
+                 local_capacity_bytes: int = 0) -> None:
         self.client = client
         self.fingerprint = fingerprint
         self.num_columns = num_columns
         self.local_capacity_bytes = local_capacity_bytes
-        self.pin_memory = pin_memory
         self._local: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._local_bytes = 0
         self.num_local_hits = 0
@@ -39,10 +40,6 @@ class FeatureStore:
         while self._local_bytes > self.local_capacity_bytes:
             _, evicted = self._local.popitem(last=False)
             self._local_bytes -= evicted.numel() * evicted.element_size()
-
-    def _own_copy(self, view: torch.Tensor) -> torch.Tensor:
-        copy = torch.empty(view.shape, dtype=view.dtype, pin_memory=self.pin_memory)
-        return copy.copy_(view)
 
     async def fetch(self, images: list[tuple[str, tuple[int, int]]]) -> torch.Tensor:
         """[(sha256, (grid_h, grid_w)), ...] in prompt order -> [sum of grid_h * grid_w, columns] features."""
@@ -71,7 +68,7 @@ class FeatureStore:
                 except CorruptEntry as error:
                     raise ImageNotCached(f"images[{index}]: cached embedding of image {sha} is invalid ({error})",
                                          sha) from error
-                found[sha] = self._own_copy(view)
+                found[sha] = view.clone()   # the view is of Redis' read-only bytes
                 self._remember(sha, found[sha])
             elif found[sha].shape[0] != grid[0] * grid[1]:
                 raise ImageNotCached(f"images[{index}]: embedding of image {sha} has another grid", sha)

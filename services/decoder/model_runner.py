@@ -23,6 +23,7 @@ from services.decoder.ops import TorchOps, TritonOps
 from services.decoder.sampler import SamplingBatch, sample, to_device
 from services.decoder.scheduler import ScheduledBatch, ScheduledChunk
 from services.decoder.sequence import PENDING_TOKEN
+from shared.sdpa import warm_up_cudnn
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +53,44 @@ class LaunchedStep:
         return {id(chunk.seq): row for row, chunk in enumerate(self.sampling_chunks)}
 
 
+class ImageRowStaging:
+    """Page-locked buffers, allocated once, that a step's image rows pass through on their way to the GPU.
+
+    The rows live in ordinary memory (features.py says why); a copy from there would wait for the step in flight.
+    Two buffers take turns, so filling one never waits: the copy out of the other was queued two steps ago, and
+    the engine has read the step before the one in flight by the time it launches the next."""
+
+    def __init__(self, max_rows: int, columns: int, dtype: torch.dtype) -> None:
+        self.buffers = [torch.empty(max_rows, columns, dtype=dtype, pin_memory=True) for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]   # recorded after each buffer's last copy
+        self.turn = 0
+
+    def to_device(self, parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """[rows_i, columns] host tensors -> one [sum rows_i, columns] tensor on the device, in the buffers'
+        dtype (the model's: embed() converts to it anyway)."""
+        num_rows = sum(part.shape[0] for part in parts)
+        buffer = self.buffers[self.turn]
+        if num_rows > buffer.shape[0]:   # more rows than a step holds: not expected; correct, only slower
+            return to_device(torch.cat(parts), device)
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        start = 0
+        for part in parts:
+            buffer[start:start + part.shape[0]].copy_(part)
+            start += part.shape[0]
+        on_device = buffer[:num_rows].to(device, non_blocking=True)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
+        self.turn ^= 1
+        return on_device
+
+
 class ModelRunner:
     def __init__(self, model: PixtralDecoder, cache: KVCache, device: torch.device, max_num_seqs: int,
-                 max_model_len: int, use_fused_kernels: bool = False, use_cuda_graphs: bool = False) -> None:
-        """`use_fused_kernels`: Triton ops and the paged decode kernel (CUDA; tests run them interpreted)."""
+                 max_model_len: int, use_fused_kernels: bool = False, use_cuda_graphs: bool = False,
+                 max_step_tokens: int = 0) -> None:
+        """`use_fused_kernels`: Triton ops and the paged decode kernel (CUDA; tests run them interpreted).
+        `max_step_tokens`: the most tokens a step holds, which sizes the staging buffers of image rows (CUDA)."""
         self.model = model
         self.cache = cache
         self.device = device
@@ -64,6 +99,8 @@ class ModelRunner:
         self.ops = TritonOps() if use_fused_kernels else TorchOps()
         self.backend = AttentionBackend(cache, model.spec.head_dim ** -0.5)
         self.max_blocks = -(-max_model_len // self.block_size)
+        self.staging = ImageRowStaging(max_step_tokens, model.spec.vision_hidden_size,
+                                       model.embed_tokens.weight.dtype) if device.type == "cuda" else None
         self.graphs = None
         if use_fused_kernels and use_cuda_graphs:
             from services.decoder.cuda_graphs import DecodeGraphs
@@ -77,8 +114,9 @@ class ModelRunner:
         if self.is_fused:
             from services.decoder.kernels import warm_up
             spec = self.model.spec
-            warm_up(self.model.embed_tokens.weight.dtype, self.device, spec.num_heads, spec.num_kv_heads,
-                    spec.head_dim, self.block_size)
+            dtype = self.model.embed_tokens.weight.dtype
+            warm_up(dtype, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim, self.block_size)
+            warm_up_cudnn(spec.num_heads, spec.num_kv_heads, spec.head_dim, True, dtype, self.device)
         num_tokens = min(num_tokens, self.cache.num_blocks * self.block_size)
         meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, device=self.device),
                                  prefills=[PrefillSpan(0, num_tokens, num_tokens,
@@ -133,7 +171,7 @@ class ModelRunner:
             else:
                 context_slots = self._slots(seq.block_table, 0, end)
                 slot_mapping.append(context_slots[start:end])
-                prefills.append(PrefillSpan(row, chunk.num_tokens, end, context_slots.to(self.device)))
+                prefills.append(PrefillSpan(row, chunk.num_tokens, end, to_device(context_slots, self.device)))
             if seq.images is not None and start < seq.num_prompt_tokens:
                 first, last = seq.images.rows_between(start, end)
                 if last > first:
@@ -142,26 +180,29 @@ class ModelRunner:
             if chunk.is_sampling:
                 logits_rows.append(row + chunk.num_tokens - 1)
             row += chunk.num_tokens
-        meta = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device), num_decode=num_decode,
-                                 prefills=prefills)
+        # Every copy to the device goes through page-locked memory: a copy from ordinary memory would wait for the
+        # step in flight, and the device would then idle while this step is launched.
+        meta = AttentionMetadata(slot_mapping=to_device(torch.cat(slot_mapping), self.device),
+                                 num_decode=num_decode, prefills=prefills)
         if num_decode:
             _, tables = self.decode_inputs(order[:num_decode])
-            meta.block_tables = torch.from_numpy(tables).to(self.device)
-            meta.context_lens = torch.tensor([c.start + 1 for c in order[:num_decode]], dtype=torch.int32,
-                                             device=self.device)
+            meta.block_tables = to_device(torch.from_numpy(tables), self.device)
+            meta.context_lens = to_device(torch.tensor([c.start + 1 for c in order[:num_decode]],
+                                                       dtype=torch.int32), self.device)
             from services.decoder.kernels import num_decode_splits
             meta.num_splits = num_decode_splits(num_decode, self.model.spec.num_kv_heads)
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        ids = to_device(torch.tensor(token_ids, dtype=torch.int64), self.device)
         if fill is not None:
             fill(ids)
-        # pinned host rows: the copies overlap with the work queued before them
-        features = torch.cat([f.to(self.device, non_blocking=True) for f in image_features]) \
-            if image_features else None
-        rows = torch.cat(image_rows).to(self.device) if image_rows else None
+        features, rows = None, None
+        if image_features:
+            features = self.staging.to_device(image_features, self.device) if self.staging is not None \
+                else torch.cat(image_features)
+            rows = to_device(torch.cat(image_rows), self.device)
         hidden = self.model.embed(ids, features, rows)
         # Prompt chunks that do not reach their end yet sample nothing; the last row is computed anyway.
-        logits = self.model(hidden, torch.cat(positions).to(self.device), meta, self.backend, self.ops,
-                            torch.tensor(logits_rows or [row - 1], device=self.device))
+        logits = self.model(hidden, to_device(torch.cat(positions), self.device), meta, self.backend, self.ops,
+                            to_device(torch.tensor(logits_rows or [row - 1]), self.device))
         return self._sample(logits, batch, [c for c in order if c.is_sampling])
 
     def _pending_inputs(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None):

@@ -13,6 +13,7 @@ import torch
 
 from services.vision.model import VisionSpec, VisionTower, state_from_checkpoint
 from shared import checkpoint
+from shared.sdpa import warm_up_cudnn
 
 
 class VisionEncoder:
@@ -25,6 +26,8 @@ class VisionEncoder:
     def warm_up(self) -> None:
         """One pass at start-up: library handles, kernel choices and memory pools are made before any request."""
         self.encode([np.zeros((3, 512, 512), dtype=np.float32), np.zeros((3, 64, 32), dtype=np.float32)])
+        spec = self.tower.spec
+        warm_up_cudnn(spec.num_heads, spec.num_heads, spec.head_dim, False, self.dtype, self.device)
 
     @torch.inference_mode()
     def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:

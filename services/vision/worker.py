@@ -68,27 +68,52 @@ class VisionWorker:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Takes, prepares (decode, resize) and encodes batches of jobs until `stop`; the next batch is taken and
+        prepared while the one before it is encoded and written, so the device does not wait for the CPU."""
         has_group = False   # (re)created inside the loop: Redis may be away when the worker starts
         next_cleanup = time.monotonic()
-        while not stop.is_set():
-            try:
-                if not has_group:
-                    await self.ensure_group()
-                    has_group = True
-                if self.config.consumer_expiry_s and time.monotonic() >= next_cleanup:
-                    next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
-                    await self.remove_gone_consumers()
-                entries = await self._reclaim() or await self._read()
-                if entries:
-                    await self._process(entries)
-            except redis.exceptions.ResponseError as error:
-                if "NOGROUP" not in str(error):
-                    raise
-                log.warning("consumer group missing (Redis restarted?): recreating it")
-                has_group = False
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-                log.warning("redis unavailable (%s); retrying", type(error).__name__)
-                await asyncio.sleep(1.0)
+        encoding: asyncio.Task | None = None   # the batch being encoded and written
+        try:
+            while not stop.is_set():
+                try:
+                    if encoding is not None and encoding.done():
+                        encoding, done = None, encoding
+                        done.result()   # its Redis errors are handled below
+                    if not has_group:
+                        await self.ensure_group()
+                        has_group = True
+                    if self.config.consumer_expiry_s and time.monotonic() >= next_cleanup:
+                        next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
+                        await self.remove_gone_consumers()
+                    # Not while a batch is encoded: its jobs are pending, and once idle long enough this worker
+                    # would reclaim them from itself.
+                    entries = (await self._reclaim() if encoding is None else []) or await self._read()
+                    if not entries:
+                        continue
+                    todo = await self._prepare(entries)
+                    if encoding is not None:
+                        encoding, previous = None, encoding
+                        await previous
+                        if todo:   # a job enqueued twice (an expired lock) may have been in that batch
+                            todo = (await self._drop_cached(todo[0]), todo[1])
+                    if todo and todo[0]:
+                        if stop.is_set():
+                            await self._give_back(todo[0])
+                        else:
+                            encoding = asyncio.create_task(self._encode_and_write(*todo))
+                except redis.exceptions.ResponseError as error:
+                    if "NOGROUP" not in str(error):
+                        raise
+                    log.warning("consumer group missing (Redis restarted?): recreating it")
+                    has_group = False
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                    log.warning("redis unavailable (%s); retrying", type(error).__name__)
+                    await asyncio.sleep(1.0)
+            if encoding is not None:
+                await encoding   # the batch in hand is finished before the worker stops
+        finally:
+            if encoding is not None and not encoding.done():
+                encoding.cancel()   # cancelled itself (the grace period is over): its jobs stay pending
 
     async def leave(self) -> None:
         """Removes this worker from the group, unless it still holds a job (deleting it would drop the job from the
@@ -155,7 +180,10 @@ class VisionWorker:
             await self._ack(entry_id)
         self.stats.num_dead_lettered += 1
 
-    async def _process(self, entries: list[tuple[bytes, dict]]) -> None:
+    async def _prepare(self, entries: list[tuple[bytes, dict]]
+                       ) -> tuple[list[tuple[bytes, EncodeJob, np.ndarray]], float] | None:
+        """Finishes the jobs that need no encode (malformed, other model, already cached, undecodable) and
+        preprocesses the others -> (jobs with their pixels, seconds of preprocessing), or None if none is left."""
         jobs: list[tuple[bytes, EncodeJob]] = []
         for entry_id, fields in entries:
             try:
@@ -166,12 +194,11 @@ class VisionWorker:
             if job.fingerprint != self.fingerprint:
                 await self._finish(entry_id, job.fingerprint, EncodeResult(
                     job.sha256, encode_jobs.FAILED, "vision worker serves another model version"))
-            elif await self._is_cached(job.sha256):
-                self.stats.num_deduplicated += 1
-                await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
             else:
                 jobs.append((entry_id, job))
+        jobs = await self._drop_cached(jobs)
         # Decoding and resizing run in threads (PIL and OpenCV release the GIL), all images of the batch at once.
+        started = time.perf_counter()
         results = await asyncio.gather(*(asyncio.to_thread(preprocess, job.image, self.config.max_image_pixels)
                                          for _, job in jobs), return_exceptions=True)
         todo: list[tuple[bytes, EncodeJob, np.ndarray]] = []
@@ -185,15 +212,16 @@ class VisionWorker:
                           type(result).__name__, extra={"request_id": job.request_id})
             else:
                 todo.append((entry_id, job, result))
-        if todo:
-            await self._encode_and_write(todo)
+        return (todo, time.perf_counter() - started) if todo else None
 
-    async def _encode_and_write(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
+    async def _encode_and_write(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]],
+                                preprocess_s: float = 0.0) -> None:
         try:
             await self._inject_faults(todo)
             started = time.perf_counter()
             features = await asyncio.to_thread(self.encoder.encode, [pixels for _, _, pixels in todo])
-            self.on_encoded(len(todo), time.perf_counter() - started)
+            encoded = time.perf_counter()
+            self.on_encoded(len(todo), encoded - started)
         except Exception:  # noqa: BLE001 - isolate the failing image: encode one at a time
             if len(todo) > 1:
                 for item in todo:
@@ -205,12 +233,13 @@ class VisionWorker:
         for (entry_id, job, pixels), feats in zip(todo, features, strict=True):
             grid = (pixels.shape[1] // PATCH_SIZE, pixels.shape[2] // PATCH_SIZE)
             value = encode_entry(feats, grid, self.fingerprint, job.sha256)
-            key = cache_key(self.fingerprint, job.sha256)
-            await self.client.set(key, value, ex=self.config.embedding_ttl_s or None)
+            await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256),
+                               embedding=(cache_key(self.fingerprint, job.sha256), value))
             self.stats.num_encoded += 1
             log.info("encoded image %s (%dx%d patches) for %s", job.sha256, *grid, job.request_id,
                      extra={"request_id": job.request_id})
-            await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
+        log.info("batch of %d images: preprocessed in %.1f ms, encoded in %.1f ms, written in %.1f ms", len(todo),
+                 1000 * preprocess_s, 1000 * (encoded - started), 1000 * (time.perf_counter() - encoded))
 
     async def _inject_faults(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
         """Test-only faults (VisionConfig.fault_*, off by default): a slow encode, and images that never encode."""
@@ -220,10 +249,27 @@ class VisionWorker:
             if job.sha256 in self.config.fault_encode_fail_sha256:
                 raise InjectedFault(f"injected encode failure for image {job.sha256}")
 
-    async def _is_cached(self, sha: str) -> bool:
-        key = cache_key(self.fingerprint, sha)
+    async def _drop_cached(self, jobs: list[tuple]) -> list[tuple]:
+        """Finishes the jobs (entry_id, job, ...) whose image has a valid embedding already; returns the others.
+        One round trip for all of them."""
+        if not jobs:
+            return jobs
         async with self.client.pipeline(transaction=False) as pipe:
-            prefix, length = await pipe.getrange(key, 0, HEADER_BYTES - 1).strlen(key).execute()
+            for _, job, *_ in jobs:
+                key = cache_key(self.fingerprint, job.sha256)
+                pipe.getrange(key, 0, HEADER_BYTES - 1).strlen(key)
+            replies = await pipe.execute()
+        left = []
+        for index, item in enumerate(jobs):
+            entry_id, job = item[0], item[1]
+            if self._is_valid(job.sha256, *replies[2 * index:2 * index + 2]):
+                self.stats.num_deduplicated += 1
+                await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
+            else:
+                left.append(item)
+        return left
+
+    def _is_valid(self, sha: str, prefix: bytes, length: int) -> bool:
         if not prefix:
             return False
         try:
@@ -234,16 +280,31 @@ class VisionWorker:
             return False
         return True
 
-    async def _finish(self, entry_id: bytes, fingerprint: str, result: EncodeResult) -> None:
-        """Tells the waiters (who listen under the job's fingerprint), releases the lock, retires the job."""
-        async with self.client.pipeline(transaction=False) as pipe:
+    async def _give_back(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
+        """Jobs taken but not started when the worker stops go back to the stream for the other workers: a copy
+        at its end, this delivery retired (left pending, they would wait claim_idle_ms to be reclaimed)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            for entry_id, job, _ in todo:
+                pipe.xadd(encode_jobs.STREAM, job.to_fields())
+                pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM, entry_id)
+            await pipe.execute()
+        log.info("gave back %d jobs taken but not started", len(todo))
+
+    async def _finish(self, entry_id: bytes, fingerprint: str, result: EncodeResult,
+                      embedding: tuple[str, bytes] | None = None) -> None:
+        """Writes the embedding (key, value) if given, tells the waiters (who listen under the job's fingerprint),
+        releases the lock and retires the job: one round trip, all or nothing (a write Redis refuses, out of
+        memory, leaves the job pending for a retry and tells nobody it is done)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            if embedding is not None:
+                pipe.set(*embedding, ex=self.config.embedding_ttl_s or None)
             if not result.ok:
                 pipe.set(encode_jobs.error_key(fingerprint, result.sha256), result.to_json(),
                          ex=encode_jobs.ERROR_TTL_S)
             pipe.publish(encode_jobs.done_channel(fingerprint), result.to_json())
             pipe.delete(encode_jobs.lock_key(fingerprint, result.sha256))
+            pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM, entry_id)
             await pipe.execute()
-        await self._ack(entry_id)
 
     async def _ack(self, entry_id: bytes) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
