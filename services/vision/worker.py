@@ -233,11 +233,12 @@ class VisionWorker:
         for (entry_id, job, pixels), feats in zip(todo, features, strict=True):
             grid = (pixels.shape[1] // PATCH_SIZE, pixels.shape[2] // PATCH_SIZE)
             value = encode_entry(feats, grid, self.fingerprint, job.sha256)
+            # logged before the waiters are told, so that whoever is told can find the line
+            log.info("encoded image %s (%dx%d patches) for %s", job.sha256, *grid, job.request_id,
+                     extra={"request_id": job.request_id})
             await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256),
                                embedding=(cache_key(self.fingerprint, job.sha256), value))
             self.stats.num_encoded += 1
-            log.info("encoded image %s (%dx%d patches) for %s", job.sha256, *grid, job.request_id,
-                     extra={"request_id": job.request_id})
         log.info("batch of %d images: preprocessed in %.1f ms, encoded in %.1f ms, written in %.1f ms", len(todo),
                  1000 * preprocess_s, 1000 * (encoded - started), 1000 * (time.perf_counter() - encoded))
 
