@@ -2,7 +2,8 @@
 
 Both run the same weights (ours are converted from the transformers model) and the same mistral-common prompts.
 
-    python -m bench.gpu_decoder        # results in $OUT/decoder.json and on stderr
+    python -m bench.gpu_decoder                  # results in $OUT/decoder.json and on stderr
+    python -m bench.gpu_decoder --engine-only    # our engine alone: $OUT/decoder_engine_only.json
 
 Decode rates are measured with the engine's asynchronous scheduling on (the default on CUDA) and off
 (`*_read_each_step_*`: the host reads each step's tokens before it launches the next), in the same run.
@@ -14,6 +15,7 @@ image features already computed, a wave of 32 requests x 128 tokens in-process (
 
 from __future__ import annotations
 
+import argparse
 import gc
 import time
 
@@ -23,7 +25,7 @@ from bench.common import gpu_name, image_prompt, save, sync, timed
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
 from services.decoder.factory import GIB, build_engine_for
-from services.decoder.model import PixtralDecoder, TextModelSpec, decoder_from_tensors
+from services.decoder.model import PixtralDecoder, TextModelSpec, decoder_from_tensors, random_decoder
 from services.decoder.model_runner import ImageInputs
 from services.decoder.sequence import SamplingParams, Sequence
 from shared import checkpoint
@@ -195,11 +197,22 @@ def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine-only", action="store_true",
+                        help="our engine alone on random weights, without transformers' anchors (a minute, not ten); "
+                             "results in $OUT/decoder_engine_only.json")
+    args = parser.parse_args()
     config = pixtral_12b_config()
     prompt_1024 = image_prompt(1024, 1024, seed=1)
     prompts_512 = [image_prompt(512, 512, seed=100 + i) for i in range(64)]
     results = {"device": gpu_name(), "prompt_1024_tokens": len(prompt_1024[0]),
                "prompt_512_tokens": len(prompts_512[0][0])}
+    if args.engine_only:
+        model = random_decoder(TextModelSpec.from_config(config), DTYPE, DEVICE, seed=0)
+        results.update(ours(model, prompt_1024, prompts_512, torch.randn(4096, 1024, device=DEVICE, dtype=DTYPE)))
+        results.pop("greedy_1024")
+        save("decoder_engine_only", results)
+        return
     model = hf_model(config)
     try:
         results.update(hf_anchors(model, prompt_1024, prompts_512))

@@ -196,8 +196,9 @@ class ModelRunner:
             fill(ids)
         features, rows = None, None
         if image_features:
-            features = self.staging.to_device(image_features, self.device) if self.staging is not None \
-                else torch.cat(image_features)
+            on_host = image_features[0].device.type == "cpu"   # the service's; benchmarks may hand device rows
+            features = self.staging.to_device(image_features, self.device) if self.staging is not None and on_host \
+                else torch.cat([f.to(self.device) for f in image_features])
             rows = to_device(torch.cat(image_rows), self.device)
         hidden = self.model.embed(ids, features, rows)
         # Prompt chunks that do not reach their end yet sample nothing; the last row is computed anyway.
