@@ -73,6 +73,7 @@ class VisionWorker:
         has_group = False   # (re)created inside the loop: Redis may be away when the worker starts
         next_cleanup = time.monotonic()
         encoding: asyncio.Task | None = None   # the batch being encoded and written
+        next_reclaim = time.monotonic()
         try:
             while not stop.is_set():
                 try:
@@ -85,9 +86,17 @@ class VisionWorker:
                     if self.config.consumer_expiry_s and time.monotonic() >= next_cleanup:
                         next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
                         await self.remove_gone_consumers()
-                    # Not while a batch is encoded: its jobs are pending, and once idle long enough this worker
-                    # would reclaim them from itself.
-                    entries = (await self._reclaim() if encoding is None else []) or await self._read()
+                    # Jobs of dead workers are looked for at least four times per claim_idle_ms, never while a
+                    # batch is encoded: its jobs are pending, and once idle long enough this worker would reclaim
+                    # them from itself. Under steady load the batch in hand is finished first when one is due.
+                    if encoding is not None and time.monotonic() >= next_reclaim:
+                        encoding, previous = None, encoding
+                        await previous
+                    entries = []
+                    if encoding is None:
+                        next_reclaim = time.monotonic() + self.config.claim_idle_ms / 4000
+                        entries = await self._reclaim()
+                    entries = entries or await self._read()
                     if not entries:
                         continue
                     todo = await self._prepare(entries)

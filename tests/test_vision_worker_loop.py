@@ -1,11 +1,16 @@
-"""A vision worker writes an image's embedding, tells its waiters, frees its lock and retires its job in one
-round trip, all or nothing: a write Redis refuses (out of memory) leaves the job pending for a retry and tells
-nobody that it is done."""
+"""The vision worker's loop on a real Redis, with a stand-in encoder (the loop's logic, not the model's):
+
+- it writes an image's embedding, tells its waiters, frees its lock and retires its job in one round trip, all or
+  nothing: a write Redis refuses (out of memory) leaves the job pending for a retry and tells nobody it is done;
+- it reclaims a dead worker's job while it is kept busy by a steady stream of new jobs (it prepares the next batch
+  while one is encoded, and never reclaims while a batch is in hand)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -15,7 +20,8 @@ from services.vision.worker import VisionWorker
 from shared import encode_jobs
 from shared.embedding_cache import cache_key
 from shared.encode_jobs import EncodeJob, EncodeResult
-from tests.support import RedisServer
+from shared.images import sha256_hex
+from tests.support import RedisServer, image_bytes, noise_image
 
 FINGERPRINT = "f" * 64
 SHA = "ab" * 32
@@ -83,3 +89,50 @@ def test_a_write_redis_refuses_leaves_the_job_pending_and_tells_nobody(redis_ser
     assert waiter.get_message(timeout=0.5) is None, "waiters were told of an embedding that was not written"
     assert client.exists(encode_jobs.lock_key(FINGERPRINT, SHA))
     assert client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)["pending"] == 1   # for a retry
+
+
+class SlowEncoder:
+    """Zero features after a fixed delay per batch: a busy device, for the loop's timing."""
+
+    num_columns = 8
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def encode(self, images: list[np.ndarray]) -> list:
+        import torch
+        time.sleep(self.seconds)
+        return [torch.zeros(image.shape[1] // 16 * (image.shape[2] // 16), self.num_columns) for image in images]
+
+
+def test_a_dead_workers_job_is_reclaimed_while_new_jobs_keep_the_worker_busy(redis_server):
+    client = redis_server.client()
+    client.xgroup_create(encode_jobs.STREAM, encode_jobs.GROUP, id="0", mkstream=True)
+    orphan = image_bytes(noise_image(32, 32, seed=1))
+    client.xadd(encode_jobs.STREAM, EncodeJob(sha256_hex(orphan), FINGERPRINT, orphan, "orphan").to_fields())
+    client.xreadgroup(encode_jobs.GROUP, "dead", {encode_jobs.STREAM: ">"}, count=1)   # taken, never finished
+    feed_s = 4.0
+
+    async def run() -> float | None:
+        connection = aioredis.from_url(redis_server.url)
+        worker = VisionWorker(connection, SlowEncoder(0.05), FINGERPRINT, VisionConfig.load(
+            ["--consumer", "busy", "--claim-idle-ms", "300", "--read-block-ms", "50", "--max-batch-images", "2"]))
+        stop = asyncio.Event()
+        loop_task = asyncio.create_task(worker.run(stop))
+        started = time.monotonic()
+        reclaimed_after = None
+        for seed in range(1000, 1000 + int(feed_s / 0.02)):   # a new job every 20 ms: never an idle moment
+            image = image_bytes(noise_image(32, 32, seed=seed))
+            await connection.xadd(encode_jobs.STREAM, EncodeJob(sha256_hex(image), FINGERPRINT, image,
+                                                                "feed").to_fields())
+            if reclaimed_after is None and await connection.exists(cache_key(FINGERPRINT, sha256_hex(orphan))):
+                reclaimed_after = time.monotonic() - started
+            await asyncio.sleep(0.02)
+        stop.set()
+        await loop_task
+        await connection.aclose()
+        return reclaimed_after
+
+    reclaimed_after = asyncio.run(run())
+    assert reclaimed_after is not None, f"the dead worker's job waited for the stream of new jobs to end ({feed_s} s)"
+    assert client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)["pending"] == 0
