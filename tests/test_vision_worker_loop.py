@@ -3,7 +3,8 @@
 - it writes an image's embedding, tells its waiters, frees its lock and retires its job in one round trip, all or
   nothing: a write Redis refuses (out of memory) leaves the job pending for a retry and tells nobody it is done;
 - it reclaims a dead worker's job while it is kept busy by a steady stream of new jobs (it prepares the next batch
-  while one is encoded, and never reclaims while a batch is in hand)."""
+  while one is encoded, and never reclaims while a batch is in hand);
+- stopping, it finishes the batch in hand and gives back the one it prepared."""
 
 from __future__ import annotations
 
@@ -136,3 +137,32 @@ def test_a_dead_workers_job_is_reclaimed_while_new_jobs_keep_the_worker_busy(red
     reclaimed_after = asyncio.run(run())
     assert reclaimed_after is not None, f"the dead worker's job waited for the stream of new jobs to end ({feed_s} s)"
     assert client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)["pending"] == 0
+
+
+def test_a_stopping_worker_finishes_the_batch_in_hand_and_gives_back_the_one_it_prepared(redis_server):
+    client = redis_server.client()
+    client.xgroup_create(encode_jobs.STREAM, encode_jobs.GROUP, id="0", mkstream=True)
+    images = [image_bytes(noise_image(32, 32, seed=seed)) for seed in (1, 2, 3)]
+    for image in images:
+        client.xadd(encode_jobs.STREAM, EncodeJob(sha256_hex(image), FINGERPRINT, image, "r").to_fields())
+
+    async def run() -> None:
+        connection = aioredis.from_url(redis_server.url)
+        worker = VisionWorker(connection, SlowEncoder(1.0), FINGERPRINT, VisionConfig.load(
+            ["--consumer", "w", "--read-block-ms", "50", "--max-batch-images", "1"]))
+        stop = asyncio.Event()
+        loop_task = asyncio.create_task(worker.run(stop))
+        give_up = time.monotonic() + 10
+        while (await connection.xpending(encode_jobs.STREAM, encode_jobs.GROUP))["pending"] < 2:
+            assert time.monotonic() < give_up, "the worker never took a second batch while encoding the first"
+            await asyncio.sleep(0.02)
+        stop.set()   # first image being encoded, second prepared
+        await loop_task
+        await connection.aclose()
+
+    asyncio.run(run())
+    cached = [bool(client.exists(cache_key(FINGERPRINT, sha256_hex(image)))) for image in images]
+    assert cached == [True, False, False]
+    assert client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)["pending"] == 0
+    left = [EncodeJob.from_fields(fields).sha256 for _, fields in client.xrange(encode_jobs.STREAM)]
+    assert sorted(left) == sorted(sha256_hex(image) for image in images[1:]), "jobs 2 and 3 are back for others"
