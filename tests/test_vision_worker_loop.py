@@ -4,7 +4,8 @@
   nothing: a write Redis refuses (out of memory) leaves the job pending for a retry and tells nobody it is done;
 - it reclaims a dead worker's job while it is kept busy by a steady stream of new jobs (it prepares the next batch
   while one is encoded, and never reclaims while a batch is in hand);
-- stopping, it finishes the batch in hand and gives back the one it prepared."""
+- stopping, it finishes the batch in hand and gives back the one it prepared;
+- Redis emptied under it (restarted, flushed), it recreates its consumer group whatever command noticed first."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from services.vision.config import VisionConfig
-from services.vision.worker import VisionWorker
+from services.vision.worker import VisionWorker, group_is_gone
 from shared import encode_jobs
 from shared.embedding_cache import cache_key
 from shared.encode_jobs import EncodeJob, EncodeResult
@@ -166,3 +167,48 @@ def test_a_stopping_worker_finishes_the_batch_in_hand_and_gives_back_the_one_it_
     assert client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)["pending"] == 0
     left = [EncodeJob.from_fields(fields).sha256 for _, fields in client.xrange(encode_jobs.STREAM)]
     assert sorted(left) == sorted(sha256_hex(image) for image in images[1:]), "jobs 2 and 3 are back for others"
+
+
+def test_the_loop_survives_its_stream_vanishing_and_takes_jobs_again(redis_server, monkeypatch):
+    """Redis emptied under a running worker (its blocked read answers UNBLOCKED, not NOGROUP): the worker recreates
+    the group and goes on."""
+    from services.vision import worker as worker_module
+    monkeypatch.setattr(worker_module, "CLEANUP_INTERVAL_S", 0.0)   # the look for gone consumers on every turn
+    client = redis_server.client()
+    image = image_bytes(noise_image(32, 32, seed=7))
+
+    async def run() -> None:
+        connection = aioredis.from_url(redis_server.url)
+        worker = VisionWorker(connection, SlowEncoder(0.0), FINGERPRINT, VisionConfig.load(
+            ["--consumer", "w", "--read-block-ms", "50"]))
+        stop = asyncio.Event()
+        loop_task = asyncio.create_task(worker.run(stop))
+        await asyncio.sleep(0.3)
+        await connection.flushall()   # as a Redis restarted empty
+        await asyncio.sleep(0.3)
+        assert not loop_task.done(), f"{type(loop_task.exception()).__name__}: {loop_task.exception()}"
+        await connection.xadd(encode_jobs.STREAM, EncodeJob(sha256_hex(image), FINGERPRINT, image, "r").to_fields())
+        give_up = time.monotonic() + 10
+        while not await connection.exists(cache_key(FINGERPRINT, sha256_hex(image))):
+            assert time.monotonic() < give_up and not loop_task.done(), "the job was never taken"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await loop_task
+        await connection.aclose()
+
+    asyncio.run(run())
+    assert client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)["pending"] == 0
+
+
+def test_what_an_empty_redis_answers_each_command_of_the_loop_reads_as_the_group_gone(redis_server):
+    client = redis_server.client()
+    commands = {
+        "XINFO CONSUMERS": lambda: client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP),
+        "XAUTOCLAIM": lambda: client.xautoclaim(encode_jobs.STREAM, encode_jobs.GROUP, "w", 0),
+        "XREADGROUP": lambda: client.xreadgroup(encode_jobs.GROUP, "w", {encode_jobs.STREAM: ">"}, count=1),
+        "XPENDING": lambda: client.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, "-", "+", 1, "w"),
+    }
+    for name, command in commands.items():
+        with pytest.raises(redis.exceptions.ResponseError) as caught:
+            command()
+        assert group_is_gone(caught.value), (name, str(caught.value))

@@ -59,7 +59,8 @@ async def serve(config: VisionConfig) -> None:
     if work.done() and not stop.is_set():
         # The loop died on an error it cannot handle: exit so the supervisor restarts this worker rather than
         # leaving a process that looks alive and takes no jobs.
-        log.error("worker loop failed: %r; exiting", work.exception())
+        log.error("worker loop failed: %s: %s; exiting", type(work.exception()).__name__, work.exception(),
+                  exc_info=work.exception())
         raise SystemExit(1)
     # NOT_SERVING at once; the job in hand finishes (bounded by the grace period); jobs not taken stay in the
     # stream for the other workers.

@@ -37,6 +37,13 @@ PATCH_SIZE = 16
 CLEANUP_INTERVAL_S = 60.0   # how often a worker looks for consumers of workers that are gone
 
 
+def group_is_gone(error: redis.exceptions.ResponseError) -> bool:
+    """Redis restarted empty, or the stream deleted: most commands answer NOGROUP, XINFO "no such key", and a read
+    blocked at the time "UNBLOCKED the stream key no longer exists"."""
+    text = str(error)
+    return "NOGROUP" in text or "no such key" in text or text.startswith("UNBLOCKED")
+
+
 class InjectedFault(RuntimeError):
     """Raised by the test-only fault injection (VisionConfig.fault_encode_fail_sha256)."""
 
@@ -111,7 +118,7 @@ class VisionWorker:
                         else:
                             encoding = asyncio.create_task(self._encode_and_write(*todo))
                 except redis.exceptions.ResponseError as error:
-                    if "NOGROUP" not in str(error):
+                    if not group_is_gone(error):
                         raise
                     log.warning("consumer group missing (Redis restarted?): recreating it")
                     has_group = False
