@@ -1,4 +1,5 @@
-"""The vision worker loop: take encode jobs from the stream, encode them in batches, write the cache.
+"""The vision worker loop: take encode jobs from the stream, encode them in batches, write the cache. The next batch
+is taken and preprocessed while one is encoded and written.
 
 Any number of workers share the consumer group: each job goes to one of them. A job is acknowledged (and its
 entry deleted) only after its embedding is written, so a worker killed mid-job leaves it pending and another
