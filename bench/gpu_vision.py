@@ -5,7 +5,8 @@ and the economics of the embedding cache (bytes, Redis round trips, projector an
 
 Also the time of each op of one layer at 1024x1024, each timed alone (`layer_1024_*`), after a sweep of the launch
 shapes of the memory-bound Triton kernels (`kernel_sweep_*`: RMSNorm and SwiGLU at the vision tower's and the
-decoder's prefill shapes, the vision RoPE); the best of each is used for the rest of the run.
+decoder's prefill shapes, the vision RoPE); the best of each is used for the rest of the run. And the patch
+embedding of a 1024x1024 image as the checkpoint's convolution and as our matmul (`patch_*`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 
 from bench.common import gpu_name, noise_png, save, timed
+from services.vision.encoder import VisionEncoder
+from services.vision.graphs import TowerGraphs
 from services.vision.kernels import rotate_heads_
 from services.vision.model import VisionSpec, VisionTower, state_from_checkpoint
 from shared import sdpa
@@ -36,21 +39,14 @@ def pixels_of(width: int, height: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(preprocess(noise_png(width, height, seed), 10**8)).to(DEVICE, DTYPE)
 
 
-class Graphed:
-    """Our tower captured as a CUDA graph for one list of input shapes."""
+def graphed(tower: VisionTower, inputs: list[torch.Tensor]):
+    """Our tower as a CUDA graph for the shapes of `inputs`, captured at once (the worker waits for a shape to
+    be frequent: services/vision/graphs.py) -> replay(inputs) -> features."""
+    return TowerGraphs(tower, capacity=1, after=1).capture(inputs)
 
-    def __init__(self, tower: VisionTower, inputs: list[torch.Tensor]) -> None:
-        self.inputs = [x.clone() for x in inputs]
-        tower(self.inputs)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = tower(self.inputs)
 
-    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        for static, x in zip(self.inputs, inputs):
-            static.copy_(x)
-        self.graph.replay()
-        return self.outputs
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 def bench_ms(fn) -> float:
@@ -128,6 +124,13 @@ def layer_breakdown(tower: VisionTower, results: dict) -> None:
     }
     for name, fn in figures.items():
         results[f"layer_1024_{name}_ms"] = bench_ms(fn)
+    # the patch embedding of a 1024x1024 image: as the checkpoint's convolution (cuDNN), and as our matmul
+    images = torch.randn(1, spec.num_channels, 1024, 1024, device=DEVICE, dtype=DTYPE)
+    weight = tower.patch_embedding.weight.view(spec.hidden_size, spec.num_channels, spec.patch_size, spec.patch_size)
+    convolved = torch.nn.functional.conv2d(images, weight, stride=spec.patch_size).flatten(2).transpose(1, 2)
+    results["patch_embedding_1024_relative_error"] = relative_error(tower.embed_patches(images), convolved)
+    results["patch_conv_1024_ms"] = bench_ms(lambda: torch.nn.functional.conv2d(images, weight, stride=spec.patch_size))
+    results["patch_embedding_1024_ms"] = bench_ms(lambda: tower.embed_patches(images))
 
 
 @torch.inference_mode()
@@ -156,28 +159,36 @@ def encoder_figures(results: dict) -> None:
     p512, p1024 = pixels_of(512, 512, 1), pixels_of(1024, 1024, 2)
     reference = hf_features(p512).float()
     ours = tower([p512])[0].float()
-    results["relative_error_vs_transformers_bf16"] = float((ours - reference).norm() / reference.norm())
+    results["relative_error_vs_transformers_bf16"] = relative_error(ours, reference)
 
     results["hf_tower_1024_ms"] = 1000 * timed(lambda: hf_features(p1024), repeats=20, warmup=3)
     results["hf_get_image_features_1024_ms"] = 1000 * timed(lambda: projector(hf_features(p1024)[None]),
                                                             repeats=20, warmup=3)
     results["ours_1024_eager_ms"] = 1000 * timed(lambda: tower([p1024]), repeats=20, warmup=3)
-    graphed = Graphed(tower, [p1024])
-    results["ours_1024_graph_ms"] = 1000 * timed(lambda: graphed([p1024]), repeats=20, warmup=3)
+    graph = graphed(tower, [p1024])
+    results["ours_1024_graph_ms"] = 1000 * timed(lambda: graph([p1024]), repeats=20, warmup=3)
     results["hf_512_one_at_a_time_img_s"] = 8 / timed(lambda: [hf_features(p512) for _ in range(8)], repeats=3)
     for batch in (1, 2, 4, 8, 16, 32):
         inputs = [pixels_of(512, 512, 10 + i) for i in range(batch)]
         results[f"ours_512_batch{batch}_eager_img_s"] = batch / timed(lambda: tower(inputs), repeats=5)
-        graphed = Graphed(tower, inputs)
-        results[f"ours_512_batch{batch}_graph_img_s"] = batch / timed(lambda: graphed(inputs), repeats=5)
+        graph = graphed(tower, inputs)
+        results[f"ours_512_batch{batch}_graph_img_s"] = batch / timed(lambda: graph(inputs), repeats=5)
+    # the worker's path (numpy pixels in, features on the host out), eager and with its graphs of frequent shapes
+    for size in (512, 1024):
+        image = preprocess(noise_png(size, size, 3), 10**8)
+        for label, max_graphs in (("eager", 0), ("graphs", 8)):
+            encoder = VisionEncoder(tower, DEVICE, DTYPE, max_graphs)
+            for _ in range(sdpa.CUDNN_AFTER // spec.num_layers + 2):   # until the shape is captured
+                encoder.encode([image])
+            results[f"encoder_{size}_{label}_ms"] = 1000 * timed(lambda: encoder.encode([image]), repeats=20)
     layer_breakdown(tower, results)
     for batch in (1, 4, 8, 16):
         inputs = [pixels_of(*MIXED[i % len(MIXED)], seed=50 + i) for i in range(batch)]
         results[f"ours_mixed_batch{batch}_eager_img_s"] = batch / timed(lambda: tower(inputs), repeats=5)
         results[f"ours_mixed_batch{batch}_patches"] = sum(x.shape[1] * x.shape[2] // 256 for x in inputs)
     sdpa.CUDNN_AFTER = 10**9
-    graphed = Graphed(tower, [p1024])
-    results["ours_1024_graph_flash_ms"] = 1000 * timed(lambda: graphed([p1024]), repeats=20, warmup=3)
+    graph = graphed(tower, [p1024])
+    results["ours_1024_graph_flash_ms"] = 1000 * timed(lambda: graph([p1024]), repeats=20, warmup=3)
     rows = torch.randn(1, 4096, 1024, device=DEVICE, dtype=DTYPE)
     results["projector_4096_rows_ms"] = 1000 * timed(lambda: projector(rows), repeats=20, warmup=3)
 

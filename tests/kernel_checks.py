@@ -93,7 +93,7 @@ def check_paged_decode_attention() -> None:
             tables[row, :need] = torch.tensor([permutation.pop() for _ in range(need)], dtype=torch.int32)
         q = torch.randn(len(contexts), heads, dim, device=DEVICE).to(dtype)
         lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
-        for splits in (1, 3, 8):
+        for splits in (1, 3, 8, 64):   # 64: the other launch shape (decode_launch)
             out = paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5, block_size, splits)
             for row, context in enumerate(contexts):
                 if context == 0:
@@ -115,6 +115,30 @@ def check_silu_and_mul() -> None:
             x = torch.randn(3, 2 * 1500, device=DEVICE).to(dtype)
             gate, up = x.split(1500, -1)
             assert relative_error(kernels.silu_and_mul(x), F.silu(gate) * up) < tolerance
+
+
+def check_linear() -> None:
+    from services.decoder import kernels
+    for launch in launches(kernels, "SKINNY_LAUNCH", [(64, 256, 4, 4), (32, 128, 4, 3)]):
+        for dtype, tolerance in DTYPES:
+            for rows, k in ((1, 512), (5, 300), (16, 256), (17, 256)):   # K a multiple of the step or not; 17: cuBLAS
+                x = torch.randn(rows, k, device=DEVICE).to(dtype)
+                weight = torch.randn(200, k, device=DEVICE).to(dtype)    # 200 columns: a partly filled program
+                out = kernels.skinny_linear(x, weight)
+                assert out.shape == (rows, 200) and out.dtype == dtype
+                assert relative_error(out, x.float() @ weight.float().T) < tolerance, (launch, dtype, rows, k)
+        x = torch.randn(4, 64, device=DEVICE)[:, ::2]                    # not contiguous: cuBLAS
+        weight = torch.randn(8, 32, device=DEVICE)
+        assert torch.equal(kernels.skinny_linear(x, weight), F.linear(x, weight))
+    from services.decoder.ops import TritonOps
+    ops, x = TritonOps(), torch.randn(2, 64, device=DEVICE)
+    chosen, other = torch.randn(48, 64, device=DEVICE), torch.randn(40, 64, device=DEVICE)
+    ops.skinny_shapes = {(48, 64)}
+    assert torch.equal(ops.linear(x, chosen), kernels.skinny_linear(x, chosen))
+    assert torch.equal(ops.linear(x, other), F.linear(x, other))
+    if DEVICE.type == "cuda":
+        ops.choose_linear([chosen, other])
+        assert ops.skinny_shapes <= {(48, 64), (40, 64)}
 
 
 def check_fused_engine_matches_reference_engine() -> None:
@@ -262,10 +286,34 @@ def check_fused_vision_tower_matches_reference() -> None:
             assert relative_error(b, a) < 1e-5, relative_error(b, a)
 
 
-CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul,
+def check_vision_graphs_match_eager() -> None:
+    if DEVICE.type != "cuda":
+        raise NotApplicable("needs CUDA")
+    import numpy as np
+
+    from services.vision.encoder import VisionEncoder
+    from services.vision.model import VisionSpec, VisionTower
+    spec = VisionSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=16,
+                      rope_theta=10000.0)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        tower = VisionTower(spec, use_fused_kernels=True).eval()
+    encoder = VisionEncoder(tower, DEVICE, torch.float32, max_graphs=2)
+    encoder.graphs.after = 2
+    batches = [[np.random.rand(3, h, w).astype(np.float32) for h, w in sizes]
+               for sizes in (((32, 48), (16, 16), (32, 48)), ((64, 32),))]
+    for images in batches * 3:   # each shape: eager, captured, replayed
+        with torch.inference_mode():
+            eager = [rows.cpu() for rows in tower([torch.from_numpy(x).to(DEVICE) for x in images])]
+        for got, want in zip(encoder.encode(images), eager):
+            assert relative_error(got, want) < 1e-5, relative_error(got, want)
+    assert len(encoder.graphs.graphs) == 2
+
+
+CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul, check_linear,
           check_fused_engine_matches_reference_engine, check_cuda_graph_decode_matches_eager,
           check_rotate_heads, check_fused_vision_tower_matches_reference, check_prefill_chunk_attention_matches_a_mask,
-          check_image_row_staging_keeps_rows_in_flight]
+          check_image_row_staging_keeps_rows_in_flight, check_vision_graphs_match_eager]
 
 
 class NotApplicable(Exception):

@@ -6,6 +6,7 @@ import pytest
 
 from services.decoder.config import DecoderConfig
 from services.gateway.config import GatewayConfig
+from services.vision.config import VisionConfig
 from shared.settings import load_config, to_argv
 
 
@@ -32,3 +33,6 @@ def test_invalid_values_exit_with_the_flag_named(capsys):
     with pytest.raises(SystemExit):
         load_config(GatewayConfig, ["--embedding-ttl-s", "-1"], {})
     assert "--embedding-ttl-s must not be negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_config(VisionConfig, ["--max-cuda-graphs", "-1"], {})
+    assert "--max-cuda-graphs not negative" in capsys.readouterr().err

@@ -10,6 +10,9 @@ that floor is the many small kernels between the matmuls. Each function here rep
   context (flash-decoding) so a single long sequence still fills the GPU; the query heads that share a KV head are
   processed together so each KV entry is read once.
 - `silu_and_mul`: the SwiGLU activation of the fused gate/up projection.
+- `skinny_linear`: the weight matmuls of steps of at most SKINNY_MAX_ROWS rows (small decode batches), whose time
+  is that of reading the weights. For some of the 12B model's shapes cuBLAS reads them more slowly (the down
+  projection at 3.6 TB/s on an H200, 3.9 here); `faster_on_skinny` measures which at start-up.
 
 All take their sizes from tensors, never from Python values that change between steps, so they can be captured
 in CUDA graphs. They also run under TRITON_INTERPRET=1 on the CPU, which is how the tests check them.
@@ -18,6 +21,7 @@ in CUDA graphs. They also run under TRITON_INTERPRET=1 on the CPU, which is how 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -177,13 +181,22 @@ def _combine_splits_kernel(partial_out_ptr, partial_max_ptr, partial_sum_ptr, ou
     tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
-SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)   # each is a compiled variant of the kernel: warmed up at start-up
+SPLIT_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)   # each is a compiled variant of the kernel: warmed up at start-up
 
 
 def num_decode_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132) -> int:
-    """Enough context splits for ~4 programs per multiprocessor, rounded up to a power of two, at most 32."""
+    """Enough context splits for ~4 programs per multiprocessor, rounded up to a power of two, at most 128."""
     wanted = -(-4 * num_sms // (batch_size * num_kv_heads))
     return next((choice for choice in SPLIT_CHOICES if choice >= wanted), SPLIT_CHOICES[-1])
+
+
+def decode_launch(num_splits: int) -> dict:
+    """Context tokens a program reads at a time and pipeline depth. With 64+ splits (small batches) a program
+    reads one or two tiles and nothing is left to prefetch; with fewer, smaller tiles two deep are faster. H200,
+    against 64-token tiles 3 deep and at most 32 splits before (bench/gpu_profile.py, `paged_*`): 11.6 -> 9.9 us
+    a layer at batch 1 over 4,200 tokens; 45.8 -> 42.8 and 77.8 -> 73.7 us at 32 and 64 over 1,100 tokens."""
+    return dict(BLOCK_N=64, num_stages=1, num_warps=4) if num_splits >= 64 else dict(BLOCK_N=32, num_stages=2,
+                                                                                        num_warps=4)
 
 
 def warm_up(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -213,9 +226,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, scale, partial_out, partial_max, partial_sum,
         block_tables.shape[1], NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, BLOCK_N=64,
-        NUM_SPLITS=num_splits, num_warps=4,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # float32 caches keep float32 math
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+        NUM_SPLITS=num_splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 caches: float32
+        **decode_launch(num_splits))
     out = torch.empty_like(q)
     _combine_splits_kernel[(batch * num_heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,
                                                  NUM_SPLITS=num_splits,
@@ -245,3 +258,90 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block, warps = SILU_LAUNCH
     _silu_and_mul_kernel[(x.shape[0], triton.cdiv(size, block))](x, out, size, BLOCK=block, num_warps=warps)
     return out
+
+
+# -- matmuls of a few rows --------------------------------------------------------------------------------------
+
+SKINNY_MAX_ROWS = 16
+# (output columns a program computes, reduction step of bf16 (halved for float32: the same shared memory), warps,
+# pipeline stages): bench/gpu_profile.py's sweep on an H200
+SKINNY_LAUNCH = (64, 256, 4, 4)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _skinny_matmul_kernel(x_ptr, w_ptr, out_ptr, num_rows, n, k, x_stride, w_stride,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    steps = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < num_rows, cols < n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, k, BLOCK_K):
+        inner = start + steps
+        x_mask, w_mask = row_ok[:, None], col_ok[:, None]
+        if not EVEN_K:
+            x_mask, w_mask = x_mask & (inner[None, :] < k), w_mask & (inner[None, :] < k)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + inner[None, :], mask=x_mask, other=0.0)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * w_stride + inner[None, :], mask=w_mask, other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T -> [T, N]; this module's kernel for T <= SKINNY_MAX_ROWS, cuBLAS above.
+
+    A program computes BLOCK_N output columns of every row (the rows padded to 16 or more for the tensor cores),
+    so each weight element is read once."""
+    if x.shape[0] > SKINNY_MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return F.linear(x, weight)
+    num_rows, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = SKINNY_LAUNCH
+    block_k = block_k * 2 // x.element_size()
+    _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, out, num_rows, n, k, x.stride(0), weight.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+def graph_time(fn, calls: int = 10, replays: int = 3) -> float:
+    """GPU milliseconds of one fn() call, timed in a CUDA graph of `calls` calls (no host launch time in it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (calls * replays)
+
+
+def faster_on_skinny(weights: list[torch.Tensor]) -> set[tuple[int, int]]:
+    """The shapes of the weights whose matmuls of a few rows run faster on skinny_linear than on cuBLAS, timed on
+    this GPU at 1 and SKINNY_MAX_ROWS rows. Which one wins differs by shape: on an H200, this kernel for the qkv
+    and down projections (cuBLAS splits the down projection's reduction and adds a kernel) and the LM head,
+    cuBLAS for gate/up and o (bench/gpu_profile.py, `linear_*`)."""
+    faster = set()
+    for weight in weights:
+        ours = theirs = 0.0
+        for rows in (1, SKINNY_MAX_ROWS):
+            x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            ours += graph_time(lambda: skinny_linear(x, weight))
+            theirs += graph_time(lambda: F.linear(x, weight))
+        if ours < theirs:
+            faster.add(tuple(weight.shape))
+    return faster

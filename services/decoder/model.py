@@ -84,12 +84,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, step: StepContext) -> torch.Tensor:
-        cache = step.backend.cache
-        q = step.ops.rotary_and_cache(self.qkv_proj(x), positions, step.inv_freq, cache.keys[self.layer_index],
-                                      cache.values[self.layer_index], step.meta.slot_mapping, self.num_heads,
-                                      self.num_kv_heads, self.head_dim)                # [T, H, D]
-        out = step.backend.attend(self.layer_index, q, step.meta)                       # [T, H, D]
-        return self.o_proj(out.reshape(out.shape[0], -1))
+        cache, ops = step.backend.cache, step.ops
+        q = ops.rotary_and_cache(ops.linear(x, self.qkv_proj.weight), positions, step.inv_freq,
+                                 cache.keys[self.layer_index], cache.values[self.layer_index], step.meta.slot_mapping,
+                                 self.num_heads, self.num_kv_heads, self.head_dim)   # [T, H, D]
+        out = step.backend.attend(self.layer_index, q, step.meta)                     # [T, H, D]
+        return ops.linear(out.reshape(out.shape[0], -1), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -99,7 +99,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
-        return self.down_proj(step.ops.silu_and_mul(self.gate_up_proj(x)))
+        ops = step.ops
+        return ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -172,7 +173,7 @@ class PixtralDecoder(nn.Module):
         if logits_rows is not None:
             hidden, residual = hidden.index_select(0, logits_rows), residual.index_select(0, logits_rows)
         hidden, _ = ops.add_rms_norm(hidden, self.norm.weight, self.norm.eps, residual)
-        return self.lm_head(hidden).float()
+        return ops.linear(hidden, self.lm_head.weight).float()
 
 
 def _fuse(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ continued that way (a PENDING_TOKEN on the host) is taken from this step's outpu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from services.decoder.sampler import SamplingBatch, sample, to_device
 from services.decoder.scheduler import ScheduledBatch, ScheduledChunk
 from services.decoder.sequence import PENDING_TOKEN
 from shared.sdpa import warm_up_cudnn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +115,17 @@ class ModelRunner:
         variant, at start-up: the first request must not pay for library initialisation, kernel compilation or
         the allocator's growth."""
         if self.is_fused:
-            from services.decoder.kernels import warm_up
+            from services.decoder import kernels
             spec = self.model.spec
             dtype = self.model.embed_tokens.weight.dtype
-            warm_up(dtype, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim, self.block_size)
+            kernels.warm_up(dtype, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim, self.block_size)
             warm_up_cudnn(spec.num_heads, spec.num_kv_heads, spec.head_dim, True, dtype, self.device)
+            layer = self.model.layers[0]
+            self.ops.choose_linear([layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+                                    layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
+                                    self.model.lm_head.weight])
+            log.info("weight matmuls of up to %d rows on the Triton kernel for weights %s, cuBLAS for the others",
+                     kernels.SKINNY_MAX_ROWS, sorted(self.ops.skinny_shapes))
         num_tokens = min(num_tokens, self.cache.num_blocks * self.block_size)
         meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, device=self.device),
                                  prefills=[PrefillSpan(0, num_tokens, num_tokens,

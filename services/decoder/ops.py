@@ -51,10 +51,23 @@ class TorchOps:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    linear = staticmethod(F.linear)
+
 
 class TritonOps:
     def __init__(self) -> None:
         from services.decoder import kernels
+        self.kernels = kernels
         self.add_rms_norm = kernels.add_rms_norm
         self.rotary_and_cache = kernels.rotary_and_cache
         self.silu_and_mul = kernels.silu_and_mul
+        self.skinny_shapes: set[tuple[int, int]] | None = None   # None: every weight (until choose_linear)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.skinny_shapes is None or tuple(weight.shape) in self.skinny_shapes:
+            return self.kernels.skinny_linear(x, weight)   # cuBLAS itself past SKINNY_MAX_ROWS rows
+        return F.linear(x, weight)
+
+    def choose_linear(self, weights: list[torch.Tensor]) -> None:
+        """Measures, once on this GPU, which weights' small-batch matmuls run on the Triton kernel."""
+        self.skinny_shapes = self.kernels.faster_on_skinny(weights)

@@ -38,7 +38,7 @@ async def serve(config: VisionConfig) -> None:
     model_dir = resolve_model(config.model)
     device = torch.device(config.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype)
+    encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype, config.max_cuda_graphs)
     await asyncio.to_thread(encoder.warm_up)
     await asyncio.to_thread(warm_up_preprocessing)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)

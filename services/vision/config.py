@@ -24,6 +24,7 @@ class VisionConfig:
     max_deliveries: int = option(3, "deliveries of a job before it goes to the dead-letter stream")
     consumer_expiry_s: int = option(3600, "a consumer of the group idle this long, holding no job, belongs to a "
                                           "worker that is gone and is removed; 0: never")
+    max_cuda_graphs: int = option(8, "CUDA graphs kept of the batch shapes encoded most often (cuda only); 0: none")
     max_image_pixels: int = option(50_000_000, "pixels an image may have (checked from its header)")
     embedding_ttl_s: int = option(0, "expiry of cached embeddings (the gateway's --embedding-ttl-s renews it on "
                                      "each use); 0: none (rely on Redis eviction)")
@@ -47,9 +48,10 @@ class VisionConfig:
         tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.redis_timeout_s <= 0 or self.fault_encode_delay_s < 0 or self.consumer_expiry_s < 0:
-            raise ValueError("--redis-timeout-s must be positive, --fault-encode-delay-s and --consumer-expiry-s "
-                             "not negative")
+        if min(self.fault_encode_delay_s, self.consumer_expiry_s, self.max_cuda_graphs) < 0 or \
+                self.redis_timeout_s <= 0:
+            raise ValueError("--redis-timeout-s must be positive, --fault-encode-delay-s, --consumer-expiry-s and "
+                             "--max-cuda-graphs not negative")
         if min(self.max_batch_images, self.read_block_ms, self.claim_idle_ms, self.max_deliveries) <= 0:
             raise ValueError("--max-batch-images, --read-block-ms, --claim-idle-ms and --max-deliveries "
                              "must be positive")

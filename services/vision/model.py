@@ -155,8 +155,8 @@ class VisionTower(nn.Module):
         super().__init__()
         self.spec = spec
         self.ops = TritonVisionOps() if use_fused_kernels else TorchVisionOps()
-        self.patch_conv = nn.Conv2d(spec.num_channels, spec.hidden_size, spec.patch_size, spec.patch_size,
-                                    bias=False)
+        # The checkpoint's patch convolution (kernel = stride = patch size), as the matmul it is: see embed_patches
+        self.patch_embedding = nn.Linear(spec.num_channels * spec.patch_size ** 2, spec.hidden_size, bias=False)
         self.ln_pre = nn.Parameter(torch.ones(spec.hidden_size))
         self.layers = nn.ModuleList(VisionLayer(spec) for _ in range(spec.num_layers))
 
@@ -174,17 +174,27 @@ class VisionTower(nn.Module):
             start += grid[0] * grid[1]
         return order, groups
 
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """[count, C, H, W] -> [count, H/p * W/p, hidden], patches in row-major order.
+
+        The patch convolution computed as one matmul of the flattened patches: for a 1024x1024 image on an H200,
+        cuDNN's kernel for this convolution (3 input channels, stride = kernel) took 368 us, 3.5% of the tower,
+        where cutting the image into patches and the matmul take 28 us (bench/gpu_vision.py, `patch_*`)."""
+        count, channels, height, width = images.shape
+        p = self.spec.patch_size
+        patches = images.reshape(count, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+        return self.patch_embedding(patches.reshape(count, (height // p) * (width // p), channels * p * p))
+
     def forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
         """[(3, H, W)] with H, W multiples of the patch size -> [(H/16 * W/16, hidden)], in the same order."""
         order, groups = self.pack([tuple(p.shape[1:]) for p in pixels])
-        dtype = self.patch_conv.weight.dtype
+        dtype = self.patch_embedding.weight.dtype
         patches, angles = [], []
         for group in groups:
             members = [pixels[i] for i in order[len(patches):len(patches) + group.count]]
-            embedded = self.patch_conv(torch.stack(members).to(dtype))        # [count, D, gh, gw]
-            patches.extend(embedded.flatten(2).transpose(1, 2))               # count x [gh * gw, D]
+            patches.extend(self.embed_patches(torch.stack(members).to(dtype)))   # count x [gh * gw, D]
             angles.append(axial_angles(group.grid_height, group.grid_width, self.spec.head_dim,
-                                       self.spec.rope_theta, embedded.device).repeat(group.count, 1))
+                                       self.spec.rope_theta, members[0].device).repeat(group.count, 1))
         x, _ = self.ops.add_rms_norm(torch.cat(patches), self.ln_pre, self.spec.rms_norm_eps)   # [N, D]
         angles = torch.cat(angles)[:, :self.spec.head_dim // 2]                   # the second half repeats it
         cos, sin = angles.cos().contiguous(), angles.sin().contiguous()           # [N, D / 2] float32
@@ -203,7 +213,8 @@ class VisionTower(nn.Module):
 
 def state_from_checkpoint(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """transformers' PixtralVisionModel names -> this module's (q/k/v and gate/up fused)."""
-    state = {"patch_conv.weight": tensors.pop("patch_conv.weight"), "ln_pre": tensors.pop("ln_pre.weight")}
+    conv = tensors.pop("patch_conv.weight")                      # [hidden, C, p, p]: (c, row, column) order
+    state = {"patch_embedding.weight": conv.reshape(conv.shape[0], -1), "ln_pre": tensors.pop("ln_pre.weight")}
     for i in range(num_layers):
         src, dst = f"transformer.layers.{i}.", f"layers.{i}."
         state[dst + "qkv_proj.weight"] = torch.cat([tensors.pop(f"{src}attention.{n}_proj.weight") for n in "qkv"])

@@ -1,0 +1,82 @@
+"""CUDA graphs of the vision tower for the batch shapes a worker encodes often.
+
+An eager forward pass launches ~240 kernels, and on a host that launches them slowly the host, not the GPU, sets
+its time (H200, bench/gpu_vision.py: the tower alone on a 1024x1024 image 18-19 ms eager on such a host, 10.1 ms
+replayed as a graph; through VisionEncoder.encode, pixels in and features out, a 512x512 image 10.7 against 2.8 ms
+on another; batches of 8 images and more are bound by the GPU either way).
+Image sizes vary, so a batch shape (the sizes of its images, in order) is captured only once it has been encoded
+`after` times, and at most `capacity` graphs are kept, the least recently used dropped. They share one memory
+pool: the worker runs one batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Replay = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+_MAX_COUNTED = 1024   # shapes not captured whose passes are counted, least recently seen dropped first
+
+
+class TowerGraphs:
+    def __init__(self, tower: Callable[[list[torch.Tensor]], list[torch.Tensor]], capacity: int, after: int,
+                 capture: Callable[[list[torch.Tensor]], Replay] | None = None) -> None:
+        self.tower = tower
+        self.capacity = capacity
+        self.after = after
+        self.capture = capture or self._capture_cuda
+        self.graphs: OrderedDict[tuple, Replay] = OrderedDict()
+        self._passes: OrderedDict[tuple, int] = OrderedDict()
+        self._pool = None
+
+    def __call__(self, pixels: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The tower's features of `pixels` from a graph (static buffers: copy them before the next call), or
+        None where this batch shape runs eagerly."""
+        if self.capacity <= 0:
+            return None
+        key = tuple((tuple(p.shape), p.dtype) for p in pixels)
+        replay = self.graphs.get(key)
+        if replay is not None:
+            self.graphs.move_to_end(key)
+            return replay(pixels)
+        passes = self._passes.pop(key, 0) + 1
+        if passes < self.after:
+            self._passes[key] = passes
+            if len(self._passes) > _MAX_COUNTED:
+                self._passes.popitem(last=False)
+            return None
+        try:
+            replay = self.graphs[key] = self.capture(pixels)
+        except RuntimeError as error:   # out of memory, or a kernel that cannot be captured: stay eager
+            log.warning("CUDA graphs of the vision tower turned off: capturing a batch of %s failed: %s",
+                        [tuple(p.shape[1:]) for p in pixels], error)
+            self.capacity = 0
+            self.graphs.clear()
+            return None
+        if len(self.graphs) > self.capacity:
+            self.graphs.popitem(last=False)
+        return replay(pixels)
+
+    def _capture_cuda(self, pixels: list[torch.Tensor]) -> Replay:
+        inputs = [p.clone() for p in pixels]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.tower(inputs)   # a pass outside the capture: library handles and kernel plans are made here
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self.tower(inputs)
+        self._pool = graph.pool()
+
+        def replay(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+            for static, x in zip(inputs, pixels):
+                static.copy_(x)
+            graph.replay()
+            return outputs
+        return replay
