@@ -7,8 +7,9 @@ Decoder: the paged decode attention under several launch shapes (`paged_*`); eac
 at 1 to 32 rows, cuBLAS beside kernels.skinny_linear under several launch shapes (`linear_*`, µs and weight bytes
 read per second); the captured batch-1 decode graph of a 1024x1024 image prompt (4,183 tokens of context) with the
 weight matmuls on cuBLAS and on kernels.skinny_linear, replayed. Vision: the tower captured as one CUDA graph for
-a 1024x1024 image, replayed, and alternatives not taken (`alternative_*`, FlexAttention). Kernels are grouped by
-name; `busy_fraction` is kernel time over wall time (the rest is the gaps between kernels).
+a 1024x1024 image, replayed; alternatives not taken (`alternative_*`, FlexAttention); the memory the worker's
+graphs hold (`graphs_memory_*`). Kernels are grouped by name; `busy_fraction` is kernel time over wall time (the
+rest is the gaps between kernels).
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def chunked_mlp_forward(chunk: int):
 def vision_profile() -> dict:
     from bench.gpu_vision import bench_ms, graphed, pixels_of
     from services.vision.encoder import random_tower
+    from services.vision.graphs import TowerGraphs
     from services.vision.model import VisionLayer, VisionSpec
     from shared import sdpa
     from shared.tiny import pixtral_12b_config
@@ -236,6 +238,14 @@ def vision_profile() -> dict:
     finally:
         VisionLayer.forward = own_forward
     results["tower_1024_graph_ms_again"] = graph_ms()
+    # the memory a worker's graphs hold (one pool): after capturing each of these batch shapes in turn
+    graphs = TowerGraphs(tower, capacity=8, after=1)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    for count, size in ((1, 1024), (16, 512), (16, 1024)):
+        graphs([pixels_of(size, size, 100 + i) for i in range(count)])
+        torch.cuda.empty_cache()
+        results[f"graphs_memory_after_{count}x{size}_gib"] = (torch.cuda.memory_reserved() - before) / 2**30
     return results
 
 

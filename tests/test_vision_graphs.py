@@ -1,5 +1,5 @@
 """Which vision batches replay a CUDA graph: a shape is captured after `after` passes, at most `capacity` kept
-(least recently used dropped), and a failed capture leaves the encoder eager. The capture itself runs on CUDA
+(least recently used dropped), large batches never, and a failed capture leaves the encoder eager. The capture itself runs on CUDA
 machines (tests/kernel_checks.py); here it is replaced by a function that records its calls."""
 
 from __future__ import annotations
@@ -58,3 +58,11 @@ def test_a_failed_capture_turns_graphs_off_and_the_batch_runs_eagerly():
     assert graphs(batch(16)) is None
     assert graphs.capacity == 0 and not graphs.graphs
     assert graphs(batch(16)) is None
+
+
+def test_batches_of_more_than_max_pixels_are_not_captured():
+    captures = Captures()
+    graphs = TowerGraphs(tower=None, capacity=4, after=1, capture=captures)
+    assert graphs(batch(*[512] * 9)) is None and graphs(batch(*[512] * 9)) is None   # 2,359,296 pixels
+    assert graphs(batch(*[512] * 8)) is not None                                     # 2,097,152: the limit
+    assert len(captures.shapes) == 1
