@@ -1,6 +1,6 @@
 """Which vision batches replay a CUDA graph: a shape is captured after `after` passes, at most `capacity` kept
-(least recently used dropped), large batches never, and a failed capture leaves the encoder eager. The capture itself runs on CUDA
-machines (tests/kernel_checks.py); here it is replaced by a function that records its calls."""
+(least recently used dropped), large batches never, and a failed capture leaves the encoder eager. The capture
+itself runs on CUDA machines (tests/kernel_checks.py); here it is replaced by a function that records its calls."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ An eager forward pass launches ~240 kernels, and on a host that launches them sl
 its time (H200, bench/gpu_vision.py: the tower alone on a 1024x1024 image 18-19 ms eager on such a host, 10.1 ms
 replayed as a graph; through VisionEncoder.encode, pixels in and features out, a 512x512 image 10.7 against 2.8 ms
 on another; batches of 8 images and more are bound by the GPU either way).
+
 Image sizes vary, so a batch shape (the sizes of its images, in order) is captured only once it has been encoded
 `after` times, and at most `capacity` graphs are kept, the least recently used dropped. They share one memory
 pool (the worker runs one batch at a time), which holds the activations of the largest batch captured: 0.26 GiB
