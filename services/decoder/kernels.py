@@ -195,8 +195,8 @@ def decode_launch(num_splits: int) -> dict:
     reads one or two tiles and nothing is left to prefetch; with fewer, smaller tiles two deep are faster. H200,
     against 64-token tiles 3 deep and at most 32 splits before (bench/gpu_profile.py, `paged_*`): 11.6 -> 9.9 us
     a layer at batch 1 over 4,200 tokens; 45.8 -> 42.8 and 77.8 -> 73.7 us at 32 and 64 over 1,100 tokens."""
-    return dict(BLOCK_N=64, num_stages=1, num_warps=4) if num_splits >= 64 else dict(BLOCK_N=32, num_stages=2,
-                                                                                        num_warps=4)
+    block_n, stages = (64, 1) if num_splits >= 64 else (32, 2)
+    return dict(BLOCK_N=block_n, num_stages=stages, num_warps=4)
 
 
 def warm_up(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,

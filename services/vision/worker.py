@@ -45,6 +45,11 @@ def group_is_gone(error: redis.exceptions.ResponseError) -> bool:
     return "NOGROUP" in text or "no such key" in text or text.startswith("UNBLOCKED")
 
 
+def retire(pipe, entry_id: bytes):
+    """Queues on `pipe` the acknowledgement of a job and the deletion of its stream entry."""
+    return pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM, entry_id)
+
+
 class InjectedFault(RuntimeError):
     """Raised by the test-only fault injection (VisionConfig.fault_encode_fail_sha256)."""
 
@@ -304,7 +309,7 @@ class VisionWorker:
         async with self.client.pipeline(transaction=True) as pipe:
             for entry_id, job, _ in todo:
                 pipe.xadd(encode_jobs.STREAM, job.to_fields())
-                pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM, entry_id)
+                retire(pipe, entry_id)
             await pipe.execute()
         log.info("gave back %d jobs taken but not started", len(todo))
 
@@ -321,10 +326,9 @@ class VisionWorker:
                          ex=encode_jobs.ERROR_TTL_S)
             pipe.publish(encode_jobs.done_channel(fingerprint), result.to_json())
             pipe.delete(encode_jobs.lock_key(fingerprint, result.sha256))
-            pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM, entry_id)
+            retire(pipe, entry_id)
             await pipe.execute()
 
     async def _ack(self, entry_id: bytes) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
-            await pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM,
-                                                                                   entry_id).execute()
+            await retire(pipe, entry_id).execute()
