@@ -100,6 +100,7 @@ def kernel_sweep(results: dict) -> None:
 def layer_breakdown(tower: VisionTower, results: dict) -> None:
     """GPU time of each op of one layer at 1024x1024 (4,096 patches), each timed alone."""
     from services.decoder.kernels import silu_and_mul
+    from services.vision import kernels
     attention = sdpa.attention
     layer, ops, spec = tower.layers[0], tower.ops, tower.spec
     n, heads, dim = 4096, spec.num_heads, spec.head_dim
@@ -110,16 +111,18 @@ def layer_breakdown(tower: VisionTower, results: dict) -> None:
     q, k, v = (t.view(1, n, heads, dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     qc, kc, vc = (t.contiguous() for t in (q, k, v))
     hidden = torch.nn.functional.linear(x, layer.gate_up_proj.weight)
-    activated = silu_and_mul(hidden)
+    activated = silu_and_mul(hidden, spec.gate_up_group)
     figures = {
         "add_rms_norm": lambda: ops.add_rms_norm(x, layer.attention_norm, 1e-5, x),
         "qkv_proj": lambda: layer.qkv_proj(x),
         "rotate_qk": lambda: rotate_heads_(qkv, cos, sin, 2 * heads, dim),
+        "qkv_rotated_paired": lambda: kernels.qkv_rotated(x, layer.qkv_proj.weight, cos, sin, heads, dim),
         "attention_strided": lambda: attention(q, k, v),
         "attention_contiguous": lambda: attention(qc, kc, vc),
         "o_proj": lambda: layer.o_proj(x),
         "gate_up_proj": lambda: torch.nn.functional.linear(x, layer.gate_up_proj.weight),
-        "silu_and_mul": lambda: silu_and_mul(hidden),
+        "silu_and_mul": lambda: silu_and_mul(hidden, spec.gate_up_group),
+        "gate_up_swiglu_paired": lambda: kernels.gate_up_swiglu(x, layer.gate_up_proj.weight, spec.gate_up_group),
         "down_proj": lambda: layer.down_proj(activated),
     }
     for name, fn in figures.items():
@@ -146,7 +149,7 @@ def encoder_figures(results: dict) -> None:
     spec = VisionSpec.from_config(config.vision_config)
     with torch.device("meta"):
         tower = VisionTower(spec, use_fused_kernels=True)
-    tower.load_state_dict(state_from_checkpoint(dict(hf.state_dict()), spec.num_layers), assign=True)
+    tower.load_state_dict(state_from_checkpoint(dict(hf.state_dict()), spec), assign=True)
     tower.eval()
 
     def hf_features(pixels: torch.Tensor) -> torch.Tensor:

@@ -228,6 +228,44 @@ def check_rotate_heads() -> None:
                 assert torch.equal(rotated[:, heads * dim:], qkv[:, heads * dim:]), "only the first heads turn"
 
 
+def paired_matmuls_case(tokens: int, dtype: torch.dtype, tolerance: float) -> None:
+    from services.decoder.kernels import silu_and_mul
+    from services.vision import kernels
+    from services.vision.model import TorchVisionOps, interleave
+    heads, dim, hidden, inner, group = 4, 16, 64, 128, 32
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    qkv_weight = (0.1 * torch.randn(3 * hidden, hidden, device=DEVICE)).to(dtype)
+    angles = torch.rand(tokens, dim // 2, device=DEVICE) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    got = kernels.qkv_rotated(x, qkv_weight, cos, sin, heads, dim)
+    want = torch.cat([t.reshape(tokens, -1) for t in TorchVisionOps.qkv_rotated(
+        x.float(), qkv_weight.float(), cos, sin, heads, dim)], -1)
+    assert relative_error(got, want) < tolerance, (dtype, relative_error(got, want))
+    gate, up = (0.1 * torch.randn(2, inner, hidden, device=DEVICE)).to(dtype)
+    want = F.silu(x.float() @ gate.float().T) * (x.float() @ up.float().T)
+    gate_up = interleave(gate, up, group)
+    assert relative_error(TorchVisionOps.gate_up_swiglu(x.float(), gate_up.float(), group), want) < 1e-5
+    for got in (kernels.gate_up_swiglu(x, gate_up, group), silu_and_mul(F.linear(x, gate_up), group)):
+        assert relative_error(got, want) < tolerance, (dtype, relative_error(got, want))
+
+
+def check_paired_matmuls() -> None:
+    """The qkv projection with RoPE and the gate/up projection with SwiGLU in the matmul's epilogue, and the
+    SwiGLU kernel on gate and up columns that alternate in groups."""
+    from services.vision import kernels
+    own = kernels.ROPE_LAUNCH, kernels.SWIGLU_LAUNCH
+    try:
+        for launch in [(128, 128, 64, 8, 3, False), (32, 64, 32, 4, 2, True)]:
+            kernels.ROPE_LAUNCH = kernels.SWIGLU_LAUNCH = launch
+            for dtype, tolerance in DTYPES:
+                for tokens in (37, 300):   # a partly filled row block, and several
+                    paired_matmuls_case(tokens, dtype, tolerance)
+    finally:
+        kernels.ROPE_LAUNCH, kernels.SWIGLU_LAUNCH = own
+    unaligned = torch.randn(5, 26, device=DEVICE)   # rows of 104 bytes: no TMA descriptor; the caller falls back
+    assert kernels.gate_up_swiglu(unaligned, torch.randn(64, 26, device=DEVICE), 16) is None
+
+
 def check_prefill_chunk_attention_matches_a_mask() -> None:
     """Flash attention's bottom-right causal mask is the chunk mask of the decoder's prefill (CUDA only)."""
     from shared.sdpa import prefill_chunk_attention
@@ -282,8 +320,11 @@ def check_fused_vision_tower_matches_reference() -> None:
         towers.append(tower)
     pixels = [torch.randn(3, h, w, device=DEVICE) for h, w in ((32, 48), (16, 16), (32, 48), (64, 32))]
     with torch.inference_mode():
-        for a, b in zip(*(tower(pixels) for tower in towers)):
-            assert relative_error(b, a) < 1e-5, relative_error(b, a)
+        reference = towers[0](pixels)
+        # as an eager pass of a few rows runs (cuBLAS, then RoPE and SwiGLU kernels), and as a captured one does
+        for captured in (False, True):
+            for a, b in zip(reference, towers[1](pixels, captured=captured)):
+                assert relative_error(b, a) < 1e-5, (captured, relative_error(b, a))
 
 
 def check_vision_graphs_match_eager() -> None:
@@ -312,8 +353,9 @@ def check_vision_graphs_match_eager() -> None:
 
 CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul, check_linear,
           check_fused_engine_matches_reference_engine, check_cuda_graph_decode_matches_eager,
-          check_rotate_heads, check_fused_vision_tower_matches_reference, check_prefill_chunk_attention_matches_a_mask,
-          check_image_row_staging_keeps_rows_in_flight, check_vision_graphs_match_eager]
+          check_rotate_heads, check_paired_matmuls, check_fused_vision_tower_matches_reference,
+          check_prefill_chunk_attention_matches_a_mask, check_image_row_staging_keeps_rows_in_flight,
+          check_vision_graphs_match_eager]
 
 
 class NotApplicable(Exception):

@@ -239,24 +239,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # -- SwiGLU -----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, size, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, size, group, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < size
-    gate = tl.load(x_ptr + row * 2 * size + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * 2 * size + size + cols, mask=mask, other=0.0)
+    gate_cols = (cols // group) * 2 * group + cols % group
+    gate = tl.load(x_ptr + row * 2 * size + gate_cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * 2 * size + gate_cols + group, mask=mask, other=0.0)
     # silu rounded to the model dtype first, then the product: the op order of F.silu(gate) * up
     activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * size + cols, (activated.to(tl.float32) * up.to(tl.float32)).to(
         out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """[T, 2 * I] (gate then up) -> silu(gate) * up, [T, I]."""
+def silu_and_mul(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """[T, 2 * I] (gate then up) -> silu(gate) * up, [T, I]; with `group`, x's columns alternate `group` gate
+    columns and the matching `group` up columns instead."""
     size = x.shape[-1] // 2
     out = torch.empty(x.shape[0], size, dtype=x.dtype, device=x.device)
     block, warps = SILU_LAUNCH
-    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(size, block))](x, out, size, BLOCK=block, num_warps=warps)
+    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(size, block))](x, out, size, group or size, BLOCK=block,
+                                                                 num_warps=warps)
     return out
 
 

@@ -52,7 +52,7 @@ def load_vision_encoder(model_dir: Path, device: torch.device, dtype: torch.dtyp
     tensors = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("vision_tower"), dtype, device)
     with torch.device("meta"):
         tower = VisionTower(spec, use_fused_kernels=device.type == "cuda")
-    tower.load_state_dict(state_from_checkpoint(tensors, spec.num_layers), strict=True, assign=True)
+    tower.load_state_dict(state_from_checkpoint(tensors, spec), strict=True, assign=True)
     return VisionEncoder(tower.eval().requires_grad_(False), device, dtype, max_graphs)
 
 

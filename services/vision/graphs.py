@@ -3,14 +3,17 @@
 An eager forward pass launches ~240 kernels, and on a host that launches them slowly the host, not the GPU, sets
 its time (H200, bench/gpu_vision.py: the tower alone on a 1024x1024 image 18-19 ms eager on such a host, 10.1 ms
 replayed as a graph; through VisionEncoder.encode, pixels in and features out, a 512x512 image 10.7 against 2.8 ms
-on another; batches of 8 images and more are bound by the GPU either way).
+on another; batches of 16 images and more are bound by the GPU either way).
 
 Image sizes vary, so a batch shape (the sizes of its images, in order) is captured only once it has been encoded
 `after` times, and at most `capacity` graphs are kept, the least recently used dropped. They share one memory
-pool (the worker runs one batch at a time), which holds the activations of the largest batch captured: 0.26 GiB
-for one 1024x1024 image, 4 GiB once 16 of them were (bench/gpu_profile.py, `graphs_memory_*`). Batches of more
-than MAX_PIXELS are not captured: they are bound by the GPU, not the host (eight 512x512 images: 548 images/s
-eager, 551 replayed).
+pool (the worker runs one batch at a time), which holds the activations of the largest batch captured: 0.20 GiB
+for one 1024x1024 image, 0.45 GiB for two, 4 GiB once 16 of them were in an earlier run (bench/gpu_profile.py,
+`graphs_memory_*`). Batches of more than MAX_PIXELS are not captured: they are bound by the GPU, not the host
+(sixteen 512x512 images: 550-573 images/s eager, 564-571 replayed; bench/gpu_vision.py).
+
+The tower is called as tower(pixels, captured=True) for the capture and the pass that warms it up: a captured pass
+launches once, so it takes kernels whose launches cost the host more (VisionTower.forward).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ MAX_PIXELS = 2 * 1024 * 1024   # the largest batch captured: two 1024x1024 image
 
 
 class TowerGraphs:
-    def __init__(self, tower: Callable[[list[torch.Tensor]], list[torch.Tensor]], capacity: int, after: int,
+    def __init__(self, tower: Callable[..., list[torch.Tensor]], capacity: int, after: int,
                  capture: Callable[[list[torch.Tensor]], Replay] | None = None) -> None:
         self.tower = tower
         self.capacity = capacity
@@ -71,12 +74,12 @@ class TowerGraphs:
         inputs = [p.clone() for p in pixels]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.tower(inputs)   # a pass outside the capture: library handles and kernel plans are made here
+        with torch.cuda.stream(stream):   # a pass outside the capture: library handles and kernel plans are made here
+            self.tower(inputs, captured=True)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self.tower(inputs)
+            outputs = self.tower(inputs, captured=True)
         self._pool = graph.pool()
 
         def replay(pixels: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,12 +1,23 @@
-"""Triton kernels of the vision tower (CUDA); the tower also uses the decoder's norm and SwiGLU kernels.
+"""Triton kernels of the vision tower (CUDA); the tower also uses the decoder's norm kernel. They run under
+TRITON_INTERPRET=1 on the CPU (tests/kernel_checks.py).
+
+`qkv_rotated` and `gate_up_swiglu`: the qkv projection with the 2-D RoPE of its q and k heads, and the gate/up
+projection with its SwiGLU, each one matmul whose epilogue combines the two halves of each block of output columns
+before they are stored. On an H200 at the rows of a 1024x1024 image, cuBLAS then a SwiGLU kernel took 123.7 us and
+this 105.7 us (the [T, 2I] product is never written; cuBLAS alone took 101.5), cuBLAS then the rotation 45.9 us and
+this 43.5 us; the tower as a CUDA graph went from 10.08-10.34 to 9.70-9.90 ms (bench/gpu_profile.py, `paired_*`,
+`tower_1024_*`). They load through TMA descriptors, which Hopper and later GPUs have: a Triton matmul with pointer
+loads took 128.5 us for the gate/up projection, and 55.0 us for qkv. Elsewhere the tower runs cuBLAS, then:
 
 `rotate_heads_`: the 2-D RoPE of the q and k heads of the fused qkv projection, in place. One program rotates all
 heads of a few patches: with one program per (patch, head), 64 values each, a 1024x1024 image's 4,096 patches made
 131,072 programs of one warp, and the rotation took 84 us per layer on an H200, as long as the attention projections
-together (bench/gpu_vision.py, `layer_1024_*`). It runs under TRITON_INTERPRET=1 on the CPU (tests/kernel_checks.py).
+together (bench/gpu_vision.py, `layer_1024_*`); and the decoder's SwiGLU kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -46,3 +57,92 @@ def rotate_heads_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
     _rotate_heads_kernel[(triton.cdiv(x.shape[0], block_t),)](
         x, cos, sin, x.shape[0], x.stride(0), num_pairs, HALF=head_dim // 2, BLOCK_T=block_t, BLOCK_P=block_p,
         num_warps=warps)
+
+
+# -- the qkv and gate/up projections with RoPE and SwiGLU in their epilogues ----------------------------------------
+
+# (rows, columns, reduction step, warps, pipeline stages, warp specialization) of a program: bench/gpu_profile.py's
+# sweep (`paired_*`) on an H200
+ROPE_LAUNCH = (128, 256, 64, 8, 3, True)
+SWIGLU_LAUNCH = (128, 128, 64, 8, 3, False)
+_GROUP_ROWS = 8   # row blocks that take the same columns one after another, so the weights they read stay in L2
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _paired_matmul_kernel(x_desc, w_desc, out_desc, cos_ptr, sin_ptr, num_rows, k, num_cols, rotated_cols,
+                          SWIGLU: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr):
+    """x @ w.T, whose output columns come in blocks of 2 * HALF: a first and a second half, combined column by
+    column before they are stored. RoPE: a block is a head; the blocks before column `rotated_cols` (q and k) are
+    turned by the angles of (row, column in the half), the rest (v) stored as they are. SWIGLU: a block is HALF
+    gate columns then the matching up columns; HALF columns of silu(gate) * up are stored."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(num_rows, BLOCK_M)
+    per_group = GROUP * (num_cols // BLOCK_N)
+    first_block = (pid // per_group) * GROUP
+    group_size = tl.minimum(row_blocks - first_block, GROUP)
+    m0 = (first_block + (pid % per_group) % group_size) * BLOCK_M
+    n0 = ((pid % per_group) // group_size) * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, k, BLOCK_K, warp_specialize=WS):   # TMA zero-fills rows and steps past the ends
+        acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([n0, k0]).T, acc, input_precision=PRECISION)
+    blocks: tl.constexpr = BLOCK_N // (2 * HALF)
+    first, second = tl.split(acc.reshape(BLOCK_M, blocks, 2, HALF).permute(0, 1, 3, 2))   # [BLOCK_M, blocks, HALF]
+    if SWIGLU:
+        out = (first / (1.0 + tl.exp(-first)) * second).reshape(BLOCK_M, BLOCK_N // 2)
+        out_desc.store([m0, n0 // 2], out.to(out_desc.dtype))
+    else:
+        if n0 < rotated_cols:
+            rows = m0 + tl.arange(0, BLOCK_M)
+            angle = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+            ok = (rows < num_rows)[:, None]
+            cos = tl.load(cos_ptr + angle, mask=ok, other=0.0)[:, None, :]
+            sin = tl.load(sin_ptr + angle, mask=ok, other=0.0)[:, None, :]
+            first, second = first * cos - second * sin, second * cos + first * sin
+        out = tl.join(first, second).permute(0, 1, 3, 2).reshape(BLOCK_M, BLOCK_N)
+        out_desc.store([m0, n0], out.to(out_desc.dtype))
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """TMA (tensor memory access) is Hopper's and later; Triton's interpreter runs it on the CPU."""
+    return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _paired_matmul(x, weight, out, cos, sin, rotated_cols, swiglu, half, launch) -> torch.Tensor | None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    block_m, block_n, block_k, warps, stages, specialize = launch
+    cols = weight.shape[0]
+    while block_n > 2 * half and (cols % block_n or rotated_cols % block_n):
+        block_n //= 2
+    aligned = all(t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+                  for t in (x, weight, out))
+    if (not _has_tma(x.device) or not aligned or block_n % (2 * half) or cols % block_n or rotated_cols % block_n
+            or half * x.element_size() < 16):
+        return None
+    block_k = block_k * 2 // x.element_size()   # float32 takes the same shared memory as bfloat16
+    out_block = [block_m, block_n // 2 if swiglu else block_n]
+    _paired_matmul_kernel[(triton.cdiv(x.shape[0], block_m) * (cols // block_n),)](
+        TensorDescriptor.from_tensor(x, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+        TensorDescriptor.from_tensor(out, out_block), cos, sin, x.shape[0], x.shape[1], cols, rotated_cols,
+        SWIGLU=swiglu, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=_GROUP_ROWS,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", WS=specialize, num_warps=warps,
+        num_stages=stages)
+    return out
+
+
+def gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor | None:
+    """silu(gate) * up of x @ weight.T, where weight's rows alternate `group` gate rows and the matching `group`
+    up rows [2I, K]; the [T, 2I] product is never written. None where this GPU or these shapes do not fit."""
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    # no angles: x stands in for cos and sin, which the SwiGLU variant does not read
+    return _paired_matmul(x, weight, out, x, x, weight.shape[0], True, group, SWIGLU_LAUNCH)
+
+
+def qkv_rotated(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                head_dim: int) -> torch.Tensor | None:
+    """x @ weight.T [T, 3 * heads * head_dim], the q and k heads turned as rotate_heads_ turns them; None where
+    this GPU or these shapes do not fit."""
+    assert cos.is_contiguous() and sin.is_contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    return _paired_matmul(x, weight, out, cos, sin, 2 * num_heads * head_dim, False, head_dim // 2, ROPE_LAUNCH)

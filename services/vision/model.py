@@ -17,6 +17,16 @@ from torch import nn
 from shared.sdpa import attention
 
 
+GATE_UP_GROUP = 64   # gate rows, then as many up rows, in turn in the fused gate/up weight (VisionSpec.gate_up_group)
+# Eager passes of fewer rows run cuBLAS and the separate RoPE and SwiGLU kernels instead of the paired matmuls
+# (TritonVisionOps): such passes are bound by the host's launch time, and launching a paired matmul (three TMA
+# descriptors) took 59-60 us of host time against 42-45 us for the two launches it replaces on one H200 host, 85-89
+# against 55-60 on a slower one. One 512x512 image eager: 13.3 ms paired against 11.5 (22.5 against 19.3 on the
+# slower host); sixteen: 29.7 against 30.9 (bench/gpu_profile.py, `host_*`, `eager_*`). A pass captured as a CUDA
+# graph launches once, so it takes the paired matmuls at any size.
+PAIRED_EAGER_MIN_ROWS = 16384
+
+
 @dataclass(frozen=True, slots=True)
 class VisionSpec:
     hidden_size: int
@@ -31,6 +41,12 @@ class VisionSpec:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def gate_up_group(self) -> int:
+        """The fused gate/up weight's rows alternate this many gate rows and the matching up rows, so that a tile
+        of its matmul holds both halves of the SwiGLU it feeds (services/vision/kernels.py)."""
+        return GATE_UP_GROUP if self.intermediate_size % GATE_UP_GROUP == 0 else self.intermediate_size
 
     @staticmethod
     def from_config(config) -> VisionSpec:
@@ -72,32 +88,46 @@ class TorchVisionOps:
         return rms_norm(x, weight, eps), x
 
     @staticmethod
-    def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, dim: int):
-        q, k, v = qkv.chunk(3, dim=-1)
-        cos2, sin2 = (torch.cat([t, t], dim=-1).to(qkv.dtype)[:, None] for t in (cos, sin))
+    def qkv_rotated(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                    dim: int):
+        """The qkv projection -> q, k (turned by RoPE), v [T, heads, dim]."""
+        q, k, v = F.linear(x, weight).chunk(3, dim=-1)
+        cos2, sin2 = (torch.cat([t, t], dim=-1).to(x.dtype)[:, None] for t in (cos, sin))
         return (apply_rotary(q.view(-1, heads, dim), cos2, sin2), apply_rotary(k.view(-1, heads, dim), cos2, sin2),
                 v.view(-1, heads, dim))
 
     @staticmethod
-    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+    def gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:
+        """silu(gate) * up of the gate/up projection, whose columns alternate `group` gate and `group` up."""
+        hidden = F.linear(x, weight).view(x.shape[0], -1, 2, group)
+        return (F.silu(hidden[:, :, 0]) * hidden[:, :, 1]).reshape(x.shape[0], -1)
 
 
 class TritonVisionOps:
-    """The same, fused into Triton kernels (CUDA): the decoder's norm and SwiGLU kernels, and the vision RoPE."""
+    """The same, fused into Triton kernels (CUDA): the decoder's norm kernel, and the qkv and gate/up projections
+    with RoPE and SwiGLU in their epilogues (`paired_matmuls`; off: cuBLAS, then the rotation and the decoder's
+    SwiGLU kernel, as separate kernels)."""
 
-    def __init__(self) -> None:
+    def __init__(self, paired_matmuls: bool = True) -> None:
         from services.decoder import kernels
-        from services.vision.kernels import rotate_heads_
+        from services.vision import kernels as vision_kernels
         self.add_rms_norm = kernels.add_rms_norm
         self.silu_and_mul = kernels.silu_and_mul
-        self.rotate_heads_ = rotate_heads_
+        self.kernels = vision_kernels
+        self.paired_matmuls = paired_matmuls
 
-    def rotate_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, dim: int):
-        self.rotate_heads_(qkv, cos, sin, 2 * heads, dim)   # q and k heads, in place
+    def qkv_rotated(self, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                    dim: int):
+        qkv = self.kernels.qkv_rotated(x, weight, cos, sin, heads, dim) if self.paired_matmuls else None
+        if qkv is None:
+            qkv = F.linear(x, weight)
+            self.kernels.rotate_heads_(qkv, cos, sin, 2 * heads, dim)   # q and k heads, in place
         q, k, v = qkv.chunk(3, dim=-1)
         return q.view(-1, heads, dim), k.view(-1, heads, dim), v.view(-1, heads, dim)
+
+    def gate_up_swiglu(self, x: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:
+        out = self.kernels.gate_up_swiglu(x, weight, group) if self.paired_matmuls else None
+        return self.silu_and_mul(F.linear(x, weight), group) if out is None else out
 
 
 def axial_angles(grid_height: int, grid_width: int, head_dim: int, theta: float,
@@ -135,7 +165,7 @@ class VisionLayer(nn.Module):
         spec = self.spec
         heads, dim = spec.num_heads, spec.head_dim
         normed, residual = ops.add_rms_norm(x, self.attention_norm, spec.rms_norm_eps, residual)
-        q, k, v = ops.rotate_qk(self.qkv_proj(normed), cos, sin, heads, dim)  # [N, H, d] each
+        q, k, v = ops.qkv_rotated(normed, self.qkv_proj.weight, cos, sin, heads, dim)   # [N, H, d] each
         out = torch.empty_like(q) if len(groups) > 1 else None
         for group in groups:
             rows = slice(group.start, group.start + group.count * group.num_patches)
@@ -147,7 +177,7 @@ class VisionLayer(nn.Module):
                 out[rows] = attended.reshape(-1, heads, dim)
         normed, residual = ops.add_rms_norm(self.o_proj(out.reshape(out.shape[0], -1)), self.ffn_norm,
                                             spec.rms_norm_eps, residual)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(normed))), residual
+        return self.down_proj(ops.gate_up_swiglu(normed, self.gate_up_proj.weight, spec.gate_up_group)), residual
 
 
 class VisionTower(nn.Module):
@@ -155,6 +185,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.spec = spec
         self.ops = TritonVisionOps() if use_fused_kernels else TorchVisionOps()
+        self.eager_ops = TritonVisionOps(paired_matmuls=False) if use_fused_kernels else self.ops
         # The checkpoint's patch convolution (kernel = stride = patch size), as the matmul it is: see embed_patches
         self.patch_embedding = nn.Linear(spec.num_channels * spec.patch_size ** 2, spec.hidden_size, bias=False)
         self.ln_pre = nn.Parameter(torch.ones(spec.hidden_size))
@@ -185,8 +216,9 @@ class VisionTower(nn.Module):
         patches = images.reshape(count, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
         return self.patch_embedding(patches.reshape(count, (height // p) * (width // p), channels * p * p))
 
-    def forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """[(3, H, W)] with H, W multiples of the patch size -> [(H/16 * W/16, hidden)], in the same order."""
+    def forward(self, pixels: list[torch.Tensor], captured: bool = False) -> list[torch.Tensor]:
+        """[(3, H, W)] with H, W multiples of the patch size -> [(H/16 * W/16, hidden)], in the same order.
+        `captured`: the pass is captured into a CUDA graph, or warms one up (see PAIRED_EAGER_MIN_ROWS)."""
         order, groups = self.pack([tuple(p.shape[1:]) for p in pixels])
         dtype = self.patch_embedding.weight.dtype
         patches, angles = [], []
@@ -198,9 +230,10 @@ class VisionTower(nn.Module):
         x, _ = self.ops.add_rms_norm(torch.cat(patches), self.ln_pre, self.spec.rms_norm_eps)   # [N, D]
         angles = torch.cat(angles)[:, :self.spec.head_dim // 2]                   # the second half repeats it
         cos, sin = angles.cos().contiguous(), angles.sin().contiguous()           # [N, D / 2] float32
+        ops = self.ops if captured or x.shape[0] >= PAIRED_EAGER_MIN_ROWS else self.eager_ops
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, groups, self.ops)
+            x, residual = layer(x, residual, cos, sin, groups, ops)
         x = x + residual
         features = [None] * len(pixels)
         start = 0
@@ -211,16 +244,22 @@ class VisionTower(nn.Module):
         return features
 
 
-def state_from_checkpoint(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """transformers' PixtralVisionModel names -> this module's (q/k/v and gate/up fused)."""
+def interleave(gate: torch.Tensor, up: torch.Tensor, group: int) -> torch.Tensor:
+    """[I, K] gate and up weights -> [2I, K], alternating `group` rows of each (VisionSpec.gate_up_group)."""
+    return torch.stack([gate.view(-1, group, gate.shape[1]), up.view(-1, group, up.shape[1])], 1).flatten(0, 2)
+
+
+def state_from_checkpoint(tensors: dict[str, torch.Tensor], spec: VisionSpec) -> dict[str, torch.Tensor]:
+    """transformers' PixtralVisionModel names -> this module's (q/k/v fused, gate/up fused and interleaved)."""
     conv = tensors.pop("patch_conv.weight")                      # [hidden, C, p, p]: (c, row, column) order
     state = {"patch_embedding.weight": conv.reshape(conv.shape[0], -1), "ln_pre": tensors.pop("ln_pre.weight")}
-    for i in range(num_layers):
+    for i in range(spec.num_layers):
         src, dst = f"transformer.layers.{i}.", f"layers.{i}."
         state[dst + "qkv_proj.weight"] = torch.cat([tensors.pop(f"{src}attention.{n}_proj.weight") for n in "qkv"])
         state[dst + "o_proj.weight"] = tensors.pop(src + "attention.o_proj.weight")
-        state[dst + "gate_up_proj.weight"] = torch.cat([tensors.pop(src + "feed_forward.gate_proj.weight"),
-                                                        tensors.pop(src + "feed_forward.up_proj.weight")])
+        state[dst + "gate_up_proj.weight"] = interleave(tensors.pop(src + "feed_forward.gate_proj.weight"),
+                                                        tensors.pop(src + "feed_forward.up_proj.weight"),
+                                                        spec.gate_up_group)
         state[dst + "down_proj.weight"] = tensors.pop(src + "feed_forward.down_proj.weight")
         state[dst + "attention_norm"] = tensors.pop(src + "attention_norm.weight")
         state[dst + "ffn_norm"] = tensors.pop(src + "ffn_norm.weight")
