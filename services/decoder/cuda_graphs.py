@@ -14,6 +14,7 @@ import torch
 
 from services.decoder.attention import AttentionMetadata
 from services.decoder.kernels import num_decode_splits
+from shared.cuda_graphs import capture
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,9 @@ class DecodeGraphs:
         self.rows.zero_()
         self.rows[2].fill_(-1)
         pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):   # largest first: the smaller ones reuse its memory pool
-                self._forward(size)             # compiles the kernels and warms the allocator
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[size] = self._forward(size)
-                pool = graph.pool()
-                self.graphs[size] = graph
-        torch.cuda.current_stream().wait_stream(stream)
+        for size in reversed(self.sizes):   # largest first: the smaller ones reuse its memory pool
+            self.graphs[size], self.logits[size] = capture(lambda: self._forward(size), pool)
+            pool = self.graphs[size].pool()
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 

@@ -71,6 +71,8 @@ class ImageRowStaging:
     def to_device(self, parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """[rows_i, columns] host tensors -> one [sum rows_i, columns] tensor on the device, in the buffers'
         dtype (the model's: embed() converts to it anyway)."""
+        if parts[0].device.type != "cpu":   # on the device already: the service's rows never are, benchmarks' may be
+            return torch.cat([part.to(device) for part in parts])
         num_rows = sum(part.shape[0] for part in parts)
         buffer = self.buffers[self.turn]
         if num_rows > buffer.shape[0]:   # more rows than a step holds: not expected; correct, only slower
@@ -205,8 +207,7 @@ class ModelRunner:
             fill(ids)
         features, rows = None, None
         if image_features:
-            on_host = image_features[0].device.type == "cpu"   # the service's; benchmarks may hand device rows
-            features = self.staging.to_device(image_features, self.device) if self.staging is not None and on_host \
+            features = self.staging.to_device(image_features, self.device) if self.staging is not None \
                 else torch.cat([f.to(self.device) for f in image_features])
             rows = to_device(torch.cat(image_rows), self.device)
         hidden = self.model.embed(ids, features, rows)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from shared.cuda_graphs import capture
+
 log = logging.getLogger(__name__)
 
 Replay = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -72,14 +74,7 @@ class TowerGraphs:
 
     def _capture_cuda(self, pixels: list[torch.Tensor]) -> Replay:
         inputs = [p.clone() for p in pixels]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):   # a pass outside the capture: library handles and kernel plans are made here
-            self.tower(inputs, captured=True)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self.tower(inputs, captured=True)
+        graph, outputs = capture(lambda: self.tower(inputs, captured=True), self._pool)
         self._pool = graph.pool()
 
         def replay(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
