@@ -22,8 +22,9 @@ GATE_UP_GROUP = 64   # gate rows, then as many up rows, in turn in the fused gat
 # (TritonVisionOps): such passes are bound by the host's launch time, and launching a paired matmul (three TMA
 # descriptors) took 59-60 us of host time against 42-45 us for the two launches it replaces on one H200 host, 85-89
 # against 55-60 on a slower one. One 512x512 image eager: 13.3 ms paired against 11.5 (22.5 against 19.3 on the
-# slower host); sixteen: 29.7 against 30.9 (bench/gpu_profile.py, `host_*`, `eager_*`). A pass captured as a CUDA
-# graph launches once, so it takes the paired matmuls at any size.
+# slower host); sixteen, where the GPU sets the time: 29.7 against 30.9, 29.6 against 29.5 on a third host
+# (bench/gpu_profile.py, `host_*`, `eager_*`). A pass captured as a CUDA graph launches once, so it takes the paired
+# matmuls at any size.
 PAIRED_EAGER_MIN_ROWS = 16384
 
 
