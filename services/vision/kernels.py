@@ -5,9 +5,10 @@ TRITON_INTERPRET=1 on the CPU (tests/kernel_checks.py).
 projection with its SwiGLU, each one matmul whose epilogue combines the two halves of each block of output columns
 before they are stored. On an H200 at the rows of a 1024x1024 image, cuBLAS then a SwiGLU kernel took 123.7 us and
 this 105.7 us (the [T, 2I] product is never written; cuBLAS alone took 101.5), cuBLAS then the rotation 45.9 us and
-this 43.5 us; the tower as a CUDA graph went from 10.07-10.34 to 9.61-9.90 ms on three machines (bench/gpu_profile.py,
-`paired_*`, `tower_1024_*`). They load through TMA descriptors, which Hopper and later GPUs have: a Triton matmul with pointer
-loads took 128.5 us for the gate/up projection, and 55.0 us for qkv. Elsewhere the tower runs cuBLAS, then:
+this 43.5 us; the tower as a CUDA graph went from 10.07-10.34 to 9.61-9.90 ms on three machines
+(bench/gpu_profile.py, `paired_*`, `tower_1024_*`). They load through TMA descriptors, which Hopper and later GPUs
+have: a Triton matmul with pointer loads took 128.5 us for the gate/up projection, and 55.0 us for qkv. Elsewhere
+the tower runs cuBLAS, then:
 
 `rotate_heads_`: the 2-D RoPE of the q and k heads of the fused qkv projection, in place. One program rotates all
 heads of a few patches: with one program per (patch, head), 64 values each, a 1024x1024 image's 4,096 patches made
