@@ -23,6 +23,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 # (rotation pairs a program takes, warps), chosen by bench/gpu_vision.py's sweep (`kernel_sweep_*`) on an H200
@@ -110,34 +111,35 @@ def _has_tma(device: torch.device) -> bool:
     return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _paired_matmul(x, weight, out, cos, sin, rotated_cols, swiglu, half, launch) -> torch.Tensor | None:
-    from triton.tools.tensor_descriptor import TensorDescriptor
+def _paired_matmul(x, weight, cos, sin, rotated_cols, swiglu, half, launch) -> torch.Tensor | None:
+    """The output, or None (nothing allocated) where the kernel does not apply."""
     block_m, block_n, block_k, warps, stages, specialize = launch
     cols = weight.shape[0]
+    out_cols = cols // 2 if swiglu else cols
     while block_n > 2 * half and (cols % block_n or rotated_cols % block_n):
         block_n //= 2
-    aligned = all(t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
-                  for t in (x, weight, out))
+    aligned = out_cols * x.element_size() % 16 == 0 and all(   # TMA: 16-byte rows and base addresses
+        t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, weight))
     if (not _has_tma(x.device) or not aligned or block_n % (2 * half) or cols % block_n or rotated_cols % block_n
             or half * x.element_size() < 16):
         return None
+    out = torch.empty(x.shape[0], out_cols, dtype=x.dtype, device=x.device)
     block_k = block_k * 2 // x.element_size()   # float32 takes the same shared memory as bfloat16
-    out_block = [block_m, block_n // 2 if swiglu else block_n]
     _paired_matmul_kernel[(triton.cdiv(x.shape[0], block_m) * (cols // block_n),)](
         TensorDescriptor.from_tensor(x, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-        TensorDescriptor.from_tensor(out, out_block), cos, sin, x.shape[0], x.shape[1], cols, rotated_cols,
-        SWIGLU=swiglu, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=_GROUP_ROWS,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", WS=specialize, num_warps=warps,
-        num_stages=stages)
+        TensorDescriptor.from_tensor(out, [block_m, block_n // 2 if swiglu else block_n]), cos, sin, x.shape[0],
+        x.shape[1], cols, rotated_cols, SWIGLU=swiglu, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP=_GROUP_ROWS, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", WS=specialize,
+        num_warps=warps, num_stages=stages)
     return out
 
 
 def gate_up_swiglu(x: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor | None:
     """silu(gate) * up of x @ weight.T, where weight's rows alternate `group` gate rows and the matching `group`
     up rows [2I, K]; the [T, 2I] product is never written. None where this GPU or these shapes do not fit."""
-    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
-    # no angles: x stands in for cos and sin, which the SwiGLU variant does not read
-    return _paired_matmul(x, weight, out, x, x, weight.shape[0], True, group, SWIGLU_LAUNCH)
+    # no angles: x stands in for cos and sin, which the SwiGLU variant does not read; and no rotated part, so only
+    # the number of columns bounds the block
+    return _paired_matmul(x, weight, x, x, weight.shape[0], True, group, SWIGLU_LAUNCH)
 
 
 def qkv_rotated(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
@@ -145,5 +147,4 @@ def qkv_rotated(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: t
     """x @ weight.T [T, 3 * heads * head_dim], the q and k heads turned as rotate_heads_ turns them; None where
     this GPU or these shapes do not fit."""
     assert cos.is_contiguous() and sin.is_contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    return _paired_matmul(x, weight, out, cos, sin, 2 * num_heads * head_dim, False, head_dim // 2, ROPE_LAUNCH)
+    return _paired_matmul(x, weight, cos, sin, 2 * num_heads * head_dim, False, head_dim // 2, ROPE_LAUNCH)
