@@ -8,6 +8,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.sampling import SamplingParams
+
 
 # Stands for a token that a forward pass in flight is sampling: the next step, queued before the host reads it,
 # takes it from the device (model_runner.py), and the host writes it in once it arrives (Scheduler.postprocess).
@@ -25,21 +27,6 @@ class FinishReason(enum.Enum):
     LENGTH = "length"        # max_tokens or the context length
     CANCELLED = "cancelled"  # the caller went away or the engine shut down
     ERROR = "error"          # the forward pass failed
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """Resolved sampling parameters (defaults applied and validated upstream)."""
-
-    max_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0        # in (0, 1]
-    top_k: int = 0            # 0: no limit
-    seed: int = 0             # the sampler's noise is a function of (seed, output index)
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass(slots=True)
@@ -114,7 +101,8 @@ class Sequence:
 
     def finish_reason_at(self, index: int) -> FinishReason | None:
         """Whether the sequence ends with its token at position `index`."""
-        if self.token_ids[index] == self.eos_token_id:
+        token_id = self.token_ids[index]
+        if (token_id == self.eos_token_id and not self.sampling.ignore_eos) or token_id in self.sampling.stop_token_ids:
             return FinishReason.STOP
         if self.ends_by_length_at(index):
             return FinishReason.LENGTH
