@@ -26,7 +26,7 @@ from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
 from services.decoder.factory import GIB, build_engine_for
 from services.decoder.model import PixtralDecoder, TextModelSpec, decoder_from_tensors, random_decoder
-from services.decoder.model_runner import ImageInputs
+from services.decoder.step_inputs import ImageInputs
 from services.decoder.sequence import SamplingParams, Sequence
 from shared import checkpoint
 from shared.tiny import pixtral_12b_config

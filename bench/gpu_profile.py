@@ -60,7 +60,7 @@ def kernel_table(fn, repeats: int) -> dict:
 
 
 def graph_us(fn) -> float:
-    from services.decoder.kernels import graph_time
+    from shared.kernels import graph_time
     return 1000 * graph_time(fn, calls=20, replays=20)
 
 
@@ -218,7 +218,7 @@ def paired_sweep(results: dict) -> None:
     (services/vision/kernels.py), under each launch shape, beside cuBLAS followed by the rotation and SwiGLU
     kernels (µs, graph-timed), at the rows of one 1024x1024 image and of sixteen 512x512. The launch shape of
     least summed time is kept for the rest of the run."""
-    from services.decoder.kernels import silu_and_mul
+    from shared.kernels import silu_and_mul
     from services.vision import kernels
     from services.vision.model import GATE_UP_GROUP
     heads, dim, hidden, inner = 16, 64, 1024, 4096
@@ -269,7 +269,7 @@ def eager_costs(tower, results: dict) -> None:
     512x512 batches and mixed sizes with the paired matmuls at every size and at none, alternated (the tower takes
     them from model.PAIRED_EAGER_MIN_ROWS rows)."""
     from bench.gpu_vision import MIXED, pixels_of
-    from services.decoder.kernels import silu_and_mul
+    from shared.kernels import silu_and_mul
     from services.vision import kernels, model
     spec, layer = tower.spec, tower.layers[0]
     x = torch.randn(16, spec.hidden_size, device=DEVICE, dtype=DTYPE)

@@ -63,7 +63,7 @@ SWEEPS = {
 
 @torch.inference_mode()
 def kernel_sweep(results: dict) -> None:
-    from services.decoder import kernels
+    from shared import kernels
     from services.vision import kernels as vision_kernels
     vision = torch.randn(4096, 1024, device=DEVICE, dtype=DTYPE)
     prefill = torch.randn(8192, 5120, device=DEVICE, dtype=DTYPE)
@@ -99,7 +99,7 @@ def kernel_sweep(results: dict) -> None:
 @torch.inference_mode()
 def layer_breakdown(tower: VisionTower, results: dict) -> None:
     """GPU time of each op of one layer at 1024x1024 (4,096 patches), each timed alone."""
-    from services.decoder.kernels import silu_and_mul
+    from shared.kernels import silu_and_mul
     from services.vision import kernels
     attention = sdpa.attention
     layer, ops, spec = tower.layers[0], tower.ops, tower.spec

@@ -1,31 +1,27 @@
 """Bearer-token authentication: a grpc.aio server interceptor every role's server uses, and the client's header.
 
-With a token configured, every call but grpc.health.v1 must carry the metadata `authorization: Bearer <token>`;
-reflection and unknown methods included, so a caller without the token learns nothing about the API. Health is
-exempt because Kubernetes' gRPC probes cannot send headers. The token is compared in constant time.
+With a token configured, every call but grpc.health.v1 must carry the metadata `authorization: Bearer <token>`
+(the scheme in any case, RFC 6750); reflection and unknown methods included, so a caller without the token learns
+nothing about the API. Health is exempt because Kubernetes' gRPC probes cannot send headers. The token is compared
+in constant time, and a refused call is ended before its request is read.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 
 from shared.errors import Unauthenticated
+from shared.handlers import Refuse, refusing_handler
 
 log = logging.getLogger(__name__)
 
 HEADER = "authorization"
+SCHEME = "bearer"
 EXEMPT_PREFIX = "/grpc.health.v1.Health/"
-
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -33,9 +29,16 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((HEADER, f"Bearer {token}"),) if token else ()
 
 
+def canonical(value: str | bytes) -> bytes | None:
+    """An `authorization` value with its scheme written `Bearer` (RFC 6750: the scheme's case does not matter), or
+    None when it is not the Bearer scheme."""
+    raw = value if isinstance(value, bytes) else value.encode()
+    scheme, _, token = raw.partition(b" ")
+    return b"Bearer " + token if scheme.lower() == SCHEME.encode() else None
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str,
-                 refuse: Callable[[grpc.aio.ServicerContext, Unauthenticated, str], Awaitable[None]]) -> None:
+    def __init__(self, token: str, refuse: Refuse) -> None:
         if not token:
             raise ValueError("an empty token would let every caller in")
         self._expected = f"Bearer {token}".encode()
@@ -45,8 +48,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         presented = [value for key, value in metadata or () if key == HEADER]
         if len(presented) != 1:
             return False  # none, or several: refuse rather than guess which one a proxy meant
-        value = presented[0] if isinstance(presented[0], bytes) else presented[0].encode()
-        return hmac.compare_digest(value, self._expected)
+        value = canonical(presented[0])
+        return value is not None and hmac.compare_digest(value, self._expected)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -55,17 +58,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         log.warning("refused %s: missing or invalid bearer token", method)
         handler = await continuation(handler_call_details)
         # An unknown method's name comes from the caller: it must not become a metric label of its own.
-        return self._refusing(handler, method.rsplit("/", 1)[-1] if handler is not None else "unknown")
-
-    def _refusing(self, handler: grpc.RpcMethodHandler | None, rpc: str) -> grpc.RpcMethodHandler:
-        """A handler of the same kind as the method's (or a unary one for unknown methods) that only refuses."""
+        rpc = method.rsplit("/", 1)[-1] if handler is not None else "unknown"
         error = Unauthenticated(f"{rpc}: missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
-
-        async def refuse(request_or_iterator, context):
-            await self._refuse(context, error, rpc)
-
-        if handler is None:
-            return grpc.unary_unary_rpc_method_handler(refuse)
-        make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
-        return make(refuse, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return refusing_handler(self._refuse, error, rpc)

@@ -30,6 +30,10 @@ SINGLE_FILE = "model.safetensors"
 # the device at load (benchmarks of the full Pixtral-12B shape without a 25 GB download: same compute).
 RANDOM_WEIGHTS_FILE = "random_weights.json"
 
+# Pixtral-12B was trained with a 128K context; its config's max_position_embeddings (1,024,000) is the size of its
+# RoPE table, not a context it serves.
+TRAINED_CONTEXT = 131072
+
 # Bumped whenever image preprocessing changes in a way the weights do not show: it is part of the fingerprint.
 PREPROCESSING_VERSION = "mistral-common-1.13.1/patch16/max1024/cubic/clip-mean-std/v1"
 
@@ -73,6 +77,11 @@ def load_config(model_dir: Path) -> LlavaConfig:
     if getattr(config, "spatial_merge_size", 1) not in (1, None):
         raise CheckpointError("spatial merge (Mistral-Small-3.1) is not supported")
     return config
+
+
+def context_length(config: LlavaConfig) -> int:
+    """Prompt + generated tokens the model serves: its positions, at most the trained context."""
+    return min(config.text_config.max_position_embeddings, TRAINED_CONTEXT)
 
 
 def random_weights_seed(model_dir: Path) -> int | None:

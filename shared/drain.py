@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
 
 import grpc
 
 from shared.auth import EXEMPT_PREFIX as HEALTH_PREFIX
 from shared.errors import Unavailable
+from shared.handlers import Refuse, behaviour_of, refusing_handler, with_behaviour
 from shared.streams import write_all
-
-_HANDLER_KINDS = {
-    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-}
 
 
 class DrainInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, refuse: Callable[[grpc.aio.ServicerContext, Unavailable, str], Awaitable[None]]) -> None:
+    def __init__(self, refuse: Refuse) -> None:
         self._refuse = refuse   # (context, error, rpc): ends the call with the error's status (grpc_server.py)
         self.is_draining = False
         self.num_in_flight = 0
@@ -48,11 +41,9 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             return handler
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
         if self.is_draining:
-            async def refuse(request_or_iterator, context):
-                await self._refuse(context, Unavailable(f"{rpc}: server is shutting down; retry on another "
-                                                        "instance"), rpc)
-            return _with_behaviour(handler, refuse)
-        behaviour = _behaviour(handler)
+            error = Unavailable(f"{rpc}: server is shutting down; retry on another instance")
+            return refusing_handler(self._refuse, error, rpc)
+        behaviour = behaviour_of(handler)
         if inspect.isasyncgenfunction(behaviour):
             async def counted_stream(request_or_iterator, context):
                 self._enter()
@@ -60,7 +51,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
                     await write_all(behaviour(request_or_iterator, context), context)
                 finally:
                     self._leave()
-            return _with_behaviour(handler, counted_stream)
+            return with_behaviour(handler, counted_stream)
 
         async def counted(request_or_iterator, context):
             self._enter()
@@ -68,7 +59,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
                 return await behaviour(request_or_iterator, context)
             finally:
                 self._leave()
-        return _with_behaviour(handler, counted)
+        return with_behaviour(handler, counted)
 
     def _enter(self) -> None:
         self.num_in_flight += 1
@@ -78,14 +69,3 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         self.num_in_flight -= 1
         if self.num_in_flight == 0:
             self._idle.set()
-
-
-def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
-    _, name = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
-    return getattr(handler, name)
-
-
-def _with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMethodHandler:
-    make, _ = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
-    return make(behaviour, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)

@@ -1,7 +1,9 @@
-"""Domain errors. Code below the transport raises these; shared/grpc_server.py maps them to gRPC status codes.
+"""Domain errors. Code below the transport raises these; shared/grpc_server.py maps them to gRPC status codes and
+rich error details (google.rpc), and clients of our own servers map them back (services/gateway/decoders.py).
 
 Messages name the offending field (e.g. "messages[0].content[2].image: ...") and never carry tracebacks,
-file paths or memory addresses: they are shown to callers as they are.
+file paths or memory addresses: they are shown to callers as they are. Data a caller may act on (the field, the
+hash of an image that is not cached) travels beside the message, never parsed back out of it.
 """
 
 
@@ -16,7 +18,14 @@ class ServiceError(Exception):
 
 
 class InvalidRequest(ServiceError):
+    """A field of the request is wrong: `field` names it (a path such as "sampling.top_p"), `problem` says how."""
+
     status = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
 
 
 class ImageNotCached(ServiceError):
@@ -47,10 +56,6 @@ class EncodeFailed(ServiceError):
     """The vision pool gave up on an image (it failed on every delivery)."""
 
     status = "INTERNAL"
-
-
-class Cancelled(ServiceError):
-    status = "CANCELLED"
 
 
 class Unauthenticated(ServiceError):

@@ -9,7 +9,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +21,7 @@ from shared.drain import DrainInterceptor
 from shared.errors import ServiceError
 from shared.logs import request_id_var
 from shared.metrics import GRPC_REQUESTS
+from shared.rpc_errors import status_code, status_metadata
 from shared.streams import write_all
 
 log = logging.getLogger(__name__)
@@ -41,17 +42,14 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 REQUEST_ID_KEY = "x-request-id"
 
 
-def status_code(error: ServiceError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
-
-
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError, rpc: str = "") -> None:
-    """Ends the call with the error's status and message, the request id in the trailing metadata."""
+    """Ends the call with the error's status, message and rich details, the request id in the trailing metadata."""
     code = status_code(error)
     if rpc:
         GRPC_REQUESTS.labels(rpc, code.name).inc()
     request_id = request_id_var.get()
-    await context.abort(code, error.message, trailing_metadata=((REQUEST_ID_KEY, request_id),) if request_id else ())
+    metadata = (((REQUEST_ID_KEY, request_id),) if request_id else ()) + status_metadata(error)
+    await context.abort(code, error.message, trailing_metadata=metadata)
 
 
 def map_errors(method: Callable) -> Callable:
@@ -163,13 +161,17 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         self.drainer.is_draining = True
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float, before_stop: Callable[[float], Awaitable[None]] | None = None) -> None:
         """Stops gracefully: NOT_SERVING and new calls refused at once, calls in flight get up to `grace_s` to
-        finish (the server stops as soon as they have), then the rest are cancelled."""
+        finish (the server stops as soon as they have; what is left is cancelled). `before_stop(seconds left)`
+        runs before the server stops, while health still answers."""
+        give_up = time.monotonic() + grace_s
         await self.begin_drain()
         if not await self.drainer.wait_idle(grace_s):
             log.warning("%d calls still in flight after the grace period of %.0f s: cancelling them",
                         self.drainer.num_in_flight, grace_s)
+        if before_stop is not None:
+            await before_stop(max(0.0, give_up - time.monotonic()))
         await self.server.stop(0)
 
     async def stop(self, grace_s: float) -> None:

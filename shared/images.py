@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from mistral_common.protocol.instruct.chunk import ImageChunk
@@ -25,17 +24,6 @@ Image.MAX_IMAGE_PIXELS = None
 
 class InvalidImage(ValueError):
     """Bytes the service will not encode; the message is safe to show to the caller."""
-
-
-@dataclass(frozen=True, slots=True)
-class ImageHeader:
-    format: str
-    width: int
-    height: int
-
-    @property
-    def num_pixels(self) -> int:
-        return self.width * self.height
 
 
 def sha256_hex(data: bytes) -> str:
@@ -60,11 +48,6 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise InvalidImage(f"image has {width * height} pixels ({width}x{height}), over the limit of {max_pixels}")
     return image
-
-
-def read_header(data: bytes, max_pixels: int) -> ImageHeader:
-    image = open_image(data, max_pixels)
-    return ImageHeader(image.format or "", *image.size)
 
 
 def preprocess(data: bytes, max_pixels: int) -> np.ndarray:

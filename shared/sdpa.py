@@ -1,10 +1,9 @@
 """Scaled dot-product attention on CUDA: flash attention for shapes seen rarely, cuDNN's for shapes seen often.
 
-cuDNN's attention is the fastest for the service's shapes on Hopper (H200, bench/attention_backends.py: vision
-tower [1, 16, 4096, 64] 0.17 ms vs flash 0.26; a 4,183-token causal prefill 0.31 vs 0.56), but it builds an
-execution plan the first time it sees a shape: 53 ms for a causal prefill, 676 ms with a mask. Prompt lengths
-and image sizes change from request to request, so a shape runs on flash attention (nothing to build) until it
-has been called CUDNN_AFTER times; then its cuDNN plan is built once, which the faster calls repay in ~600 calls.
+cuDNN's attention is the fastest for the service's shapes on Hopper (bench/attention_backends.py), but it builds an
+execution plan the first time it sees a shape (tens of milliseconds for a causal prefill, hundreds with a mask).
+Prompt lengths and image sizes change from request to request, so a shape runs on flash attention (nothing to
+build) until it has been called CUDNN_AFTER times; then its cuDNN plan is built once, which the faster calls repay.
 PyTorch falls back to the next backend when one cannot take a call (a mask, a head size).
 """
 
@@ -48,9 +47,8 @@ def warm_up_cudnn(num_heads: int, num_kv_heads: int, head_dim: int, is_causal: b
     """Has cuDNN compile its attention kernels of one kind (causal or not, head size, grouped heads) at start-up.
 
     cuDNN compiles them the first time a call of that kind reaches it, once per machine (the CUDA cache keeps
-    them): 0.8 s for the decoder's causal prefill and 0.4 s for the vision tower's attention on an H200, against
-    40-60 ms for the plan of a new shape once they are compiled. Without this, the request whose shape first moves
-    to cuDNN waited for that, and with it every stream of its decoder."""
+    them), which takes far longer than building the plan of a new shape once they are compiled. Without this, the
+    request whose shape first moved to cuDNN waited for that, and with it every stream of its role."""
     if device.type != "cuda":
         return
     for length in (1000, 1024):   # a multiple of the kernels' tile and not

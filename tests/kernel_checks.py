@@ -33,7 +33,7 @@ def launches(module, name: str, choices):
 
 
 def check_add_rms_norm() -> None:
-    from services.decoder import kernels
+    from shared import kernels
     for _ in launches(kernels, "RMS_NORM_LAUNCH", [(1, 8), (2, 4), (4, 4)]):   # 5 rows: a partly filled program
         for dtype, tolerance in DTYPES:
             x = torch.randn(5, 96, device=DEVICE).to(dtype)
@@ -109,7 +109,7 @@ def check_paged_decode_attention() -> None:
 
 
 def check_silu_and_mul() -> None:
-    from services.decoder import kernels
+    from shared import kernels
     for _ in launches(kernels, "SILU_LAUNCH", [(1024, 4), (2048, 8)]):
         for dtype, tolerance in DTYPES:
             x = torch.randn(3, 2 * 1500, device=DEVICE).to(dtype)
@@ -147,7 +147,8 @@ def check_fused_engine_matches_reference_engine() -> None:
     from services.decoder.block_manager import BlockManager
     from services.decoder.engine import Engine
     from services.decoder.model import TextModelSpec, random_decoder
-    from services.decoder.model_runner import ImageInputs, ModelRunner
+    from services.decoder.model_runner import ModelRunner
+    from services.decoder.step_inputs import ImageInputs
     from services.decoder.scheduler import Scheduler, SchedulerConfig
     from services.decoder.sequence import SamplingParams, Sequence
 
@@ -162,7 +163,8 @@ def check_fused_engine_matches_reference_engine() -> None:
     for fused in (False, True):
         cache = KVCache(2, 32, 16, 2, 16, torch.float32, DEVICE)
         runner = ModelRunner(model, cache, DEVICE, 4, 512, use_fused_kernels=fused)
-        engine = Engine(runner, Scheduler(SchedulerConfig(4, 24), BlockManager(32, 16)), max_queued=4)
+        engine = Engine(runner, Scheduler(SchedulerConfig(4, 24), BlockManager(32, 16)), max_queued=4,
+                        eos_token_id=spec.eos_token_id, probe_token_id=spec.bos_token_id)
         seqs = []
         for i, length in enumerate((30, 9, 17)):
             ids = [1] + [(37 * i + 11 * t) % 500 + 12 for t in range(length - 1)]
@@ -229,7 +231,7 @@ def check_rotate_heads() -> None:
 
 
 def paired_matmuls_case(tokens: int, dtype: torch.dtype, tolerance: float) -> None:
-    from services.decoder.kernels import silu_and_mul
+    from shared.kernels import silu_and_mul
     from services.vision import kernels
     from services.vision.model import TorchVisionOps, interleave
     heads, dim, hidden, inner, group = 4, 16, 64, 128, 32
@@ -285,7 +287,7 @@ def check_prefill_chunk_attention_matches_a_mask() -> None:
 def check_image_row_staging_keeps_rows_in_flight() -> None:
     """CUDA only: image rows staged for the device arrive intact while the device is still busy with earlier work,
     and a buffer is not refilled before the copy out of it has run."""
-    from services.decoder.model_runner import ImageRowStaging
+    from services.decoder.staging import ImageRowStaging
     if DEVICE.type != "cuda":
         raise NotApplicable("needs CUDA")
     staging = ImageRowStaging(64, 32, torch.bfloat16)

@@ -341,8 +341,8 @@ def wait_decoder_idle(stack: Stack, timeout_s: float, name: str = "decoder0") ->
 
 class TcpProxy:
     """Forwards connections from a free port to `target_port`; can delay each chunk, stall (hold everything, as
-    a hung server or a black-holed network does) or cut every connection (as a restarted server or a broken
-    network does)."""
+    a hung server or a black-holed network does), cut every connection (as a restarted server or a broken
+    network does), or drop the next request sent and its connection (a blip: the command never arrives)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -355,7 +355,12 @@ class TcpProxy:
         self.port = self._listener.getsockname()[1]
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._closed = False
+        self._drop_next = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop_next(self) -> None:
+        """The next chunk a client sends is not forwarded: its connection is closed instead."""
+        self._drop_next.set()
 
     def stall(self) -> None:
         self._flowing.clear()
@@ -393,14 +398,17 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, from_client in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(source, sink, from_client), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
+                    break
+                if from_client and self._drop_next.is_set():
+                    self._drop_next.clear()
                     break
                 self._flowing.wait()
                 if self.delay_s:

@@ -11,7 +11,7 @@ from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine, EngineOutput
 from services.decoder.factory import build_engine_for
 from services.decoder.model import load_decoder
-from services.decoder.model_runner import ImageInputs
+from services.decoder.step_inputs import ImageInputs
 from services.decoder.sequence import FinishReason, SamplingParams, Sequence
 from shared.errors import Overloaded
 
@@ -199,6 +199,36 @@ def test_a_flood_is_queued_up_to_the_bound_then_refused(model):
     engine.add(late, collector.sink)   # room again once the flood drained
 
 
+def test_a_sequence_the_scheduler_ends_gets_its_last_output(model):
+    """Longer than the whole KV cache: the scheduler ends it by length, and its stream still gets its last message."""
+    engine = make_engine(model, "--kv-cache-gib", "0.0000153")   # 2 blocks of 16 tokens on the tiny model
+    assert engine.stats().num_blocks == 2
+    collector = Collector()
+    seq = make_request(45, num_prompt=20, num_images=0, sampling=SamplingParams(100))
+    seq.max_model_len = 1000
+    engine.add(seq, collector.sink)
+    for _ in range(50):
+        engine.step()
+        if collector.outputs.get(seq.request_id) and collector.finish_reason(seq.request_id) is not None:
+            break
+    assert collector.finish_reason(seq.request_id) is FinishReason.LENGTH
+    assert [o.finish_reason is not None for o in collector.outputs[seq.request_id]].count(True) == 1
+    assert engine.admission.num_unfinished == 0 and engine.stats().num_free_blocks == 2
+
+
+def test_a_request_added_as_the_engine_closes_gets_its_last_output(model):
+    """Reserved before the engine stopped, added after: nobody would take it up, so add() ends it itself."""
+    engine = make_engine(model)
+    engine.start()
+    engine.reserve()   # as the service does, before it fetches the request's image features
+    engine.stop()
+    collector = Collector()
+    seq = make_request(46, num_prompt=10, num_images=0, sampling=SamplingParams(3))
+    engine.add(seq, collector.sink, is_reserved=True)
+    assert [output.finish_reason for output in collector.outputs[seq.request_id]] == [FinishReason.CANCELLED]
+    assert engine.admission.num_unfinished == 0
+
+
 def test_a_failing_forward_pass_ends_its_streams_with_error_and_the_engine_goes_on(model, monkeypatch):
     engine = make_engine(model)
     collector = Collector()
@@ -220,17 +250,17 @@ def test_a_failing_forward_pass_ends_its_streams_with_error_and_the_engine_goes_
 def test_a_failed_forward_pass_makes_the_engine_unhealthy_until_its_probe_runs(model, monkeypatch):
     engine = make_engine(model)
     health = []
-    engine.on_health = health.append
+    engine.failures.on_health = health.append
     collector = Collector()
     a = make_request(52, num_prompt=12, num_images=0, sampling=SamplingParams(4))
     engine.add(a, collector.sink)
     restore = fail_forward_passes(engine, monkeypatch)
     engine.step()
-    assert health == [False] and not engine.is_healthy
+    assert health == [False] and not engine.failures.is_healthy
     assert engine.stats().num_waiting == 1   # the engine's own one-token probe
     restore()
     engine.step()
-    assert health == [False, True] and engine.is_healthy
+    assert health == [False, True] and engine.failures.is_healthy
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting, stats.num_failed_steps) == (0, 0, 1)
     assert stats.num_free_blocks == stats.num_blocks
@@ -241,9 +271,9 @@ def test_forward_passes_failing_in_a_row_stop_the_engine_and_end_every_request(m
 
     from shared.errors import Unavailable
     engine = make_engine(model, "--max-forward-failures", "3")
-    engine.retry_interval_s = 0.01
+    engine.failures.retry_interval_s = 0.01
     fatal = threading.Event()
-    engine.on_fatal = fatal.set
+    engine.failures.on_fatal = fatal.set
     fail_forward_passes(engine, monkeypatch)
     collector = Collector()
     a = make_request(53, num_prompt=12, num_images=0, sampling=SamplingParams(4))
@@ -277,13 +307,13 @@ def test_a_step_failing_while_the_next_one_is_queued_ends_each_stream_once(model
     assert [o.finish_reason is not None for o in collector.outputs[a.request_id]].count(True) == 1
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
-    assert engine._num_unfinished == 1   # only the engine's own probe
+    assert engine.admission.num_unfinished == 1   # only the engine's own probe
 
 
 def test_a_launch_failing_while_a_step_is_in_flight_ends_both_and_leaves_the_engine_unhealthy(model, monkeypatch):
     engine = make_engine(model, overlap=True)
     health = []
-    engine.on_health = health.append
+    engine.failures.on_health = health.append
     collector = Collector()
     a = make_request(72, num_prompt=12, num_images=0, sampling=SamplingParams(50))
     engine.add(a, collector.sink)
@@ -296,6 +326,6 @@ def test_a_launch_failing_while_a_step_is_in_flight_ends_both_and_leaves_the_eng
     engine.step()                      # the probe runs: healthy only once a new forward pass has worked
     assert health == [False]
     engine.step()
-    assert health == [False, True] and engine.is_healthy
+    assert health == [False, True] and engine.failures.is_healthy
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0

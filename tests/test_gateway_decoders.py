@@ -16,8 +16,10 @@ import grpc
 import pytest
 
 from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, gateway_pb2_grpc
-from services.gateway.decoders import DecodeRequest, DecoderPool
+from services.gateway.decoders import DecoderPool
 from shared.errors import Unavailable
+from shared.generation import GenerateRequest
+from shared.sampling import SamplingParams
 from shared.grpc_server import GrpcServer
 from tests.reference import chat_request
 from tests.support import Stack
@@ -48,8 +50,8 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
         yield decoder_pb2.GenerateResponse(token_ids=[8], finish_reason=common_pb2.FINISH_REASON_LENGTH)
 
 
-REQUEST = DecodeRequest(request_id="pool-test", token_ids=[1, 3, 22177, 4], images=[], max_tokens=2,
-                        temperature=0.0, top_p=1.0, top_k=0, seed=None)
+REQUEST = GenerateRequest(request_id="pool-test", prompt_token_ids=[1, 3, 22177, 4], images=[],
+                          sampling=SamplingParams(max_tokens=2))
 
 
 async def started_fakes(count: int) -> list[tuple[GrpcServer, FakeDecoder]]:

@@ -33,7 +33,7 @@ class Streams(decoder_pb2_grpc.DecoderServicer):
         try:
             for index in range(len(request.prompt_token_ids) or 10**9):
                 if request.request_id == "fail" and index == 1:
-                    raise InvalidRequest("prompt_token_ids: refused after the first message")
+                    raise InvalidRequest("prompt_token_ids", "refused after the first message")
                 yield decoder_pb2.GenerateResponse(token_ids=BIG if request.request_id == "big" else [index])
         finally:
             self.events.append("closed")

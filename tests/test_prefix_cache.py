@@ -14,7 +14,7 @@ import torch
 
 from services.decoder.block_manager import BlockManager
 from services.decoder.model import load_decoder
-from services.decoder.model_runner import ImageInputs
+from services.decoder.step_inputs import ImageInputs
 from services.decoder.scheduler import Scheduler, SchedulerConfig
 from services.decoder.sequence import FinishReason, SamplingParams, Sequence
 from tests.test_engine import CPU, SAMPLINGS, Collector, clone, make_engine, run_alone

@@ -9,7 +9,7 @@ from services.decoder.sequence import PENDING_TOKEN, FinishReason, SamplingParam
 
 def seq(request_id: str, num_prompt: int, arrival: int, max_tokens: int = 4) -> Sequence:
     return Sequence(request_id, list(range(100, 100 + num_prompt)), num_prompt, SamplingParams(max_tokens),
-                    max_model_len=10_000, arrival=arrival)
+                    max_model_len=10_000, arrival=arrival, eos_token_id=2)
 
 
 def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16) -> Scheduler:

@@ -1,6 +1,6 @@
 """The gateway's vision pool where two things happen at once, each at the exact moment that matters:
 
-- a cancel that reaches `VisionPool.ensure` as the encode it waits for ends: the call ends cancelled, rather than
+- a cancel that reaches `VisionPool.encode` as the encode it waits for ends: the call ends cancelled, rather than
   returning as if nobody had cancelled it and going on to the decoder (reliability case 20). The cache lookup and
   the encode are replaced by ones that answer at once, so that every point of the wait can be hit in turn;
 - an encode that ends just before a gateway takes the image's lock (a worker writes the embedding, then frees the
@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 import torch
 
-from services.gateway.prompt import PromptImage
+from services.gateway.images import ImageFile
 from services.gateway.vision_pool import VisionPool
 from shared import encode_jobs
 from shared.embedding_cache import cache_key, encode_entry
@@ -24,25 +24,22 @@ from shared.encode_jobs import EncodeResult
 
 
 class InstantPool(VisionPool):
-    """Every image is missing from the cache, and its encode succeeds as soon as it is asked for."""
+    """Every image's encode succeeds as soon as it is asked for."""
 
-    async def probe(self, sha: str):
-        return None
-
-    async def _drive(self, image: PromptImage, request_id: str, flight) -> None:
+    async def _drive(self, image: ImageFile, request_id: str, flight) -> None:
         flight.future.set_result(EncodeResult(image.sha256))
         self._forget(image.sha256, flight)
 
 
-def images(count: int) -> list[PromptImage]:
-    return [PromptImage(f"{i:064x}", b"png", 32, 32, 2, 2, f"images[{i}]") for i in range(count)]
+def images(count: int) -> list[ImageFile]:
+    return [ImageFile(f"{i:064x}", b"png", f"images[{i}]") for i in range(count)]
 
 
 @pytest.mark.parametrize("num_images", [1, 3])
-def test_a_cancel_at_any_step_of_ensure_is_never_lost(num_images):
+def test_a_cancel_at_any_step_of_encode_is_never_lost(num_images):
     async def cancel_after(num_steps: int) -> str:
         pool = InstantPool(client=None, fingerprint="f", lock_ttl_s=5.0)
-        task = asyncio.create_task(pool.ensure(images(num_images), "r", timeout_s=5.0))
+        task = asyncio.create_task(pool.encode(images(num_images), "r", timeout_s=5.0))
         for _ in range(num_steps):
             await asyncio.sleep(0)
         if task.done():
@@ -66,14 +63,13 @@ class EncodeEndsBeforeTheLockIsTaken(VisionPool):
 
     attempts = 0
 
-    async def _take_lock(self, lock: str, request_id: str) -> bool:
+    async def _lock_and_look(self, lock: str, sha: str, request_id: str):
         self.attempts += 1
         if self.attempts == 1:
-            sha = lock.rsplit(":", 1)[-1]
             value = encode_entry(torch.zeros(6, 8), (2, 3), self.fingerprint, sha)
             await self.client.set(cache_key(self.fingerprint, sha), value)
             await self.client.delete(lock)
-        return await super()._take_lock(lock, request_id)
+        return await super()._lock_and_look(lock, sha, request_id)
 
 
 def test_an_encode_ending_just_before_the_lock_is_taken_is_not_enqueued_again(module_redis):
@@ -81,8 +77,8 @@ def test_an_encode_ending_just_before_the_lock_is_taken_is_not_enqueued_again(mo
         client = aioredis.Redis.from_url(module_redis.url)   # its own: no worker takes the jobs
         try:
             pool = EncodeEndsBeforeTheLockIsTaken(client, fingerprint="f" * 16, lock_ttl_s=5.0)
-            image = PromptImage("ab" * 32, b"png", 48, 32, 2, 3, "images[0]")
-            result = await pool.ensure([image], "r", timeout_s=5.0)
+            image = ImageFile("ab" * 32, b"png", "images[0]")
+            result = await pool.encode([image], "r", timeout_s=5.0)
             jobs = await client.xlen(encode_jobs.STREAM)
             lock = await client.exists(encode_jobs.lock_key(pool.fingerprint, image.sha256))
             return result, jobs, lock
@@ -90,4 +86,4 @@ def test_an_encode_ending_just_before_the_lock_is_taken_is_not_enqueued_again(mo
             await client.aclose()
 
     result, jobs, lock = asyncio.run(ensure())
-    assert (result.num_encoded, jobs, lock) == (1, 0, 0)
+    assert (len(result), jobs, lock) == (1, 0, 0)

@@ -40,6 +40,11 @@ class DecoderStub:
                 request_serializer=pixtral_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pixtral_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/pixtral.v1.Decoder/Info',
+                request_serializer=pixtral_dot_v1_dot_decoder__pb2.InfoRequest.SerializeToString,
+                response_deserializer=pixtral_dot_v1_dot_decoder__pb2.InfoResponse.FromString,
+                _registered_method=True)
 
 
 class DecoderServicer:
@@ -53,6 +58,13 @@ class DecoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """What this decoder serves and the limits it enforces, with its load now: for the gateway's checks and routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_DecoderServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pixtral_dot_v1_dot_decoder__pb2.GenerateRequest.FromString,
                     response_serializer=pixtral_dot_v1_dot_decoder__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=pixtral_dot_v1_dot_decoder__pb2.InfoRequest.FromString,
+                    response_serializer=pixtral_dot_v1_dot_decoder__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,33 @@ class Decoder:
             '/pixtral.v1.Decoder/Generate',
             pixtral_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
             pixtral_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pixtral.v1.Decoder/Info',
+            pixtral_dot_v1_dot_decoder__pb2.InfoRequest.SerializeToString,
+            pixtral_dot_v1_dot_decoder__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

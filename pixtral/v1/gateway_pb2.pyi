@@ -116,3 +116,33 @@ class StoredImage(_message.Message):
     info: ImageInfo
     was_cached: bool
     def __init__(self, info: _Optional[_Union[ImageInfo, _Mapping]] = ..., was_cached: _Optional[bool] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model", "context_length", "default_max_tokens", "max_images", "max_image_bytes", "max_image_pixels", "max_image_side", "patch_size", "prefix_caching", "num_decoders", "model_fingerprint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    context_length: int
+    default_max_tokens: int
+    max_images: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_image_side: int
+    patch_size: int
+    prefix_caching: bool
+    num_decoders: int
+    model_fingerprint: str
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ..., patch_size: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., num_decoders: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,11 @@ class GatewayStub:
                 request_serializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesRequest.SerializeToString,
                 response_deserializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesResponse.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/pixtral.v1.Gateway/GetModelInfo',
+                request_serializer=pixtral_dot_v1_dot_gateway__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=pixtral_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -79,6 +84,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelInfo(self, request, context):
+        """The model this gateway serves and the limits it enforces, so that clients can check a request before sending it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +108,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.PutImages,
                     request_deserializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesRequest.FromString,
                     response_serializer=pixtral_dot_v1_dot_gateway__pb2.PutImagesResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=pixtral_dot_v1_dot_gateway__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=pixtral_dot_v1_dot_gateway__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +197,33 @@ class Gateway:
             '/pixtral.v1.Gateway/PutImages',
             pixtral_dot_v1_dot_gateway__pb2.PutImagesRequest.SerializeToString,
             pixtral_dot_v1_dot_gateway__pb2.PutImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pixtral.v1.Gateway/GetModelInfo',
+            pixtral_dot_v1_dot_gateway__pb2.GetModelInfoRequest.SerializeToString,
+            pixtral_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

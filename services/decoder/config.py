@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared import tls
-from shared.settings import load_config, option
+from shared.role import ModelRoleOptions
+from shared.settings import option
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ModelRoleOptions):
     """Pixtral decoder worker: continuous batching over a paged KV cache, tokens streamed over gRPC."""
 
-    model: str = option("tiny", "checkpoint directory, or 'tiny' for the built-in tiny model")
-    redis: str = option("redis://127.0.0.1:6379/0", "Redis URL of the embedding cache")
-    host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50061, "gRPC port")
-    device: str = option("cpu", "cpu or cuda")
+    metrics_port: int = option(9101, "port of the Prometheus /metrics endpoint; 0: none")
     max_num_seqs: int = option(64, "sequences decoded together at most")
     max_num_batched_tokens: int = option(8192, "tokens in one forward pass (chunked-prefill budget)")
     max_queued: int = option(256, "requests queued beyond max_num_seqs before RESOURCE_EXHAUSTED")
@@ -32,32 +29,15 @@ class DecoderConfig:
     feature_cache_mib: int = option(2048, "image features kept in this decoder's memory for reuse (LRU)")
     max_forward_failures: int = option(3, "forward passes failing in a row before the decoder exits for its "
                                           "supervisor to restart it (NOT_SERVING from the first failure on)")
-    redis_timeout_s: float = option(5.0, "time limit of one Redis command; a Redis that takes longer is unavailable")
-    drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
-    metrics_port: int = option(9101, "port of the Prometheus /metrics endpoint; 0: none")
-    torch_threads: int = option(0, "CPU threads of torch's operators; 0: torch's default (all cores)")
-    log_level: str = option("info", "log level")
-    auth_token: str = option("", "bearer token every call but health must carry; prefer the environment to the "
-                                 "flag, which process lists show; empty: none", secret=True)
-    tls_cert: str = option("", "PEM certificate (chain) of the gRPC port; with --tls-key: serve TLS")
-    tls_key: str = option("", "PEM private key of --tls-cert")
-    tls_client_ca: str = option("", "PEM CA that must have signed client certificates (mutual TLS)")
     fault_forward_file: str = option("", "fault injection, for tests only: while this file exists every forward "
                                          "pass fails; empty (default): off")
 
     def __post_init__(self) -> None:
-        tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size) <= 0:
-            raise ValueError("--max-num-seqs, --max-num-batched-tokens and --block-size must be positive")
-        if self.max_forward_failures <= 0 or self.redis_timeout_s <= 0:
-            raise ValueError("--max-forward-failures and --redis-timeout-s must be positive")
+        super().__post_init__()
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.max_forward_failures) <= 0:
+            raise ValueError("--max-num-seqs, --max-num-batched-tokens, --block-size and --max-forward-failures "
+                             "must be positive")
         if self.max_queued < 0 or self.max_model_len < 0 or self.kv_cache_gib < 0:
             raise ValueError("--max-queued, --max-model-len and --kv-cache-gib must not be negative")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
-
-    @staticmethod
-    def load(argv=None) -> DecoderConfig:
-        return load_config(DecoderConfig, argv)

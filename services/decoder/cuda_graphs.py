@@ -14,6 +14,7 @@ import torch
 
 from services.decoder.attention import AttentionMetadata
 from services.decoder.kernels import num_decode_splits
+from services.decoder.step_inputs import DecodeRows
 from shared.cuda_graphs import capture
 
 log = logging.getLogger(__name__)
@@ -22,13 +23,14 @@ _SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch: int) -> None:
-        self.runner = runner
+    def __init__(self, model, backend, ops, device: torch.device, max_batch: int, max_blocks: int,
+                 num_sms: int) -> None:
+        """`model`, `backend` and `ops` are the runner's, `max_blocks` the longest block table a sequence has."""
+        self.model, self.backend, self.ops = model, backend, ops
         self.sizes = sorted({size for size in _SIZES if size < max_batch} | {max_batch})
-        device = runner.device
         self.rows = torch.zeros(4, self.sizes[-1], dtype=torch.int64, device=device)  # token, position, slot, length
-        self.tables = torch.zeros(self.sizes[-1], runner.max_blocks, dtype=torch.int32, device=device)
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.tables = torch.zeros(self.sizes[-1], max_blocks, dtype=torch.int32, device=device)
+        self.num_sms = num_sms
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -36,12 +38,11 @@ class DecodeGraphs:
         return batch_size <= self.sizes[-1]
 
     def _forward(self, size: int) -> torch.Tensor:
-        runner, model = self.runner, self.runner.model
         meta = AttentionMetadata(slot_mapping=self.rows[2, :size], num_decode=size,
                                  block_tables=self.tables[:size], context_lens=self.rows[3, :size],
-                                 num_splits=num_decode_splits(size, model.spec.num_kv_heads, self.num_sms))
-        hidden = model.embed(self.rows[0, :size], None, None)
-        return model(hidden, self.rows[1, :size], meta, runner.backend, runner.ops)
+                                 num_splits=num_decode_splits(size, self.model.spec.num_kv_heads, self.num_sms))
+        hidden = self.model.embed(self.rows[0, :size], None, None)
+        return self.model(hidden, self.rows[1, :size], meta, self.backend, self.ops)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -54,9 +55,10 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
-    def run(self, rows: np.ndarray, tables: np.ndarray, fill=None) -> torch.Tensor:
-        """rows [4, B] (token, position, slot, context length), tables [B, width] -> logits [B, vocab].
+    def run(self, decode: DecodeRows, fill=None) -> torch.Tensor:
+        """Replays the graph of the smallest captured size that holds the rows -> logits [B, vocab].
         `fill(token_row)` writes input tokens that are on the device already (ModelRunner._pending_inputs)."""
+        rows, tables = decode.rows, decode.tables
         batch = rows.shape[1]
         size = next(size for size in self.sizes if size >= batch)
         padded = np.zeros((4, size), dtype=np.int64)

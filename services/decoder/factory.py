@@ -1,4 +1,4 @@
-"""Builds the engine from the config: loads the weights, sizes the KV cache once, wires the parts."""
+"""Builds the engine from the config: loads the weights, sizes the KV cache once, wires the engine's parts."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
     if num_blocks < 1:
         raise MemoryError("no memory left for the KV cache: lower --max-num-batched-tokens or free the device")
     cache = KVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
-    max_model_len = min(config.max_model_len or spec.max_position_embeddings, num_blocks * config.block_size)
+    max_model_len = min(config.max_model_len or spec.context_length, spec.context_length,
+                        num_blocks * config.block_size)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                           BlockManager(num_blocks, config.block_size, config.enable_prefix_caching))
     log.info("KV cache: %d blocks of %d tokens, %.2f GiB, %d tokens in all; context length %d",
@@ -70,8 +71,10 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
         runner.graphs.capture()
     if config.fault_forward_file:
         runner = FailingRunner(runner, config.fault_forward_file)
-    return Engine(runner, scheduler, config.max_queued, config.max_forward_failures,
-                  overlap=is_cuda and config.async_scheduling), max_model_len
+    engine = Engine(runner, scheduler, config.max_queued, eos_token_id=spec.eos_token_id,
+                    probe_token_id=spec.bos_token_id, max_forward_failures=config.max_forward_failures,
+                    overlap=is_cuda and config.async_scheduling)
+    return engine, max_model_len
 
 
 def build_engine(config: DecoderConfig) -> LoadedEngine:

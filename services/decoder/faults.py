@@ -32,5 +32,8 @@ class FailingRunner:
             raise InjectedFault("injected forward-pass fault")
         return self.runner.launch(batch, previous)
 
+    def sample(self, step: LaunchedStep) -> None:
+        self.runner.sample(step)
+
     def collect(self, step: LaunchedStep) -> list[int | None]:
         return self.runner.collect(step)

@@ -18,6 +18,7 @@ import torch
 
 from shared.embedding_cache import CorruptEntry, cache_key, decode_entry
 from shared.errors import ImageNotCached, Unavailable
+from shared.retries import idempotent_redis
 
 
 class FeatureStore:
@@ -41,6 +42,10 @@ class FeatureStore:
             _, evicted = self._local.popitem(last=False)
             self._local_bytes -= evicted.numel() * evicted.element_size()
 
+    @idempotent_redis
+    async def _read(self, keys: list[str]) -> list[bytes | None]:
+        return await self.client.mget(keys)
+
     async def fetch(self, images: list[tuple[str, tuple[int, int]]]) -> torch.Tensor:
         """[(sha256, (grid_h, grid_w)), ...] in prompt order -> [sum of grid_h * grid_w, columns] features."""
         found: dict[str, torch.Tensor] = {}
@@ -52,7 +57,7 @@ class FeatureStore:
         missing = list(dict.fromkeys(sha for sha, _ in images if sha not in found))
         if missing:
             try:
-                values = await self.client.mget([cache_key(self.fingerprint, sha) for sha in missing])
+                values = await self._read([cache_key(self.fingerprint, sha) for sha in missing])
             except redis.exceptions.RedisError as error:
                 raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
             fetched = dict(zip(missing, values))

@@ -1,18 +1,13 @@
-"""Triton kernels of the CUDA decode path: fewer, fused launches over the paged KV cache.
+"""Triton kernels of the CUDA decode path: fewer, fused launches over the paged KV cache (the residual add + RMSNorm
+and SwiGLU kernels, which the vision tower uses too, are in shared/kernels.py).
 
-A decode step at batch 1 reads 24.5 GB of weights in ~8 ms on an H100; what separates a plain implementation from
-that floor is the many small kernels between the matmuls. Each function here replaces several PyTorch ops:
-
-- `add_rms_norm`: residual add + RMSNorm (one pass; the sum is rounded to the model dtype before the norm, as
-  transformers does, so results match its op order).
 - `rotary_and_cache`: RoPE on q and k of the fused qkv projection, and the k/v write into the paged cache.
 - `paged_decode_attention`: attention of one new token per sequence over its cached context, split along the
   context (flash-decoding) so a single long sequence still fills the GPU; the query heads that share a KV head are
   processed together so each KV entry is read once.
-- `silu_and_mul`: the SwiGLU activation of the fused gate/up projection.
 - `skinny_linear`: the weight matmuls of steps of at most SKINNY_MAX_ROWS rows (small decode batches), whose time
-  is that of reading the weights. For some of the 12B model's shapes cuBLAS reads them more slowly (the down
-  projection at 3.6 TB/s on an H200, 3.9 here); `faster_on_skinny` measures which at start-up.
+  is that of reading the weights. For some of the 12B model's shapes cuBLAS reads them more slowly (it splits the
+  down projection's reduction into a second kernel); `faster_on_skinny` measures which at start-up.
 
 All take their sizes from tensors, never from Python values that change between steps, so they can be captured
 in CUDA graphs. They also run under TRITON_INTERPRET=1 on the CPU, which is how the tests check them.
@@ -25,48 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from shared.cuda_graphs import capture
-
-
-# -- RMSNorm ----------------------------------------------------------------------------------------------------
-
-# Launch shapes of the memory-bound kernels, chosen by bench/gpu_vision.py's sweep (`kernel_sweep_*`) on an H200:
-# (rows a program normalises, warps) and (columns a program activates, warps).
-RMS_NORM_LAUNCH = (2, 4)
-SILU_LAUNCH = (2048, 8)
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, num_rows, hidden, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    mask = (rows[:, None] < num_rows) & (cols[None, :] < hidden)
-    offsets = rows[:, None] * hidden + cols[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(out_ptr.dtype.element_ty)   # the sum in the model dtype, as `residual + out` would be
-        tl.store(residual_out_ptr + offsets, x, mask=mask)
-    xf = x.to(tl.float32)
-    variance = tl.sum(xf * xf, axis=1) / hidden
-    normed = (xf * tl.rsqrt(variance + eps)[:, None]).to(out_ptr.dtype.element_ty)
-    weight = tl.load(weight_ptr + cols, mask=cols < hidden, other=0.0)
-    tl.store(out_ptr + offsets, (normed.to(tl.float32) * weight[None, :].to(tl.float32)).to(
-        out_ptr.dtype.element_ty), mask=mask)
-
-
-def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, hidden] -> (RMSNorm(x + residual), x + residual); without a residual, x itself is the new residual."""
-    out = torch.empty_like(x)
-    residual_out = torch.empty_like(x) if residual is not None else x
-    num_rows, hidden = x.shape
-    rows, warps = RMS_NORM_LAUNCH
-    _add_rms_norm_kernel[(triton.cdiv(num_rows, rows),)](
-        x, residual if residual is not None else x, weight, out, residual_out, num_rows, hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), ROWS=rows, num_warps=warps)
-    return out, residual_out
+from shared.kernels import graph_time
 
 
 # -- RoPE and the KV-cache write --------------------------------------------------------------------------------
@@ -194,9 +148,8 @@ def num_decode_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132) ->
 
 def decode_launch(num_splits: int) -> dict:
     """Context tokens a program reads at a time and pipeline depth. With 64+ splits (small batches) a program
-    reads one or two tiles and nothing is left to prefetch; with fewer, smaller tiles two deep are faster. H200,
-    against 64-token tiles 3 deep and at most 32 splits before (bench/gpu_profile.py, `paged_*`): 11.6 -> 9.9 us
-    a layer at batch 1 over 4,200 tokens; 45.8 -> 42.8 and 77.8 -> 73.7 us at 32 and 64 over 1,100 tokens."""
+    reads one or two tiles and nothing is left to prefetch; with fewer, smaller tiles two deep are faster
+    (bench/gpu_profile.py, `paged_*`; figures in docs/benchmarks.md)."""
     block_n, stages = (64, 1) if num_splits >= 64 else (32, 2)
     return dict(BLOCK_N=block_n, num_stages=stages, num_warps=4)
 
@@ -235,33 +188,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _combine_splits_kernel[(batch * num_heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,
                                                  NUM_SPLITS=num_splits,
                                                  SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
-    return out
-
-
-# -- SwiGLU -----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, size, group, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < size
-    gate_cols = (cols // group) * 2 * group + cols % group
-    gate = tl.load(x_ptr + row * 2 * size + gate_cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * 2 * size + gate_cols + group, mask=mask, other=0.0)
-    # silu rounded to the model dtype first, then the product: the op order of F.silu(gate) * up
-    activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * size + cols, (activated.to(tl.float32) * up.to(tl.float32)).to(
-        out_ptr.dtype.element_ty), mask=mask)
-
-
-def silu_and_mul(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
-    """[T, 2 * I] (gate then up) -> silu(gate) * up, [T, I]; with `group`, x's columns alternate `group` gate
-    columns and the matching `group` up columns instead."""
-    size = x.shape[-1] // 2
-    out = torch.empty(x.shape[0], size, dtype=x.dtype, device=x.device)
-    block, warps = SILU_LAUNCH
-    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(size, block))](x, out, size, group or size, BLOCK=block,
-                                                                 num_warps=warps)
     return out
 
 
@@ -314,24 +240,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def graph_time(fn, calls: int = 10, replays: int = 3) -> float:
-    """GPU milliseconds of one fn() call, timed in a CUDA graph of `calls` calls (no host launch time in it)."""
-    graph, _ = capture(lambda: [fn() for _ in range(calls)])
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (calls * replays)
-
-
 def faster_on_skinny(weights: list[torch.Tensor]) -> set[tuple[int, int]]:
     """The shapes of the weights whose matmuls of a few rows run faster on skinny_linear than on cuBLAS, timed on
-    this GPU at 1 and SKINNY_MAX_ROWS rows. Which one wins differs by shape: on an H200, this kernel for the qkv
-    and down projections (cuBLAS splits the down projection's reduction and adds a kernel) and the LM head,
-    cuBLAS for gate/up and o (bench/gpu_profile.py, `linear_*`)."""
+    this GPU at 1 and SKINNY_MAX_ROWS rows: which one wins differs by shape and chip (bench/gpu_profile.py,
+    `linear_*`; figures in docs/benchmarks.md)."""
     faster = set()
     for weight in weights:
         ours = theirs = 0.0

@@ -57,9 +57,9 @@ class TextModelSpec:
             eos_token_id=text.eos_token_id if text.eos_token_id is not None else 2)
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """Per token, all layers, keys and values, at 2 bytes (bf16) an element; scale for other dtypes."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+    def context_length(self) -> int:
+        """Prompt + generated tokens the model serves (checkpoint.context_length)."""
+        return min(self.max_position_embeddings, checkpoint.TRAINED_CONTEXT)
 
 
 class RMSNorm(nn.Module):

@@ -57,10 +57,11 @@ class TorchOps:
 class TritonOps:
     def __init__(self) -> None:
         from services.decoder import kernels
+        from shared import kernels as shared_kernels
         self.kernels = kernels
-        self.add_rms_norm = kernels.add_rms_norm
+        self.add_rms_norm = shared_kernels.add_rms_norm
         self.rotary_and_cache = kernels.rotary_and_cache
-        self.silu_and_mul = kernels.silu_and_mul
+        self.silu_and_mul = shared_kernels.silu_and_mul
         self.skinny_shapes: set[tuple[int, int]] | None = None   # None: every weight (until choose_linear)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from services.decoder.sequence import SamplingParams
+from services.decoder.staging import to_device
+from shared.sampling import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-to-device copy that does not wait for the device's queued work, as a plain copy does: the engine
-    prepares a step while the one before it runs."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ class ScheduledChunk:
 class ScheduledBatch:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)   # ended by the scheduler itself (see schedule())
     # id() of the sequences a later batch continued before this one's tokens were read (continue_decoding)
     continued: set[int] = field(default_factory=set)
 
@@ -81,6 +82,7 @@ class Scheduler:
             if self.block_manager.num_new_blocks(seq, num_tokens) > self.block_manager.num_blocks - len(
                     seq.block_table):
                 self.finish(seq, FinishReason.LENGTH)  # longer than the whole cache: it can never continue
+                batch.finished.append(seq)
                 continue
             if not self._make_room(seq, num_tokens, batch):
                 break  # seq itself was preempted: it was the newest left

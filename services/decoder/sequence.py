@@ -41,7 +41,7 @@ class Sequence:
     # (first position, end position, sha256) of each image's [IMG] tokens: what the KV of a block depends on
     # besides its tokens. A sequence with images but no spans is never shared through the prefix cache.
     image_spans: tuple[tuple[int, int, str], ...] = ()
-    eos_token_id: int = 2
+    eos_token_id: int | None = None   # None: the model's, set by the engine when the sequence is added
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0    # tokens whose KV entries are written
     block_table: list[int] = field(default_factory=list)

@@ -4,38 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import secrets
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
 
 from services.decoder.engine import Engine, EngineOutput
 from services.decoder.features import FeatureStore
 from services.decoder.model import TextModelSpec
-from services.decoder.model_runner import ImageInputs
-from services.decoder.sequence import FinishReason, SamplingParams, Sequence
+from services.decoder.sequence import FinishReason, Sequence
+from services.decoder.step_inputs import ImageInputs
 from shared.errors import InvalidRequest, Unavailable
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRef:
-    sha256: str
-    grid_height: int
-    grid_width: int
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    images: list[ImageRef]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
+from shared.generation import DecoderInfo, GenerateRequest, ImageRef
 
 
 class OutputRouter:
@@ -71,36 +51,48 @@ def image_spans(refs: list[ImageRef], images: ImageInputs | None) -> tuple[tuple
         return ()
     spans, row = [], 0
     for ref in refs:
-        num_rows = ref.grid_height * ref.grid_width
-        spans.append((int(images.positions[row]), int(images.positions[row + num_rows - 1]) + 1, ref.sha256))
-        row += num_rows
+        spans.append((int(images.positions[row]), int(images.positions[row + ref.num_rows - 1]) + 1, ref.sha256))
+        row += ref.num_rows
     return tuple(spans)
 
 
 class DecoderService:
-    def __init__(self, engine: Engine, features: FeatureStore, spec: TextModelSpec, max_model_len: int) -> None:
+    def __init__(self, engine: Engine, features: FeatureStore, spec: TextModelSpec, max_model_len: int,
+                 fingerprint: str, prefix_caching: bool) -> None:
         self.engine = engine
         self.features = features
         self.spec = spec
         self.max_model_len = max_model_len
+        self.fingerprint = fingerprint
+        self.prefix_caching = prefix_caching
         self._arrivals = itertools.count()
         self._router: OutputRouter | None = None
+
+    def info(self) -> DecoderInfo:
+        stats, admission = self.engine.stats(), self.engine.admission
+        return DecoderInfo(max_model_len=self.max_model_len, vocab_size=self.spec.vocab_size,
+                           block_size=self.engine.scheduler.block_manager.block_size,
+                           model_fingerprint=self.fingerprint, prefix_caching=self.prefix_caching,
+                           max_num_seqs=admission.max_num_seqs, max_queued=admission.max_queued,
+                           num_unfinished=admission.num_unfinished, num_blocks=stats.num_blocks,
+                           num_free_blocks=stats.num_free_blocks)
 
     def _validate(self, request: GenerateRequest) -> None:
         ids = request.prompt_token_ids
         if not ids:
-            raise InvalidRequest("prompt_token_ids: empty")
+            raise InvalidRequest("prompt_token_ids", "empty")
         if max(ids) >= self.spec.vocab_size:
-            raise InvalidRequest(f"prompt_token_ids: id {max(ids)} outside the vocabulary of {self.spec.vocab_size}")
-        if request.max_tokens <= 0:
-            raise InvalidRequest(f"sampling.max_tokens: must be > 0, got {request.max_tokens}")
-        if len(ids) + request.max_tokens > self.max_model_len:
-            raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
-                                 f"context length of {self.max_model_len}")
+            raise InvalidRequest("prompt_token_ids", f"id {max(ids)} outside the vocabulary of {self.spec.vocab_size}")
+        max_tokens = request.sampling.max_tokens
+        if max_tokens <= 0:
+            raise InvalidRequest("sampling.max_tokens", f"must be > 0, got {max_tokens}")
+        if len(ids) + max_tokens > self.max_model_len:
+            raise InvalidRequest("sampling.max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) "
+                                 f"exceeds the context length of {self.max_model_len}")
         num_image_tokens = sum(1 for token in ids if token == self.spec.image_token_id)
-        num_rows = sum(image.grid_height * image.grid_width for image in request.images)
+        num_rows = sum(image.num_rows for image in request.images)
         if num_image_tokens != num_rows:
-            raise InvalidRequest(f"images: {num_rows} embedding rows for {num_image_tokens} [IMG] tokens")
+            raise InvalidRequest("images", f"{num_rows} embedding rows for {num_image_tokens} [IMG] tokens")
 
     async def _image_inputs(self, request: GenerateRequest) -> ImageInputs | None:
         if not request.images:
@@ -122,11 +114,8 @@ class DecoderService:
             self.engine.release()
             raise
         arrival = next(self._arrivals)
-        sampling = SamplingParams(
-            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-            top_k=request.top_k, seed=request.seed if request.seed is not None else secrets.randbits(63))
         seq = Sequence(request_id=f"{request.request_id}#{arrival}", token_ids=list(request.prompt_token_ids),
-                       num_prompt_tokens=len(request.prompt_token_ids), sampling=sampling,
+                       num_prompt_tokens=len(request.prompt_token_ids), sampling=request.sampling,
                        max_model_len=self.max_model_len, arrival=arrival, images=images,
                        image_spans=image_spans(request.images, images), eos_token_id=self.spec.eos_token_id)
         if self._router is None:

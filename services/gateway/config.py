@@ -5,34 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared import tls
-from shared.settings import load_config, option
+from shared.role import RoleOptions
+from shared.settings import option
 from shared.url_fetch import parse_networks
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
-    """Pixtral gateway: the public gRPC API (Chat, Tokenize, PutImages)."""
+class GatewayConfig(RoleOptions):
+    """Pixtral gateway: the public gRPC API (Chat, Tokenize, PutImages, GetModelInfo)."""
 
-    model: str = option("tiny", "checkpoint directory (for its config and vision fingerprint), or 'tiny'")
-    redis: str = option("redis://127.0.0.1:6379/0", "Redis URL of the job stream and the embedding cache")
-    decoder_addresses: tuple[str, ...] = option(("127.0.0.1:50061",), "decoder addresses host:port, comma-separated")
-    host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port")
+    metrics_port: int = option(9100, "port of the Prometheus /metrics endpoint; 0: none")
+    model_name: str = option("", "name of the model served, as GetModelInfo reports it; empty: the checkpoint "
+                                 "directory's name ('tiny' for the built-in model)")
+    decoder_addresses: tuple[str, ...] = option(("127.0.0.1:50061",), "decoder addresses host:port, comma-separated")
     max_images: int = option(16, "images per request at most")
     max_image_bytes: int = option(20 * 1024 * 1024, "bytes per image file at most")
     max_image_pixels: int = option(50_000_000, "pixels per image at most (checked from the header)")
-    max_model_len: int = option(0, "prompt + max_tokens at most; 0: the model's context length")
+    max_model_len: int = option(0, "prompt + max_tokens at most; 0: the smallest context of the decoders (the "
+                                   "model's trained context while none has said)")
     default_max_tokens: int = option(256, "max_tokens when a request sets none (capped by the context left)")
     max_stop_strings: int = option(16, "stop strings per request at most")
     encode_timeout_s: float = option(120.0, "how long a request waits for its images to be encoded")
     lock_ttl_s: float = option(30.0, "expiry of the single-flight lock on an image being encoded")
     embedding_ttl_s: int = option(0, "expiry a cached embedding gets again each time a request uses it (the vision "
                                      "workers' --embedding-ttl-s, so that images in use stay); 0: left as written")
-    redis_timeout_s: float = option(5.0, "time limit of one Redis command; a Redis that takes longer is unavailable")
     max_message_bytes: int = option(64 * 1024 * 1024, "largest request message gRPC accepts")
-    drain_grace_s: float = option(30.0, "on SIGTERM, seconds streams in flight may take to finish")
-    metrics_port: int = option(9100, "port of the Prometheus /metrics endpoint; 0: none")
-    log_level: str = option("info", "log level")
     image_url_allowlist: tuple[str, ...] = option(
         (), "hosts whose http(s) image URLs the gateway fetches, comma-separated; empty: only data: URLs")
     image_url_allowed_networks: tuple[str, ...] = option(
@@ -41,26 +39,23 @@ class GatewayConfig:
     image_url_timeout_s: float = option(10.0, "time limit of one image URL fetch, redirects included")
     image_url_max_redirects: int = option(3, "redirects followed per image URL (each target checked again)")
     health_check_interval_s: float = option(1.0, "retry interval of a decoder's health watch after it failed")
-    auth_token: str = option("", "bearer token every call but health must carry ('authorization: Bearer <token>'); "
-                                 "prefer the environment to the flag, which process lists show; empty: none",
-                             secret=True)
-    tls_cert: str = option("", "PEM certificate (chain) of the public port; with --tls-key: serve TLS")
-    tls_key: str = option("", "PEM private key of --tls-cert")
-    tls_client_ca: str = option("", "PEM CA that must have signed client certificates (mutual TLS)")
     decoder_auth_token: str = option("", "bearer token sent to the decoders; empty: --auth-token", secret=True)
     decoder_tls_ca: str = option("", "PEM CA to verify the decoders with; set: TLS to the decoders")
     decoder_tls_cert: str = option("", "PEM client certificate for the decoders (mutual TLS)")
     decoder_tls_key: str = option("", "PEM private key of --decoder-tls-cert")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.decoder_addresses:
             raise ValueError("--decoder-addresses: at least one decoder address is needed")
         if min(self.max_images, self.max_image_bytes, self.max_image_pixels, self.default_max_tokens) <= 0:
             raise ValueError("image limits and --default-max-tokens must be positive")
-        if self.encode_timeout_s <= 0 or self.lock_ttl_s <= 0 or self.redis_timeout_s <= 0:
-            raise ValueError("--encode-timeout-s, --lock-ttl-s and --redis-timeout-s must be positive")
+        if self.encode_timeout_s <= 0 or self.lock_ttl_s <= 0:
+            raise ValueError("--encode-timeout-s and --lock-ttl-s must be positive")
         if self.embedding_ttl_s < 0:
             raise ValueError("--embedding-ttl-s must not be negative")
+        if self.max_model_len < 0:
+            raise ValueError("--max-model-len must not be negative")
         if self.image_url_timeout_s <= 0 or self.image_url_max_redirects < 0 or self.health_check_interval_s <= 0:
             raise ValueError("--image-url-timeout-s and --health-check-interval-s must be positive, "
                              "--image-url-max-redirects not negative")
@@ -68,13 +63,8 @@ class GatewayConfig:
             parse_networks(self.image_url_allowed_networks)
         except ValueError as error:
             raise ValueError(f"--image-url-allowed-networks: {error}") from None
-        tls.check_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         tls.check_client_files(self.decoder_tls_ca, self.decoder_tls_cert, self.decoder_tls_key, "--decoder-tls")
 
     @property
     def decoder_token(self) -> str:
         return self.decoder_auth_token or self.auth_token
-
-    @staticmethod
-    def load(argv=None) -> GatewayConfig:
-        return load_config(GatewayConfig, argv)

@@ -1,5 +1,5 @@
-"""The gateway's client of the decoder workers: balancing, health watching, retry before the first token, error
-mapping, TLS and the bearer token of the internal hop."""
+"""The gateway's client of the decoder workers: balancing, health watching, each decoder's limits and load (its Info),
+retry on another decoder before the first token, error mapping, TLS and the bearer token of the internal hop."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from shared.auth import bearer_metadata
-from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest, Overloaded, ServiceError, Unavailable
+from shared.errors import ServiceError, Unavailable
+from shared.generation import DecoderInfo, GenerateRequest
+from shared.retries import attempts, forever
+from shared.rpc_errors import domain_error
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
                     ("grpc.max_reconnect_backoff_ms", 5000)]
 # How long a stream's status may take after the decoder's last message before the call is let go anyway.
 STATUS_WAIT_S = 1.0
+INFO_TIMEOUT_S = 5.0
 
 FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -36,25 +40,18 @@ FINISH_REASONS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeRequest:
-    request_id: str
-    token_ids: list[int]
-    images: list[tuple[str, int, int]]   # (sha256, grid_height, grid_width) in prompt order
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
+def request_to_pb(request: GenerateRequest) -> decoder_pb2.GenerateRequest:
+    s = request.sampling
+    sampling = common_pb2.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                         top_k=s.top_k, seed=s.seed)
+    return decoder_pb2.GenerateRequest(
+        request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, sampling=sampling,
+        images=[decoder_pb2.ImageRef(sha256=image.sha256, grid_height=image.grid_height,
+                                     grid_width=image.grid_width) for image in request.images])
 
-    def to_pb(self) -> decoder_pb2.GenerateRequest:
-        sampling = common_pb2.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
-                                             top_p=self.top_p, top_k=self.top_k)
-        if self.seed is not None:
-            sampling.seed = self.seed
-        return decoder_pb2.GenerateRequest(
-            request_id=self.request_id, prompt_token_ids=self.token_ids, sampling=sampling,
-            images=[decoder_pb2.ImageRef(sha256=sha, grid_height=gh, grid_width=gw) for sha, gh, gw in self.images])
+
+def info_from_pb(response: decoder_pb2.InfoResponse) -> DecoderInfo:
+    return DecoderInfo(**{name: getattr(response, name) for name in DecoderInfo.__dataclass_fields__})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +60,16 @@ class DecodeOutput:
     finish_reason: str | None   # "stop", "length", "cancelled" or "error" on the last output
 
 
+class _FailedBeforeOutput(Exception):
+    """A decoder that could not start the request: the next one is tried."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class _Decoder:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None, server_name: str = "") -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None, metadata, server_name: str = ""):
         self.address = address
         options = list(_CHANNEL_OPTIONS)
         if server_name:  # dialled by IP, verified by name (TLS)
@@ -73,9 +78,11 @@ class _Decoder:
                         else grpc.aio.insecure_channel(address, options=options))
         self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = metadata
         self.num_outstanding = 0
         # Until its first health answer a decoder is tried: requests fall through to another one if it is down.
         self.is_healthy = True
+        self.info: DecoderInfo | None = None   # from its Info once it serves; None until then (or when it fails)
 
     def set_healthy(self, is_healthy: bool, why: str) -> None:
         if is_healthy != self.is_healthy:
@@ -83,43 +90,44 @@ class _Decoder:
                         why)
         self.is_healthy = is_healthy
 
+    async def refresh_info(self) -> None:
+        try:
+            self.info = info_from_pb(await self.stub.Info(decoder_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S,
+                                                          metadata=self.metadata))
+        except grpc.aio.AioRpcError as error:
+            log.warning("decoder %s: no Info (%s): its limits are unknown", self.address, error.code().name)
+            self.info = None
+
     async def watch_health(self, retry_s: float) -> None:
-        """Follows the decoder's grpc.health.v1 Watch stream while it is SERVING; a broken stream counts as
-        unhealthy until it is back.
+        """Follows the decoder's grpc.health.v1 Watch stream while it is SERVING (its Info read each time it turns
+        SERVING); a broken stream counts as unhealthy until it is back.
 
         A decoder that is not serving is asked again every `retry_s` rather than watched: a draining decoder
         waits for the calls still open before it exits, and an open Watch would keep it waiting for its whole
         grace period."""
-        request = health_pb2.HealthCheckRequest(service="")
-        while True:
-            call = self.health.Watch(request)
+        @forever((grpc.aio.AioRpcError, _NotServing), first_wait_s=retry_s, max_wait_s=retry_s)
+        async def watch() -> None:
+            call = self.health.Watch(health_pb2.HealthCheckRequest(service=""))
             try:
                 async for response in call:
                     is_serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    if is_serving:
+                        await self.refresh_info()
                     self.set_healthy(is_serving, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
                     if not is_serving:
-                        break
-                else:
-                    self.set_healthy(False, "health stream ended")
+                        raise _NotServing()
+                self.set_healthy(False, "health stream ended")
+                raise _NotServing()
             except grpc.aio.AioRpcError as error:
                 self.set_healthy(False, f"health check failed: {error.code().name}")
+                raise
             finally:
                 call.cancel()
-            await asyncio.sleep(retry_s)
+        await watch()
 
 
-def _domain_error(error: grpc.aio.AioRpcError, request: DecodeRequest) -> ServiceError:
-    code, details = error.code(), error.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequest(details)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        missing = next((sha for sha, _, _ in request.images if sha in details), "")
-        return ImageNotCached(details, missing)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded(details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded("deadline exceeded while generating")
-    return Unavailable(f"decoder unavailable: {code.name}")
+class _NotServing(Exception):
+    """The decoder's health is not SERVING (or its stream ended): asked again after a while."""
 
 
 class DecoderPool:
@@ -136,11 +144,11 @@ class DecoderPool:
     def __init__(self, addresses: tuple[str, ...], credentials: grpc.ChannelCredentials | None = None,
                  token: str = "", health_retry_s: float = 1.0, discovery_interval_s: float = 10.0) -> None:
         self.credentials = credentials
+        self.metadata = bearer_metadata(token)
         self.names = [address.removeprefix("dns:///") for address in addresses if address.startswith("dns:///")]
-        self.decoders = [_Decoder(address, credentials) for address in addresses
+        self.decoders = [_Decoder(address, credentials, self.metadata) for address in addresses
                          if not address.startswith("dns:///")]
         self._static_addresses = {decoder.address for decoder in self.decoders}
-        self.metadata = bearer_metadata(token)
         self.health_retry_s = health_retry_s
         self.discovery_interval_s = discovery_interval_s
         self._turn = itertools.count()
@@ -156,6 +164,14 @@ class DecoderPool:
 
     def _watch(self, decoder: _Decoder) -> None:
         self._watchers[decoder.address] = asyncio.create_task(decoder.watch_health(self.health_retry_s))
+
+    def infos(self) -> list[DecoderInfo]:
+        """The Info of every healthy decoder that gave one."""
+        return [decoder.info for decoder in self.decoders if decoder.is_healthy and decoder.info is not None]
+
+    def context_length(self) -> int | None:
+        """The smallest context of the healthy decoders (None while none has given its Info)."""
+        return min((info.max_model_len for info in self.infos()), default=None)
 
     async def discover(self) -> None:
         """Adds a decoder per newly resolved address and retires those no longer resolved."""
@@ -175,7 +191,8 @@ class DecoderPool:
         for address, host in resolved.items():
             if address not in known:
                 log.info("decoder %s found", address)
-                decoder = _Decoder(address, self.credentials, server_name=host if self.credentials else "")
+                decoder = _Decoder(address, self.credentials, self.metadata,
+                                   server_name=host if self.credentials else "")
                 self.decoders.append(decoder)
                 self._watch(decoder)
         for decoder in [d for d in self.decoders if d.address not in resolved
@@ -203,48 +220,67 @@ class DecoderPool:
         healthy = [decoder for decoder in rotated if decoder.is_healthy]
         return sorted(healthy or rotated, key=lambda decoder: decoder.num_outstanding)
 
-    async def generate(self, request: DecodeRequest, timeout_s: float | None) -> AsyncIterator[DecodeOutput]:
-        """Streams the decoder's outputs. A decoder that is UNAVAILABLE before sending anything is skipped.
+    async def _open(self, decoder: _Decoder, message: decoder_pb2.GenerateRequest, timeout_s: float | None):
+        """Starts the call on `decoder` up to its first message -> (call, first response); a decoder that is
+        UNAVAILABLE, or fails, before sending anything raises _FailedBeforeOutput (the next one is tried)."""
+        call = decoder.stub.Generate(message, timeout=timeout_s, metadata=self.metadata)
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as error:
+            call.cancel()
+            mapped = domain_error(error, "decoder")
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                log.warning("decoder %s unavailable; trying another", decoder.address)
+                raise _FailedBeforeOutput(mapped) from None
+            raise mapped from None
+        if first is grpc.aio.EOF or first.finish_reason == common_pb2.FINISH_REASON_ERROR:
+            call.cancel()
+            log.warning("decoder %s failed before the first token; trying another", decoder.address)
+            raise _FailedBeforeOutput(Unavailable("decoder failed during generation"))
+        return call, first
+
+    async def generate(self, request: GenerateRequest, timeout_s: float | None) -> AsyncIterator[DecodeOutput]:
+        """Streams the decoder's outputs. A decoder that is UNAVAILABLE before sending anything is skipped (tried
+        on the next one: nothing happened yet, so the call is safe to repeat).
 
         A decoder whose forward pass failed sends finish_reason ERROR, then ends the call UNAVAILABLE: that is
         raised as Unavailable (the caller ends its stream with an error), or, before any token, retried elsewhere.
         """
-        last_error: ServiceError | None = None
-        message = request.to_pb()
-        for decoder in self._ranked():
-            call = decoder.stub.Generate(message, timeout=timeout_s, metadata=self.metadata)
-            decoder.num_outstanding += 1
-            has_output = False
-            try:
-                async for response in call:
-                    if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                        break
-                    has_output = True
-                    output = DecodeOutput(list(response.token_ids), FINISH_REASONS.get(response.finish_reason))
-                    if output.finish_reason is not None:
-                        # The decoder's last message: its status follows at once. Wait for it (briefly) before
-                        # the caller may leave, as leaving cancels the call and the cancel would race that status.
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(STATUS_WAIT_S):
-                                await call.code()
-                        yield output
-                        return
+        message, ranked = request_to_pb(request), self._ranked()
+        if not ranked:
+            raise Unavailable("no decoder available")
+        try:
+            async for attempt in attempts(len(ranked), (_FailedBeforeOutput,)):
+                with attempt:
+                    decoder = ranked[attempt.retry_state.attempt_number - 1]
+                    decoder.num_outstanding += 1
+                    try:
+                        call, response = await self._open(decoder, message, timeout_s)
+                    except BaseException:
+                        decoder.num_outstanding -= 1
+                        raise
+        except _FailedBeforeOutput as failure:
+            raise failure.error from None
+        try:
+            while response is not grpc.aio.EOF:
+                if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                    raise Unavailable("decoder failed during generation")
+                output = DecodeOutput(list(response.token_ids), FINISH_REASONS.get(response.finish_reason))
+                if output.finish_reason is not None:
+                    # The decoder's last message: its status follows at once. Wait for it (briefly) before the
+                    # caller may leave, as leaving cancels the call and the cancel would race that status.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(STATUS_WAIT_S):
+                            await call.code()
                     yield output
-                else:
                     return
-                last_error = Unavailable("decoder failed during generation")
-                if has_output:
-                    raise last_error
-                log.warning("decoder %s failed before the first token; trying another", decoder.address)
-            except grpc.aio.AioRpcError as error:
-                last_error = _domain_error(error, request)
-                if error.code() != grpc.StatusCode.UNAVAILABLE or has_output:
-                    raise last_error from None
-                log.warning("decoder %s unavailable; trying another", decoder.address)
-            finally:
-                decoder.num_outstanding -= 1
-                call.cancel()  # no-op when finished; frees the decoder's slot when our caller went away
-        raise last_error or Unavailable("no decoder available")
+                yield output
+                response = await call.read()
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error, "decoder") from None
+        finally:
+            decoder.num_outstanding -= 1
+            call.cancel()  # no-op when finished; frees the decoder's slot when our caller went away
 
     async def close(self) -> None:
         if self._discovery:

@@ -1,17 +1,16 @@
-"""Chat -> prompt token ids, with mistral-common's Pixtral tokenizer, reading only image headers.
+"""Chat -> prompt token ids, with mistral-common's Pixtral tokenizer, from image sizes alone.
 
 Token ids equal `MistralTokenizer.encode_chat_completion` on the same chat (system prompt placement, turn
 markers, a lone trailing image moved first, image token grids): the request is handed to mistral-common itself.
 Only its image encoder is replaced by one that computes an image's tokens from its size with the reference's own
-rule (`ImageEncoder._image_to_num_tokens`) and leaves the pixels to the vision workers.
+rule (`ImageEncoder._image_to_num_tokens`) and leaves the pixels to the vision workers: each image enters opened
+lazily (images.py read its header), nothing decoded.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from mistral_common.exceptions import MistralCommonException
@@ -22,23 +21,12 @@ from mistral_common.tokens.tokenizers.image import ImageEncoder, ImageEncoding
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
-from services.gateway.request import ChatMessage, ImageSource, Role, TextPart
+from services.gateway.images import ImageFile
+from services.gateway.request import ChatMessage, Role, TextPart
 from shared.errors import InvalidRequest
-from shared.images import InvalidImage, open_image, sha256_hex
 from shared.tokenizer import TOKENIZER_FILE
 
 PATCH_SIZE = 16
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?(;[^,]*)?;base64,", re.IGNORECASE)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageFile:
-    """A request's image once resolved: its bytes, or only its hash when sent by reference."""
-
-    sha256: str
-    data: bytes | None
-    field: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,35 +54,6 @@ class Prompt:
         return sum(image.num_tokens for image in self.images)
 
 
-def resolve_image(source: ImageSource, max_bytes: int) -> ImageFile:
-    """Bytes and hash of an image part; checks what can be checked without decoding."""
-    if source.sha256 is not None:
-        if not _SHA256.match(source.sha256):
-            raise InvalidRequest(f"{source.field}.sha256: must be 64 lowercase hex characters")
-        return ImageFile(source.sha256, None, source.field)
-    if source.url is not None:
-        data = _data_url_bytes(source.url, source.field)
-    else:
-        data = source.data or b""
-    if not data:
-        raise InvalidRequest(f"{source.field}: empty image data")
-    if len(data) > max_bytes:
-        raise InvalidRequest(f"{source.field}: image of {len(data)} bytes, over the limit of {max_bytes}")
-    return ImageFile(sha256_hex(data), data, source.field)
-
-
-def _data_url_bytes(url: str, field: str) -> bytes:
-    match = _DATA_URL.match(url)
-    if not match:
-        scheme = url.split(":", 1)[0][:16] if ":" in url else ""
-        raise InvalidRequest(f"{field}.url: only data:image/...;base64 URLs (and http(s) URLs where the gateway "
-                             "allows them) are accepted" + (f", not {scheme}:" if scheme else ""))
-    try:
-        return base64.b64decode(url[match.end():], validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{field}.url: payload is not valid base64") from None
-
-
 class _GridOnlyImageEncoder(ImageEncoder):
     """The reference's image tokens from the image size alone; pixels are left to the vision workers."""
 
@@ -110,31 +69,37 @@ class _GridOnlyImageEncoder(ImageEncoder):
 
 
 class PromptBuilder:
-    def __init__(self, max_image_pixels: int) -> None:
-        self.max_image_pixels = max_image_pixels
+    def __init__(self, tokenizer_file: Path = TOKENIZER_FILE) -> None:
         # A tokenizer of its own: its image encoder is replaced, which must not leak to other users.
-        self.tokenizer = MistralTokenizer.from_file(str(TOKENIZER_FILE))
+        self.tokenizer = MistralTokenizer.from_file(str(tokenizer_file))
         instruct = self.tokenizer.instruct_tokenizer
         base = instruct.image_encoder
         instruct.image_encoder = _GridOnlyImageEncoder(base.image_config, base.special_ids)
 
-    def _open(self, file: ImageFile, ref_grids: dict[str, tuple[int, int]]) -> Image.Image:
-        if file.data is None:
-            # Sent by reference: a blank stand-in of the cached grid's size gives the same tokens.
+    @property
+    def max_image_side(self) -> int:
+        return self.tokenizer.instruct_tokenizer.image_encoder.image_config.max_image_size
+
+    def grid(self, image: Image.Image) -> tuple[int, int]:
+        """(grid_height, grid_width) of an image after the reference's resize (from its size alone)."""
+        grid_width, grid_height = self.tokenizer.instruct_tokenizer.image_encoder._image_to_num_tokens(image)
+        return grid_height, grid_width
+
+    def _stand_in(self, file: ImageFile, ref_grids: dict[str, tuple[int, int]]) -> Image.Image:
+        """The file opened lazily (only its size is read), or for a reference a blank stand-in of the cached
+        grid's size: the same tokens."""
+        if file.header is None:
             grid_height, grid_width = ref_grids[file.sha256]
             image = Image.new("1", (grid_width * PATCH_SIZE, grid_height * PATCH_SIZE))
         else:
-            try:
-                image = open_image(file.data, self.max_image_pixels)
-            except InvalidImage as error:
-                raise InvalidRequest(f"{file.field}: {error}") from None
+            image = file.header
         image.info["pixtral_sha256"] = file.sha256
         return image
 
     def describe(self, file: ImageFile, ref_grids: dict[str, tuple[int, int]]) -> PromptImage:
-        """One image on its own: its size and patch grid as a prompt would have them (header only)."""
-        image = self._open(file, ref_grids)
-        grid_width, grid_height = self.tokenizer.instruct_tokenizer.image_encoder._image_to_num_tokens(image)
+        """One image on its own: its size and patch grid as a prompt would have them."""
+        image = self._stand_in(file, ref_grids)
+        grid_height, grid_width = self.grid(image)
         return PromptImage(file.sha256, file.data, *image.size, grid_height, grid_width, file.field)
 
     def build(self, messages: list[ChatMessage], files: dict[str, ImageFile],
@@ -144,7 +109,7 @@ class PromptBuilder:
         for message in messages:
             if message.role is Role.USER:
                 content = [TextChunk(text=part.text) if isinstance(part, TextPart)
-                           else ImageChunk(image=self._open(files[part.field], ref_grids))
+                           else ImageChunk(image=self._stand_in(files[part.field], ref_grids))
                            for part in message.parts]
                 chat.append(UserMessage(content=content))
             elif message.role is Role.SYSTEM:
@@ -154,7 +119,7 @@ class PromptBuilder:
         try:
             encoded = self.tokenizer.encode_chat_completion(ChatCompletionRequest(messages=chat))
         except (MistralCommonException, ValueError, AssertionError) as error:
-            raise InvalidRequest(f"messages: {_first_line(error)}") from None
+            raise InvalidRequest("messages", _first_line(error)) from None
         by_sha = {file.sha256: file for file in files.values()}
         images = []
         for marker in encoded.images:

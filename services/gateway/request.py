@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass, field, replace
 
 from shared.errors import InvalidRequest
+from shared.sampling import SamplingParams
 
 MAX_TOKENS_LIMIT = 1 << 20   # anything above is absurd for this model (context 128K)
 MAX_STOP_LENGTH = 256        # characters per stop string
@@ -64,31 +66,36 @@ class ChatInput:
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
-    """Validated sampling; max_tokens is resolved against the context once the prompt length is known."""
+    """Validated sampling: `params` is complete but for max_tokens (the requested one, 0 if unset), which is
+    resolved against the context once the prompt's length is known (`resolved`)."""
 
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
+    params: SamplingParams
+    requested_max_tokens: int | None
     stop: tuple[str, ...]
+
+    def resolved(self, max_tokens: int) -> SamplingParams:
+        return replace(self.params, max_tokens=max_tokens)
 
 
 def validate_sampling(sampling: SamplingInput, max_stop_strings: int) -> Sampling:
+    """The API's defaults applied (temperature 1.0, a random seed when none is given) and every value checked."""
     temperature = 1.0 if sampling.temperature is None else sampling.temperature
     if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequest(f"sampling.temperature: must be a finite number >= 0, got {temperature}")
+        raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
     top_p = 1.0 if sampling.top_p is None else sampling.top_p
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
-        raise InvalidRequest(f"sampling.top_p: must be in (0, 1], got {top_p}")
+        raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {top_p}")
     top_k = sampling.top_k or 0
     if top_k < 0:
-        raise InvalidRequest(f"sampling.top_k: must be >= 0, got {top_k}")
+        raise InvalidRequest("sampling.top_k", f"must be >= 0, got {top_k}")
     if sampling.max_tokens is not None and not 0 < sampling.max_tokens <= MAX_TOKENS_LIMIT:
-        raise InvalidRequest(f"sampling.max_tokens: must be in [1, {MAX_TOKENS_LIMIT}], got {sampling.max_tokens}")
+        raise InvalidRequest("sampling.max_tokens", f"must be in [1, {MAX_TOKENS_LIMIT}], got {sampling.max_tokens}")
     if len(sampling.stop) > max_stop_strings:
-        raise InvalidRequest(f"sampling.stop: at most {max_stop_strings} strings, got {len(sampling.stop)}")
+        raise InvalidRequest("sampling.stop", f"at most {max_stop_strings} strings, got {len(sampling.stop)}")
     for index, stop in enumerate(sampling.stop):
         if not stop or len(stop) > MAX_STOP_LENGTH:
-            raise InvalidRequest(f"sampling.stop[{index}]: must have 1 to {MAX_STOP_LENGTH} characters")
-    return Sampling(sampling.max_tokens, temperature, top_p, top_k, sampling.seed, tuple(sampling.stop))
+            raise InvalidRequest(f"sampling.stop[{index}]", f"must have 1 to {MAX_STOP_LENGTH} characters")
+    seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
+    params = SamplingParams(max_tokens=sampling.max_tokens or 0, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed)
+    return Sampling(params, sampling.max_tokens, tuple(sampling.stop))

@@ -7,8 +7,9 @@ import uuid
 from contextlib import aclosing
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.gateway.chat import ChatDelta, ChatService, StoredImage
+from services.gateway.chat import ChatDelta, ChatService
 from services.gateway.prompt import PromptImage
+from services.gateway.route import StoredImage
 from services.gateway.request import ChatInput, ChatMessage, ImageSource, Role, SamplingInput, TextPart
 from shared.errors import Unavailable
 from shared.grpc_server import map_errors
@@ -100,7 +101,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Tokenize(self, request, context):
         chat = chat_from_pb(request)
         request_id_var.set(chat.request_id)
-        prompt = await self._ready().prompt(chat, context.time_remaining())
+        prompt = await self._ready().route.prompt(chat, context.time_remaining())
         return gateway_pb2.TokenizeResponse(token_ids=prompt.token_ids,
                                             images=[image_info_to_pb(image) for image in prompt.images])
 
@@ -109,5 +110,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request_id = request.request_id or uuid.uuid4().hex
         request_id_var.set(request_id)
         sources = [image_from_pb(image, f"images[{i}]") for i, image in enumerate(request.images)]
-        stored = await self._ready().put_images(sources, request_id, context.time_remaining())
+        stored = await self._ready().route.put_images(sources, request_id, context.time_remaining())
         return gateway_pb2.PutImagesResponse(images=[stored_to_pb(item) for item in stored], request_id=request_id)
+
+    @map_errors
+    async def GetModelInfo(self, request, context):
+        return gateway_pb2.ModelInfo(**dataclasses.asdict(self._ready().model_info()))

@@ -18,22 +18,18 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from tenacity import AsyncRetrying, retry_if_result, stop_never
 
 from services.gateway import metrics
-from services.gateway.prompt import PromptImage
+from services.gateway.images import ImageFile
 from shared import encode_jobs
-from shared.embedding_cache import HEADER_BYTES, CorruptEntry, EntryHeader, cache_key, check_length, parse_header
+from shared.cache_probe import probe_entries, queue_probe, read_probe
+from shared.embedding_cache import EntryHeader, cache_key
 from shared.encode_jobs import EncodeJob, EncodeResult
-from shared.errors import DeadlineExceeded, EncodeFailed, ImageNotCached, InvalidRequest, Unavailable
+from shared.errors import DeadlineExceeded, EncodeFailed, InvalidRequest, Unavailable
+from shared.retries import forever, idempotent_redis
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EnsureResult:
-    num_cached: int    # image occurrences whose embedding was already cached
-    num_encoded: int   # image occurrences that had to be encoded (once per distinct image)
-    encoded: frozenset[str] = frozenset()   # sha256 of the images that had to be encoded
 
 
 @dataclass(slots=True)
@@ -41,6 +37,10 @@ class _Flight:
     future: asyncio.Future
     task: asyncio.Task | None = None
     num_waiters: int = 0
+
+
+def _unavailable(error: redis.exceptions.RedisError) -> Unavailable:
+    return Unavailable(f"embedding cache unreachable: {type(error).__name__}")
 
 
 class VisionPool:
@@ -61,90 +61,60 @@ class VisionPool:
         if self._listener:
             self._listener.cancel()
 
+    @forever((redis.exceptions.RedisError, OSError), first_wait_s=0.5, max_wait_s=5.0)
     async def _listen(self) -> None:
-        """Delivers published results to the local waiters; resubscribes after a connection loss."""
+        """Delivers published results to the local waiters; subscribes again after a connection loss (waiters
+        poll the cache meanwhile)."""
         channel = encode_jobs.done_channel(self.fingerprint)
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                async for message in pubsub.listen():
-                    try:
-                        result = EncodeResult.from_json(message["data"])
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("ignored a malformed message on %s", channel)
-                        continue
-                    flight = self._flights.get(result.sha256)
-                    if flight is not None and not flight.future.done():
-                        flight.future.set_result(result)
-            except (redis.exceptions.RedisError, OSError):
-                await asyncio.sleep(0.5)   # waiters poll the cache meanwhile
-            finally:
-                await pubsub.aclose()
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            async for message in pubsub.listen():
+                try:
+                    result = EncodeResult.from_json(message["data"])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("ignored a malformed message on %s", channel)
+                    continue
+                flight = self._flights.get(result.sha256)
+                if flight is not None and not flight.future.done():
+                    flight.future.set_result(result)
+        finally:
+            await pubsub.aclose()
 
-    async def probe(self, sha: str) -> EntryHeader | None:
-        """The header of a valid cached embedding, or None if missing or invalid."""
-        key = cache_key(self.fingerprint, sha)
+    async def probe(self, shas: list[str]) -> dict[str, EntryHeader | None]:
+        """The header of each image's valid cached embedding (None: missing or invalid), in one round trip."""
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.getrange(key, 0, HEADER_BYTES - 1).strlen(key)
-                if self.embedding_ttl_s:
-                    pipe.expire(key, self.embedding_ttl_s)   # no-op on a missing key
-                prefix, length, *_ = await pipe.execute()
+            return await probe_entries(self.client, self.fingerprint, shas, ttl_s=self.embedding_ttl_s)
         except redis.exceptions.RedisError as error:
-            raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
-        if not prefix:
-            return None
-        try:
-            header = parse_header(prefix, fingerprint=self.fingerprint, sha256=sha)
-            check_length(header, length)
-        except CorruptEntry as error:
-            log.warning("cached embedding of %s is invalid (%s): treated as a miss", sha, error)
-            return None
-        return header
+            raise _unavailable(error) from error
 
     async def invalidate(self, sha: str) -> None:
         try:
             await self.client.delete(cache_key(self.fingerprint, sha))
         except redis.exceptions.RedisError as error:
-            raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
+            raise _unavailable(error) from error
 
-    async def ensure(self, images: list[PromptImage], request_id: str, timeout_s: float) -> EnsureResult:
-        """Makes sure every image of the prompt has a valid cached embedding, encoding the missing ones."""
-        missing: dict[str, PromptImage] = {}
-        num_cached = 0
-        for image in images:
-            if image.sha256 in missing:
-                num_cached += 1   # its other occurrence is being encoded: this one reuses the result
-            elif await self.probe(image.sha256) is not None:
-                num_cached += 1
-                metrics.CACHE_LOOKUPS.labels("hit").inc()
-            elif image.data is None:
-                # Sent by reference and evicted since the prompt was built: only its bytes can bring it back.
-                raise ImageNotCached(f"{image.field}.sha256: image {image.sha256} is not cached; send its bytes",
-                                     image.sha256)
-            else:
-                missing[image.sha256] = image
-                metrics.CACHE_LOOKUPS.labels("miss").inc()
-        if missing:
-            started = time.monotonic()
-            try:
-                # Not asyncio.wait_for: on Python 3.11 it returns the result, and loses the cancellation, when the
-                # caller is cancelled as the encode ends; the cancelled call would go on to the decoder.
-                async with asyncio.timeout(timeout_s):
-                    results = await asyncio.gather(
-                        *(self._encode(image, request_id) for image in missing.values()))
-            except TimeoutError:
-                raise DeadlineExceeded(f"images: not encoded within {timeout_s:.1f} s") from None
-            metrics.ENCODE_WAIT.observe(time.monotonic() - started)
-            for image, result in zip(missing.values(), results):
-                if result.error_kind == encode_jobs.INVALID_IMAGE:
-                    raise InvalidRequest(f"{image.field}: {result.message}")
-                if not result.ok:
-                    raise EncodeFailed(f"{image.field}: image {image.sha256}: {result.message}")
-        return EnsureResult(num_cached, len(missing), frozenset(missing))
+    async def encode(self, images: list[ImageFile], request_id: str, timeout_s: float) -> frozenset[str]:
+        """Has each image encoded (distinct images, found missing from the cache); returns their hashes."""
+        if not images:
+            return frozenset()
+        started = time.monotonic()
+        try:
+            # Not asyncio.wait_for: on Python 3.11 it returns the result, and loses the cancellation, when the
+            # caller is cancelled as the encode ends; the cancelled call would go on to the decoder.
+            async with asyncio.timeout(timeout_s):
+                results = await asyncio.gather(*(self._encode(image, request_id) for image in images))
+        except TimeoutError:
+            raise DeadlineExceeded(f"images: not encoded within {timeout_s:.1f} s") from None
+        metrics.ENCODE_WAIT.observe(time.monotonic() - started)
+        for image, result in zip(images, results):
+            if result.error_kind == encode_jobs.INVALID_IMAGE:
+                raise InvalidRequest(image.field, result.message)
+            if not result.ok:
+                raise EncodeFailed(f"{image.field}: image {image.sha256}: {result.message}")
+        return frozenset(image.sha256 for image in images)
 
-    async def _encode(self, image: PromptImage, request_id: str) -> EncodeResult:
+    async def _encode(self, image: ImageFile, request_id: str) -> EncodeResult:
         flight = self._flights.get(image.sha256)
         if flight is None:
             flight = _Flight(asyncio.get_running_loop().create_future())
@@ -165,51 +135,74 @@ class VisionPool:
         if self._flights.get(sha) is flight:
             del self._flights[sha]
 
-    async def _drive(self, image: PromptImage, request_id: str, flight: _Flight) -> None:
+    async def _drive(self, image: ImageFile, request_id: str, flight: _Flight) -> None:
+        """Until the image has a result: each attempt takes the lock if it is free, enqueues the job if it got it,
+        and waits one lock period; an attempt without a result (the lock's holder died) is followed by another."""
         sha, future = image.sha256, flight.future
-        lock = encode_jobs.lock_key(self.fingerprint, sha)
         try:
-            while not future.done():
-                # The lock first, then the look at the cache: a worker writes the embedding before it frees the
-                # lock, so an encode that ends before we take the lock is seen here and not enqueued again.
-                has_lock = await self._take_lock(lock, request_id)
-                result = await self._outcome(sha)
-                if result is not None:
-                    if has_lock:
-                        await self.client.delete(lock)
-                    future.set_result(result)
-                    break
-                if has_lock:
-                    job = EncodeJob(sha, self.fingerprint, image.data, request_id)
-                    await self.client.xadd(encode_jobs.STREAM, job.to_fields())
-                await self._wait(sha, future)
+            async for attempt in AsyncRetrying(retry=retry_if_result(lambda result: result is None), stop=stop_never):
+                with attempt:
+                    result = await self._attempt(image, request_id, future)
+                if not attempt.retry_state.outcome.failed:
+                    attempt.retry_state.set_result(result)
+            if not future.done():
+                future.set_result(result)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every waiter gets an answer, whatever went wrong
             if isinstance(error, redis.exceptions.RedisError):
-                error = Unavailable(f"embedding cache unreachable: {type(error).__name__}")
+                error = _unavailable(error)
             if not future.done():
                 future.set_exception(error)
         finally:
             self._forget(sha, flight)
 
-    async def _take_lock(self, lock: str, request_id: str) -> bool:
-        return bool(await self.client.set(lock, request_id, nx=True, px=int(self.lock_ttl_s * 1000)))
+    async def _attempt(self, image: ImageFile, request_id: str, future: asyncio.Future) -> EncodeResult | None:
+        sha = image.sha256
+        lock = encode_jobs.lock_key(self.fingerprint, sha)
+        has_lock, result = await self._lock_and_look(lock, sha, request_id)
+        if result is not None:
+            if has_lock:
+                await self.client.delete(lock)
+            return result
+        if has_lock:
+            job = EncodeJob(sha, self.fingerprint, image.data, request_id)
+            await self.client.xadd(encode_jobs.STREAM, job.to_fields())
+        return await self._wait(sha, future)
 
-    async def _outcome(self, sha: str) -> EncodeResult | None:
+    async def _lock_and_look(self, lock: str, sha: str, request_id: str) -> tuple[bool, EncodeResult | None]:
+        """Takes the lock if it is free, then looks at the cache and at a recent failure, in that order in one
+        round trip: a worker writes the embedding before it frees the lock, so an encode that ends before we take
+        the lock is seen here and not enqueued again. -> (whether we hold the lock, the result if there is one)"""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(lock, request_id, nx=True, px=int(self.lock_ttl_s * 1000))
+            queue_probe(pipe, self.fingerprint, sha, self.embedding_ttl_s)
+            pipe.get(encode_jobs.error_key(self.fingerprint, sha))
+            has_lock, *probed, failure = await pipe.execute()
+        return bool(has_lock), self._result(sha, probed, failure)
+
+    def _result(self, sha: str, probed: list, failure: bytes | None) -> EncodeResult | None:
         """The image's result if there is one yet: a valid cached embedding, or a recent failure."""
-        if await self.probe(sha) is not None:
+        if read_probe(self.fingerprint, sha, probed) is not None:
             return EncodeResult(sha)
-        failure = await self.client.get(encode_jobs.error_key(self.fingerprint, sha))
         return None if failure is None else EncodeResult.from_json(failure)
 
-    async def _wait(self, sha: str, future: asyncio.Future) -> None:
+    @idempotent_redis
+    async def _outcome(self, sha: str) -> EncodeResult | None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            queue_probe(pipe, self.fingerprint, sha, self.embedding_ttl_s)
+            pipe.get(encode_jobs.error_key(self.fingerprint, sha))
+            *probed, failure = await pipe.execute()
+        return self._result(sha, probed, failure)
+
+    async def _wait(self, sha: str, future: asyncio.Future) -> EncodeResult | None:
         """Until the result is published (or found by polling, in case the message was missed), at most one lock
-        period."""
+        period; None if there is none by then."""
         give_up = time.monotonic() + self.lock_ttl_s
         while not future.done() and time.monotonic() < give_up:
             await asyncio.wait([future], timeout=self.poll_s)
             if not future.done():
                 result = await self._outcome(sha)
                 if result is not None:
-                    future.set_result(result)
+                    return result
+        return future.result() if future.done() else None

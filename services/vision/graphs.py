@@ -1,16 +1,13 @@
 """CUDA graphs of the vision tower for the batch shapes a worker encodes often.
 
 An eager forward pass launches ~240 kernels, and on a host that launches them slowly the host, not the GPU, sets
-its time (H200, bench/gpu_vision.py: the tower alone on a 1024x1024 image 18-19 ms eager on such a host, 10.1 ms
-replayed as a graph; through VisionEncoder.encode, pixels in and features out, a 512x512 image 10.7 against 2.8 ms
-on another; batches of 16 images and more are bound by the GPU either way).
+its time; a replayed graph launches them at once (bench/gpu_vision.py; docs/benchmarks.md).
 
 Image sizes vary, so a batch shape (the sizes of its images, in order) is captured only once it has been encoded
 `after` times, and at most `capacity` graphs are kept, the least recently used dropped. They share one memory
-pool (the worker runs one batch at a time), which holds the activations of the largest batch captured: 0.20 GiB
-for one 1024x1024 image, 0.45 GiB for two, 4 GiB once 16 of them were in an earlier run (bench/gpu_profile.py,
-`graphs_memory_*`). Batches of more than MAX_PIXELS are not captured: they are bound by the GPU, not the host
-(sixteen 512x512 images: 550-573 images/s eager, 564-571 replayed; bench/gpu_vision.py).
+pool (the worker runs one batch at a time), which holds the activations of the largest batch captured
+(bench/gpu_profile.py, `graphs_memory_*`). Batches of more than MAX_PIXELS are not captured: they are bound by the
+GPU, not the host, and their activations would make the pool large.
 
 The tower is called as tower(pixels, captured=True) for the capture and the pass that warms it up: a captured pass
 launches once, so it takes kernels whose launches cost the host more (VisionTower.forward).

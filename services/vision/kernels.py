@@ -1,19 +1,15 @@
-"""Triton kernels of the vision tower (CUDA); the tower also uses the decoder's norm kernel. They run under
-TRITON_INTERPRET=1 on the CPU (tests/kernel_checks.py).
+"""Triton kernels of the vision tower (CUDA); the tower also uses the shared norm and SwiGLU kernels
+(shared/kernels.py). They run under TRITON_INTERPRET=1 on the CPU (tests/kernel_checks.py).
 
 `qkv_rotated` and `gate_up_swiglu`: the qkv projection with the 2-D RoPE of its q and k heads, and the gate/up
 projection with its SwiGLU, each one matmul whose epilogue combines the two halves of each block of output columns
-before they are stored. On an H200 at the rows of a 1024x1024 image, cuBLAS then a SwiGLU kernel took 123.7 us and
-this 105.7 us (the [T, 2I] product is never written; cuBLAS alone took 101.5), cuBLAS then the rotation 45.9 us and
-this 43.5 us; the tower as a CUDA graph went from 10.07-10.34 to 9.61-9.90 ms on three machines
-(bench/gpu_profile.py, `paired_*`, `tower_1024_*`). They load through TMA descriptors, which Hopper and later GPUs
-have: a Triton matmul with pointer loads took 128.5 us for the gate/up projection, and 55.0 us for qkv. Elsewhere
-the tower runs cuBLAS, then:
+before they are stored, so the [T, 2I] product is never written. They load through TMA descriptors, which Hopper
+and later GPUs have (the same matmul with pointer loads was slower than cuBLAS). Elsewhere the tower runs cuBLAS,
+then:
 
 `rotate_heads_`: the 2-D RoPE of the q and k heads of the fused qkv projection, in place. One program rotates all
-heads of a few patches: with one program per (patch, head), 64 values each, a 1024x1024 image's 4,096 patches made
-131,072 programs of one warp, and the rotation took 84 us per layer on an H200, as long as the attention projections
-together (bench/gpu_vision.py, `layer_1024_*`); and the decoder's SwiGLU kernel.
+heads of a few patches: one program per (patch, head), 64 values each, made a 1024x1024 image 131,072 programs of
+one warp, as slow as the attention projections together. Figures of both: docs/benchmarks.md (vision).
 """
 
 from __future__ import annotations

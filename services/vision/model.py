@@ -20,11 +20,8 @@ from shared.sdpa import attention
 GATE_UP_GROUP = 64   # gate rows, then as many up rows, in turn in the fused gate/up weight (VisionSpec.gate_up_group)
 # Eager passes of fewer rows run cuBLAS and the separate RoPE and SwiGLU kernels instead of the paired matmuls
 # (TritonVisionOps): such passes are bound by the host's launch time, and launching a paired matmul (three TMA
-# descriptors) took 59-60 us of host time against 42-45 us for the two launches it replaces on one H200 host, 85-89
-# against 55-60 on a slower one. One 512x512 image eager: 13.3 ms paired against 11.5 (22.5 against 19.3 on the
-# slower host); sixteen, where the GPU sets the time: 29.7 against 30.9, 29.6 against 29.5 on a third host
-# (bench/gpu_profile.py, `host_*`, `eager_*`). A pass captured as a CUDA graph launches once, so it takes the paired
-# matmuls at any size.
+# descriptors) costs the host more than the two launches it replaces (bench/gpu_profile.py, `host_*`, `eager_*`;
+# docs/benchmarks.md). A pass captured as a CUDA graph launches once, so it takes the paired matmuls at any size.
 PAIRED_EAGER_MIN_ROWS = 16384
 
 
@@ -105,13 +102,13 @@ class TorchVisionOps:
 
 
 class TritonVisionOps:
-    """The same, fused into Triton kernels (CUDA): the decoder's norm kernel, and the qkv and gate/up projections
-    with RoPE and SwiGLU in their epilogues (`paired_matmuls`; off: cuBLAS, then the rotation and the decoder's
+    """The same, fused into Triton kernels (CUDA): the shared norm kernel, and the qkv and gate/up projections
+    with RoPE and SwiGLU in their epilogues (`paired_matmuls`; off: cuBLAS, then the rotation and the shared
     SwiGLU kernel, as separate kernels)."""
 
     def __init__(self, paired_matmuls: bool = True) -> None:
-        from services.decoder import kernels
         from services.vision import kernels as vision_kernels
+        from shared import kernels
         self.add_rms_norm = kernels.add_rms_norm
         self.silu_and_mul = kernels.silu_and_mul
         self.kernels = vision_kernels
@@ -209,9 +206,8 @@ class VisionTower(nn.Module):
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """[count, C, H, W] -> [count, H/p * W/p, hidden], patches in row-major order.
 
-        The patch convolution computed as one matmul of the flattened patches: for a 1024x1024 image on an H200,
-        cuDNN's kernel for this convolution (3 input channels, stride = kernel) took 368 us, 3.5% of the tower,
-        where cutting the image into patches and the matmul take 28 us (bench/gpu_vision.py, `patch_*`)."""
+        The patch convolution computed as one matmul of the flattened patches: cuDNN's kernel for this convolution
+        (3 input channels, stride = kernel) took over ten times as long (bench/gpu_vision.py, `patch_*`)."""
         count, channels, height, width = images.shape
         p = self.spec.patch_size
         patches = images.reshape(count, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)

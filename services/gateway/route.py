@@ -1,0 +1,215 @@
+"""A request's way to the decoder: its messages checked, its images resolved and looked up in the cache, the chat
+tokenized, the context checked, the missing images encoded; and storing images ahead of time (PutImages).
+
+The route is straight: the images' bytes are decoded, hashed and their headers read (off the event loop), the
+cache is asked about all of them in one round trip, and the encodes of the missing ones start at once, while the
+chat is tokenized, unless the prompt could be too long for the context (then only once tokenization said it is
+not: an over-long prompt is refused before anything is encoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from services.gateway import metrics
+from services.gateway.config import GatewayConfig
+from services.gateway.decoders import DecoderPool
+from services.gateway.images import ImageFile, ImageResolver
+from services.gateway.prompt import Prompt, PromptBuilder, PromptImage
+from services.gateway.request import ChatInput, ImageSource, Role, Sampling, TextPart
+from services.gateway.vision_pool import VisionPool
+from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest
+from shared.generation import GenerateRequest, ImageRef
+
+# Prompt tokens a message may add beyond its text and images ([INST] and [/INST], an end of turn, the "\n\n" after
+# a system prompt), and the prompt beyond its messages (BOS): a bound, for the check before tokenization.
+_TOKENS_PER_MESSAGE = 4
+_TOKENS_PER_PROMPT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RequestImages:
+    """A request's images once resolved and looked up in the cache."""
+
+    files: list[ImageFile]                 # in the order of the request
+    missing: list[ImageFile]               # distinct images with bytes and no valid cached embedding
+    ref_grids: dict[str, tuple[int, int]]  # the patch grid of each image sent by reference, from the cache
+
+    @property
+    def by_field(self) -> dict[str, ImageFile]:
+        return {file.field: file for file in self.files}
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A chat ready for a decoder."""
+
+    prompt: Prompt
+    request: GenerateRequest
+    encoded: frozenset[str]   # images encoded for it (the others were cached)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """An image of a PutImages request once its embedding is cached."""
+
+    image: PromptImage
+    was_cached: bool    # already cached before this request: nothing was encoded for it
+
+
+def give_up_at(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
+def remaining(give_up: float | None) -> float | None:
+    return None if give_up is None else give_up - time.monotonic()
+
+
+def _discard(task: asyncio.Task) -> None:
+    """Stops waiting for a task nobody needs any more (its error, if it had one, is not worth a warning)."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+class Route:
+    def __init__(self, config: GatewayConfig, builder: PromptBuilder, resolver: ImageResolver, pool: VisionPool,
+                 decoders: DecoderPool, model_context: int) -> None:
+        self.config = config
+        self.builder = builder
+        self.resolver = resolver
+        self.pool = pool
+        self.decoders = decoders
+        self.model_context = model_context   # the model's own (or --max-model-len), while no decoder says less
+
+    @property
+    def context_length(self) -> int:
+        """Prompt + max_tokens at most: the smallest context of the decoders serving now."""
+        return min(self.decoders.context_length() or self.model_context, self.model_context)
+
+    async def prepare(self, chat: ChatInput, sampling: Sampling, give_up: float | None) -> Prepared:
+        images = await self._images(self._check_messages(chat), give_up)
+        context = self.context_length
+        encoding = None
+        if images.missing and self._prompt_bound(chat, images) + (sampling.requested_max_tokens or 1) <= context:
+            encoding = asyncio.create_task(self.encode(images.missing, chat.request_id, give_up))
+        try:
+            prompt = await self._tokenize(chat, images)
+            max_tokens = self._max_tokens(prompt, sampling, context)
+            encoded = await (encoding or self.encode(images.missing, chat.request_id, give_up))
+        except BaseException:
+            if encoding is not None:
+                _discard(encoding)
+            raise
+        request = GenerateRequest(
+            request_id=chat.request_id, prompt_token_ids=prompt.token_ids, sampling=sampling.resolved(max_tokens),
+            images=[ImageRef(image.sha256, image.grid_height, image.grid_width) for image in prompt.images])
+        return Prepared(prompt, request, encoded)
+
+    async def prompt(self, chat: ChatInput, timeout_s: float | None = None) -> Prompt:
+        """The chat's prompt alone (Tokenize): nothing is encoded."""
+        images = await self._images(self._check_messages(chat), give_up_at(timeout_s))
+        return await self._tokenize(chat, images)
+
+    async def put_images(self, sources: list[ImageSource], request_id: str,
+                         timeout_s: float | None) -> list[StoredImage]:
+        """Validates the images like Chat does and has the missing ones encoded; one StoredImage per source."""
+        give_up = give_up_at(timeout_s)
+        if not sources:
+            raise InvalidRequest("images", "at least one image is needed")
+        if len(sources) > self.config.max_images:
+            raise InvalidRequest("images", f"at most {self.config.max_images} images, got {len(sources)}")
+        images = await self._images(sources, give_up)
+        described = [self.builder.describe(file, images.ref_grids) for file in images.files]
+        encoded = await self.encode(images.missing, request_id, give_up)
+        return [StoredImage(image, image.sha256 not in encoded) for image in described]
+
+    async def encode(self, missing: list[ImageFile], request_id: str, give_up: float | None) -> frozenset[str]:
+        timeout = self.config.encode_timeout_s
+        if give_up is not None:
+            timeout = min(timeout, give_up - time.monotonic())
+            if timeout <= 0:
+                raise DeadlineExceeded("deadline exceeded before the images were encoded")
+        return await self.pool.encode(missing, request_id, timeout)
+
+    async def gone(self, prompt: Prompt) -> list[ImageFile]:
+        """The prompt's images no longer cached, to encode again; one sent by reference only cannot be."""
+        headers = await self.pool.probe([image.sha256 for image in prompt.images])
+        gone: dict[str, ImageFile] = {}
+        for image in prompt.images:
+            if headers[image.sha256] is None and image.data is not None:
+                gone.setdefault(image.sha256, ImageFile(image.sha256, image.data, image.field))
+        for image in prompt.images:
+            if headers[image.sha256] is None and image.sha256 not in gone:
+                raise ImageNotCached(f"{image.field}.sha256: image {image.sha256} is not cached; send its bytes",
+                                     image.sha256)
+        return list(gone.values())
+
+    def _check_messages(self, chat: ChatInput) -> list[ImageSource]:
+        if not chat.messages:
+            raise InvalidRequest("messages", "at least one message is needed")
+        images = []
+        for message in chat.messages:
+            if message.role is None:
+                raise InvalidRequest(f"{message.field}.role", "must be system, user or assistant")
+            for part in message.parts:
+                if isinstance(part, ImageSource):
+                    if message.role is not Role.USER:
+                        raise InvalidRequest(part.field, "only user messages may hold images")
+                    images.append(part)
+        if chat.messages[-1].role is not Role.USER:
+            raise InvalidRequest(f"messages[{len(chat.messages) - 1}].role", "the last message must be the user's")
+        # Counted before anything is decoded or hashed.
+        if len(images) > self.config.max_images:
+            raise InvalidRequest("messages", f"at most {self.config.max_images} images, got {len(images)}")
+        return images
+
+    async def _images(self, sources: list[ImageSource], give_up: float | None) -> RequestImages:
+        files = await self.resolver.resolve(sources, remaining(give_up))
+        headers = await self.pool.probe([file.sha256 for file in files]) if files else {}
+        ref_grids, missing = {}, {}
+        for file in files:
+            header = headers[file.sha256]
+            if file.data is None:
+                if header is None:
+                    raise ImageNotCached(f"{file.field}.sha256: image {file.sha256} is not cached; send its bytes",
+                                         file.sha256)
+                ref_grids[file.sha256] = (header.grid_height, header.grid_width)
+            elif header is None:
+                missing.setdefault(file.sha256, file)
+        metrics.CACHE_LOOKUPS.labels("miss").inc(len(missing))
+        metrics.CACHE_LOOKUPS.labels("hit").inc(len(headers) - len(missing))
+        return RequestImages(files, list(missing.values()), ref_grids)
+
+    async def _tokenize(self, chat: ChatInput, images: RequestImages) -> Prompt:
+        # mistral-common is CPU work: keep the event loop free for other streams.
+        return await asyncio.to_thread(self.builder.build, chat.messages, images.by_field, images.ref_grids)
+
+    def _prompt_bound(self, chat: ChatInput, images: RequestImages) -> int:
+        """A bound on the chat's prompt tokens, from its text's bytes (a token is a byte at least) and its images'
+        grids, for the check that needs no tokenization."""
+        num_tokens = _TOKENS_PER_PROMPT + _TOKENS_PER_MESSAGE * len(chat.messages)
+        by_field = images.by_field
+        for message in chat.messages:
+            for part in message.parts:
+                if isinstance(part, TextPart):
+                    num_tokens += len(part.text.encode())
+                else:
+                    file = by_field[part.field]
+                    grid_height, grid_width = (self.builder.grid(file.header) if file.header is not None
+                                               else images.ref_grids[file.sha256])
+                    num_tokens += grid_height * (grid_width + 1)
+        return num_tokens
+
+    def _max_tokens(self, prompt: Prompt, sampling: Sampling, context: int) -> int:
+        room = context - len(prompt.token_ids)
+        if sampling.requested_max_tokens is None:
+            if room <= 0:
+                raise InvalidRequest("messages", f"the prompt has {len(prompt.token_ids)} tokens, the context "
+                                     f"length is {context}")
+            return min(self.config.default_max_tokens, room)
+        if sampling.requested_max_tokens > room:
+            raise InvalidRequest("sampling.max_tokens", f"prompt ({len(prompt.token_ids)} tokens) + max_tokens "
+                                 f"({sampling.requested_max_tokens}) exceeds the context length of {context}")
+        return sampling.requested_max_tokens

@@ -1,0 +1,59 @@
+"""The gateway process put together: its model's facts, the vision pool, the decoders and the request route."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.gateway.chat import ChatService
+from services.gateway.config import GatewayConfig
+from services.gateway.decoders import DecoderPool
+from services.gateway.images import ImageResolver
+from services.gateway.prompt import PromptBuilder
+from services.gateway.route import Route
+from services.gateway.server import GatewayServicer
+from services.gateway.vision_pool import VisionPool
+from shared import checkpoint, tls
+from shared.role import RoleBody, RoleContext
+from shared.tiny import resolve_model
+from shared.url_fetch import UrlFetcher, UrlPolicy, parse_networks
+
+
+class GatewayRole(RoleBody):
+    def __init__(self, pool: VisionPool, decoders: DecoderPool) -> None:
+        self.pool, self.decoders = pool, decoders
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.decoders.close()
+
+
+async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
+    config = context.options
+    model_dir = resolve_model(config.model)
+    model_config = await asyncio.to_thread(checkpoint.load_config, model_dir)
+    fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
+    builder = await asyncio.to_thread(PromptBuilder)
+    pool = VisionPool(context.redis, fingerprint, config.lock_ttl_s, embedding_ttl_s=config.embedding_ttl_s)
+    await pool.start()
+    decoders = DecoderPool(
+        config.decoder_addresses,
+        tls.channel_credentials(config.decoder_tls_ca, config.decoder_tls_cert, config.decoder_tls_key),
+        config.decoder_token, config.health_check_interval_s)
+    await decoders.start()
+    resolver = ImageResolver(config.max_image_bytes, config.max_image_pixels, url_fetcher(config))
+    model_context = min(config.max_model_len or checkpoint.context_length(model_config),
+                        checkpoint.context_length(model_config))
+    route = Route(config, builder, resolver, pool, decoders, model_context)
+    model_name = config.model_name or ("tiny" if config.model == "tiny" else model_dir.name)
+    servicer.service = ChatService(route, model_name, fingerprint)
+    return GatewayRole(pool, decoders)
+
+
+def url_fetcher(config: GatewayConfig) -> UrlFetcher | None:
+    """None without an allow-list: then only data: URLs are accepted."""
+    if not config.image_url_allowlist:
+        return None
+    return UrlFetcher(UrlPolicy(
+        allowed_hosts=frozenset(host.lower().rstrip(".") for host in config.image_url_allowlist),
+        allowed_networks=parse_networks(config.image_url_allowed_networks), max_bytes=config.max_image_bytes,
+        timeout_s=config.image_url_timeout_s, max_redirects=config.image_url_max_redirects))

@@ -1,0 +1,42 @@
+"""gRPC method handlers rebuilt around another behaviour: what the auth and drain interceptors return."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from shared.errors import ServiceError
+
+_KINDS = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+Refuse = Callable[[grpc.aio.ServicerContext, ServiceError, str], Awaitable[None]]
+
+
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable:
+    _, name = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    return getattr(handler, name)
+
+
+def with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as `handler` that runs `behaviour` instead."""
+    make, _ = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    return make(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def refusing_handler(refuse: Refuse, error: ServiceError, rpc: str) -> grpc.RpcMethodHandler:
+    """A handler that ends the call with `error` before reading its request.
+
+    It takes the request as a stream it never reads, whatever the method's kind (the wire format is the same), so a
+    refused caller costs no memory in proportion to what it sends: neither the message (up to the server's size
+    limit) nor its parse."""
+    async def behaviour(requests, context):
+        await refuse(context, error, rpc)
+
+    return grpc.stream_stream_rpc_method_handler(behaviour)
