@@ -163,7 +163,7 @@ class FormatCompiler:
     """Compiles formats, keeping the most recently used ones (and the reasons of those that failed). Thread-safe:
     callers of one format at once share a single compilation."""
 
-    def __init__(self, tokenizer: MistralTokenizer, max_entries: int = 256, max_bytes: int = 1 << 30,
+    def __init__(self, tokenizer: MistralTokenizer, max_entries: int = 256, max_bytes: int = 256 << 20,
                  max_threads: int | None = None) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes

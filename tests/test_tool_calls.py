@@ -390,6 +390,21 @@ def test_tool_call_grammar_walks_parse_into_calls_of_the_tools(tokenizer, compil
     assert seen == names or len(seen) > 1
 
 
+def test_tool_choice_none_walks_are_plain_text_without_control_tokens(tokenizer, compiler):
+    compiled = compiler.compile(setup_tools(TOOLS, "none").response_format)
+    bias = make_closing_bias(tokenizer)
+    bias[EOS_ID] = 11.0  # free text has nothing to close: walks end by EOS alone
+    lengths = []
+    for seed in range(4):
+        ids = sample(compiled, seed, bias)  # checks that no step offers a control token
+        assert parse(tokenizer, [ids + [EOS_ID]]) == (decode(tokenizer, ids), [], "")
+        lengths.append(len(ids))
+    assert max(lengths) > 1
+    matcher = compiled.matcher()
+    assert all(matcher.accept(token_id) for token_id in token_ids(tokenizer, "Text that says [TOOL_CALLS]"))
+    assert not matcher.accept(TOOL_CALLS_ID) and matcher.accept(EOS_ID)
+
+
 def test_a_tool_whose_schema_does_not_compile_is_refused(compiler):
     setup = setup_tools([{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}}}}], "required")
