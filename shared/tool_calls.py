@@ -11,8 +11,8 @@ How v3 encodes them (mistral-common 1.13.1, `InstructTokenizerV3`):
 The model answers a call with `[TOOL_CALLS]` (id 9), a JSON list of `{"name", "arguments"}`, then `</s>`.
 
 So tool_choice acts on the output only: `auto` leaves it free and parses it for calls; `required` and a named
-function constrain it with a grammar that starts with `[TOOL_CALLS]`; `none` constrains it to plain text, which
-can never hold a control token, so no call.
+function constrain it with a grammar that starts with `[TOOL_CALLS]`; `none` (with tools listed) constrains it
+to plain text, which can never hold a control token, so no call. Without tools nothing is constrained.
 """
 
 from __future__ import annotations
