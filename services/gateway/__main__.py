@@ -18,6 +18,7 @@ from shared.health import watch_redis
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.tiny import resolve_model
+from shared.tokenizer import tokenizer_file
 from shared.url_fetch import UrlFetcher, UrlPolicy, parse_networks
 
 log = logging.getLogger("services.gateway")
@@ -40,7 +41,7 @@ async def serve(config: GatewayConfig) -> None:
     model_config = await asyncio.to_thread(checkpoint.load_config, model_dir)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     max_model_len = config.max_model_len or min(DEFAULT_CONTEXT, model_config.text_config.max_position_embeddings)
-    builder = await asyncio.to_thread(PromptBuilder, config.max_image_pixels)
+    builder = await asyncio.to_thread(PromptBuilder, config.max_image_pixels, tokenizer_file(model_dir))
     client = redis_client.connect(config.redis, config.redis_timeout_s)
     pool = VisionPool(client, fingerprint, config.lock_ttl_s, embedding_ttl_s=config.embedding_ttl_s)
     await pool.start()

@@ -12,6 +12,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from mistral_common.exceptions import MistralCommonException
@@ -110,10 +111,10 @@ class _GridOnlyImageEncoder(ImageEncoder):
 
 
 class PromptBuilder:
-    def __init__(self, max_image_pixels: int) -> None:
+    def __init__(self, max_image_pixels: int, tokenizer_path: Path = TOKENIZER_FILE) -> None:
         self.max_image_pixels = max_image_pixels
         # A tokenizer of its own: its image encoder is replaced, which must not leak to other users.
-        self.tokenizer = MistralTokenizer.from_file(str(TOKENIZER_FILE))
+        self.tokenizer = MistralTokenizer.from_file(str(tokenizer_path))
         instruct = self.tokenizer.instruct_tokenizer
         base = instruct.image_encoder
         instruct.image_encoder = _GridOnlyImageEncoder(base.image_config, base.special_ids)

@@ -20,6 +20,7 @@ from shared.images import warm_up_preprocessing
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.tiny import resolve_model
+from shared.tokenizer import tokenizer_file
 
 log = logging.getLogger("services.vision")
 
@@ -40,13 +41,15 @@ async def serve(config: VisionConfig) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype, config.max_cuda_graphs)
     await asyncio.to_thread(encoder.warm_up)
-    await asyncio.to_thread(warm_up_preprocessing)
+    tokenizer_path = tokenizer_file(model_dir)
+    await asyncio.to_thread(warm_up_preprocessing, tokenizer_path)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     client = redis_client.connect(config.redis, config.redis_timeout_s, blocking_s=config.read_block_ms / 1000)
     if config.fault_encode_delay_s or config.fault_encode_fail_sha256:
         log.warning("fault injection on: encode delay %.1f s, failing images %s", config.fault_encode_delay_s,
                     ",".join(config.fault_encode_fail_sha256) or "none")
-    worker = VisionWorker(client, encoder, fingerprint, config, on_encoded=metrics.observe_batch)
+    worker = VisionWorker(client, encoder, fingerprint, config, on_encoded=metrics.observe_batch,
+                          tokenizer_path=tokenizer_path)
     metrics.register(worker, config.redis)
     serve_metrics(config.metrics_port)
     watcher = asyncio.create_task(watch_redis(client, server.set_serving))
