@@ -259,7 +259,8 @@ def decoder_fingerprint(model_dir: Path, load_quantization: str | None = None) -
     """16 hex chars naming what computes a prompt's KV entries and logits: the language model's and projector's
     tensors (their bytes and dtypes, FP8 scales included), the text config, the checkpoint's quantization scheme and
     one applied at load (`load_quantization`, e.g. "fp8"). An FP8 checkpoint and its bf16 twin differ, so KV blocks
-    keyed by it are never shared between them; either layout of one checkpoint gives the same.
+    or outputs keyed by it are never mixed up between them (a decoder's own prefix cache holds the blocks of its one
+    model only); either layout of one checkpoint gives the same.
 
     Tensors are hashed in parallel threads (hashlib releases the GIL): reading the weights is what takes time."""
     config = load_config(model_dir)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pixtral.v1 import gateway_pb2_grpc

@@ -138,6 +138,27 @@ def test_dequantized_weights_are_within_e4m3_rounding_of_the_originals(fp8_dir, 
     assert num_checked == 14
 
 
+def test_a_per_tensor_scale_comes_as_one_scale_per_row(fp8_dir, twin_dir, tmp_path):
+    model_dir = tmp_path / "per-tensor"
+    shutil.copytree(fp8_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "tensor"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tensors, originals = load_file(model_dir / checkpoint.SINGLE_FILE), load_file(twin_dir / checkpoint.SINGLE_FILE)
+    for name in [name for name in tensors if name.endswith("_scale")]:
+        original = originals[name.removesuffix("_scale")]
+        scale = original.abs().amax() / 448
+        tensors[name.removesuffix("_scale")] = (original / scale).to(torch.float8_e4m3fn)
+        tensors[name] = scale.reshape(1)
+    save_file(tensors, model_dir / checkpoint.SINGLE_FILE)
+    text = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("language_model"), torch.float32)
+    twin = checkpoint.read_tensors(twin_dir, checkpoint.part_renamer("language_model"), torch.float32)
+    name = "layers.1.mlp.down_proj.weight"
+    scale = text[name + "_scale"]
+    assert scale.shape == (twin[name].shape[0],) and bool((scale == scale[0]).all())
+    assert within_e4m3_rounding(text[name].float() * scale[:, None], twin[name], scale)
+
+
 # -- refusals ----------------------------------------------------------------------------------------------------
 
 BASE = json.loads(json.dumps(QuantizationConfig(
