@@ -1,9 +1,14 @@
-"""Reading a Hugging Face Pixtral checkpoint directory: config, partial tensor loads, model fingerprint.
+"""Reading a Pixtral checkpoint directory: config, partial tensor loads, quantization, model fingerprints.
 
-A directory holds `config.json` (LlavaConfig) and either `model.safetensors` or shards listed by
-`model.safetensors.index.json`. Key names follow mistral-community/pixtral-12b (`vision_tower.*`,
-`multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.*`); the names transformers uses in
-memory (`model.vision_tower.*`, `model.language_model.*`, `lm_head.*`) are accepted too.
+Two layouts, told apart by their files:
+- Hugging Face: `config.json` (LlavaConfig) and either `model.safetensors` or shards listed by
+  `model.safetensors.index.json`. Key names follow mistral-community/pixtral-12b (`vision_tower.*`,
+  `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.*`); the names transformers uses in
+  memory (`model.vision_tower.*`, `model.language_model.*`, `lm_head.*`) are accepted too. A `quantization_config`
+  in config.json makes it a pre-quantized FP8 checkpoint (compressed-tensors: shared/fp8_scheme.py).
+- Mistral's own: `params.json`, `consolidated*.safetensors`, `tekken.json` (shared/mistral_layout.py). Its config
+  and tensors are read as those of the same model converted to the Hugging Face layout: same config, same names,
+  same values (q/k rows reordered as the conversion does), so every role reads either without knowing which.
 
 Each role reads only its own tensors: `read_tensors` opens a tensor only if `rename` maps its name, so the other
 role's weights are never materialized.
@@ -11,15 +16,18 @@ role's weights are never materialized.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import hashlib
 import json
 import mmap
+import os
 import re
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import LlavaConfig
@@ -36,6 +44,8 @@ TRAINED_CONTEXT = 131072
 
 # Bumped whenever image preprocessing changes in a way the weights do not show: it is part of the fingerprint.
 PREPROCESSING_VERSION = "mistral-common-1.13.1/patch16/max1024/cubic/clip-mean-std/v1"
+# The tokenizer's image settings PREPROCESSING_VERSION stands for; a checkpoint's tekken.json with others is hashed.
+DEFAULT_IMAGE_CONFIG = {"image_patch_size": 16, "max_image_size": 1024, "spatial_merge_size": 1}
 
 _RULES: dict[str, list[tuple[re.Pattern, str]]] = {
     "vision_tower": [(re.compile(r"^(model\.)?vision_tower\."), "")],
@@ -43,10 +53,20 @@ _RULES: dict[str, list[tuple[re.Pattern, str]]] = {
     "language_model": [(re.compile(r"^(language_model\.model\.|model\.language_model\.)"), ""),
                        (re.compile(r"^(language_model\.)?lm_head\."), "lm_head.")],
 }
+# The text config fields that decide what the language model computes (not its context limit or token ids).
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters")
 
 
 class CheckpointError(ValueError):
     """The directory is not a Pixtral checkpoint this service can serve."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSource:
+    file: Path
+    key: str                 # its name in the file
+    num_rope_heads: int = 0  # > 0: Mistral's wq/wk of that many heads, rows reordered at read (mistral_layout)
 
 
 def part_renamer(part: str) -> Callable[[str], str | None]:
@@ -61,10 +81,16 @@ def part_renamer(part: str) -> Callable[[str], str | None]:
     return rename
 
 
+def is_mistral_layout(model_dir: Path) -> bool:
+    return mistral_layout.is_mistral_layout(model_dir)
+
+
 def load_config(model_dir: Path) -> LlavaConfig:
+    if is_mistral_layout(model_dir):
+        return mistral_layout.load_config(model_dir)
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{model_dir}: no config.json")
+        raise CheckpointError(f"{model_dir}: no config.json (nor Mistral's params.json)")
     raw = json.loads(path.read_text())
     config = LlavaConfig.from_pretrained(str(model_dir))
     # The published Pixtral config once lacked the vision activation; the class default (gelu) is wrong for
@@ -84,78 +110,193 @@ def context_length(config: LlavaConfig) -> int:
     return min(config.text_config.max_position_embeddings, TRAINED_CONTEXT)
 
 
+def quantization(model_dir: Path):
+    """The FP8 scheme of a pre-quantized checkpoint (shared.fp8_scheme.Fp8Scheme), None for an unquantized one;
+    CheckpointError for a quantization this service does not serve."""
+    if is_mistral_layout(model_dir):
+        return None   # mistral_layout.load_config refuses Mistral's own quantized layout
+    path = Path(model_dir) / "config.json"
+    raw = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    return fp8_scheme.parse(raw) if raw else None
+
+
 def random_weights_seed(model_dir: Path) -> int | None:
     """The seed of a random-weights directory, None for a real checkpoint."""
     marker = Path(model_dir) / RANDOM_WEIGHTS_FILE
     return int(json.loads(marker.read_text())["seed"]) if marker.is_file() else None
 
 
-def tensor_files(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file that holds it."""
+def tensor_sources(model_dir: Path) -> dict[str, TensorSource]:
+    """Tensor name (as in the Hugging Face files) -> where and how to read it, in either layout."""
     model_dir = Path(model_dir)
+    if is_mistral_layout(model_dir):
+        config = load_config(model_dir)
+        return {name: TensorSource(file, key, mistral_layout.num_rope_heads(name, config))
+                for name, (file, key) in mistral_layout.tensor_keys(model_dir).items()}
     index = model_dir / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
+        return {name: TensorSource(model_dir / file, name) for name, file in weight_map.items()}
     single = model_dir / SINGLE_FILE
     if single.is_file():
-        return {name: single for name in _header(single)}
+        return {name: TensorSource(single, name) for name in safetensors_keys(single)}
     raise CheckpointError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name (as in the Hugging Face files) -> the safetensors file that holds it."""
+    return {name: source.file for name, source in tensor_sources(model_dir).items()}
 
 
 def read_tensors(model_dir: Path, rename: Callable[[str], str | None], dtype: torch.dtype,
                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Reads only the tensors `rename` maps (to their new names), converted to `dtype` on `device`."""
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for key, file in tensor_files(model_dir).items():
-        new_name = rename(key)
+    """Reads only the tensors `rename` maps (to their new names) onto `device`, converted to `dtype`; in an FP8
+    checkpoint the float8 weights stay as stored (float8_e4m3fn [out, in]) and their scales come under
+    `<new name>_scale` (`...weight_scale`), float32 [out]: one per output row, also for a per-tensor scale."""
+    scheme = quantization(model_dir)
+    by_file: dict[Path, list[tuple[str, TensorSource, str]]] = {}
+    for name, source in tensor_sources(model_dir).items():
+        new_name = rename(name)
         if new_name is not None:
-            by_file.setdefault(file, []).append((key, new_name))
+            by_file.setdefault(source.file, []).append((name, source, new_name))
     tensors = {}
-    for file, names in sorted(by_file.items()):
+    for file, entries in sorted(by_file.items()):
         with safe_open(str(file), framework="pt", device="cpu") as reader:
-            for key, new_name in names:
-                tensors[new_name] = reader.get_tensor(key).to(device=device, dtype=dtype)
+            for name, source, new_name in entries:
+                tensor = reader.get_tensor(source.key)
+                if source.num_rope_heads:
+                    tensor = mistral_layout.to_rotate_half(tensor, source.num_rope_heads)
+                tensors[new_name] = _converted(name, tensor, scheme, dtype, device)
     if not tensors:
         raise CheckpointError(f"{model_dir}: no tensors for this role")
+    if scheme is not None:
+        fp8_scheme.attach_scales(tensors, scheme)
     return tensors
 
 
-def _header(file: Path) -> dict:
+def _converted(name: str, tensor: torch.Tensor, scheme, dtype: torch.dtype, device) -> torch.Tensor:
+    if tensor.dtype == torch.float8_e4m3fn:
+        fp8_scheme.check_quantized(name, scheme)
+        return tensor.to(device=device)
+    if name.endswith(".weight_scale") and scheme is not None:
+        return tensor.to(device=device, dtype=torch.float32)
+    if not tensor.dtype.is_floating_point or tensor.dtype.itemsize < 2 or name.endswith("_scale"):
+        raise CheckpointError(f"{name}: a {tensor.dtype} tensor is not supported here")
+    return tensor.to(device=device, dtype=dtype)
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    return list(_header(file)[1])
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, tensor entries) of a safetensors file."""
     with open(file, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
     header.pop("__metadata__", None)
-    return header
+    return 8 + length, header
+
+
+def _hash_bytes(source: TensorSource, headers: dict[Path, tuple[int, dict]], digest) -> None:
+    """Feeds `digest` the raw bytes of a tensor as the Hugging Face layout stores it (Mistral's q/k rows reordered),
+    read from the memory-mapped file."""
+    base, entries = headers[source.file]
+    entry = entries[source.key]
+    start, end = entry["data_offsets"]
+    with open(source.file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        raw = np.frombuffer(data, dtype=np.uint8, count=end - start, offset=base + start)
+        if source.num_rope_heads:
+            rows = entry["shape"][0]
+            raw = raw.reshape(rows, -1)[mistral_layout.rope_row_order(rows, source.num_rope_heads).numpy()]
+        digest.update(raw)
+        del raw   # the map closes only once no array refers to it
+
+
+def _entry(source: TensorSource, headers: dict[Path, tuple[int, dict]]) -> str:
+    """"dtype:shape" of a tensor, from its file's header."""
+    entry = headers[source.file][1][source.key]
+    return f"{entry['dtype']}:{entry['shape']}"
+
+
+def _sources_of(model_dir: Path, parts: tuple[str, ...]) -> list[tuple[str, TensorSource]]:
+    """The tensors of `parts`, by name (the same bytes in any sharding or layout give the same digest)."""
+    renamers = [part_renamer(part) for part in parts]
+    return sorted((name, source) for name, source in tensor_sources(model_dir).items()
+                  if any(rename(name) is not None for rename in renamers))
 
 
 def vision_fingerprint(model_dir: Path) -> str:
     """16 hex chars naming what produces cached features: vision weights, vision config, preprocessing.
 
     Hashes the raw bytes of every vision-tower tensor (read from the memory-mapped files), so any change of the
-    weights gives new cache keys and stale embeddings are never served.
-    """
+    weights gives new cache keys and stale embeddings are never served. A checkpoint in Mistral's layout gives the
+    fingerprint of its Hugging Face conversion. FP8 checkpoints keep the vision tower unquantized, so an FP8
+    checkpoint and its bf16 twin share cached features, which are the same bits (a quantized vision tower would
+    change the bytes hashed, hence the fingerprint)."""
     config = load_config(model_dir)
     digest = hashlib.sha256()
     digest.update(PREPROCESSING_VERSION.encode())
     digest.update(json.dumps(config.vision_config.to_dict(), sort_keys=True, default=str).encode())
+    image_config = _tokenizer_image_config(model_dir)
+    if image_config != DEFAULT_IMAGE_CONFIG:
+        digest.update(json.dumps(image_config, sort_keys=True).encode())
     seed = random_weights_seed(model_dir)
     if seed is not None:
         digest.update(f"random weights, seed {seed}".encode())
         return digest.hexdigest()[:16]
     rename = part_renamer("vision_tower")
-    tensors = sorted((rename(key), key, file) for key, file in tensor_files(model_dir).items()
-                     if rename(key) is not None)
-    headers = {file: _header(file) for file in {file for _, _, file in tensors}}
-    with contextlib.ExitStack() as stack:
-        maps = {}
-        for file in headers:
-            handle = stack.enter_context(open(file, "rb"))
-            maps[file] = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-        for name, key, file in tensors:  # in name order: the same bytes in any sharding give the same digest
-            data, entry = maps[file], headers[file][key]
-            base = 8 + struct.unpack("<Q", data[:8])[0]
-            start, end = entry["data_offsets"]
-            digest.update(f"{name}:{entry['dtype']}:{entry['shape']}".encode())
-            digest.update(data[base + start: base + end])
+    sources = _sources_of(model_dir, ("vision_tower",))
+    headers = {file: _header(file) for file in {source.file for _, source in sources}}
+    for name, source in sources:
+        digest.update(f"{rename(name)}:{_entry(source, headers)}".encode())
+        _hash_bytes(source, headers, digest)
     return digest.hexdigest()[:16]
+
+
+def _tokenizer_image_config(model_dir: Path) -> dict:
+    """The image settings of the tokenizer that preprocesses for this checkpoint (its own tekken.json, if any)."""
+    # Imported here: shared.tokenizer loads mistral-common, which the decoder needs nowhere else.
+    from shared.tokenizer import TOKENIZER_FILE, tokenizer_file
+    path = tokenizer_file(model_dir)
+    if path == TOKENIZER_FILE:
+        return DEFAULT_IMAGE_CONFIG
+    return {**DEFAULT_IMAGE_CONFIG, **(json.loads(path.read_text()).get("image") or {})}
+
+
+def decoder_fingerprint(model_dir: Path, load_quantization: str | None = None) -> str:
+    """16 hex chars naming what computes a prompt's KV entries and logits: the language model's and projector's
+    tensors (their bytes and dtypes, FP8 scales included), the text config, the checkpoint's quantization scheme and
+    one applied at load (`load_quantization`, e.g. "fp8"). An FP8 checkpoint and its bf16 twin differ, so KV blocks
+    or outputs keyed by it are never mixed up between them (a decoder's own prefix cache holds the blocks of its one
+    model only); either layout of one checkpoint gives the same.
+
+    Tensors are hashed in parallel threads (hashlib releases the GIL): reading the weights is what takes time."""
+    config = load_config(model_dir)
+    text = config.text_config.to_dict()
+    digest = hashlib.sha256(b"pixtral decoder v1")
+    digest.update(json.dumps({field: text.get(field) for field in _TEXT_FIELDS}, sort_keys=True).encode())
+    digest.update(json.dumps([config.projector_hidden_act, config.multimodal_projector_bias,
+                              config.vision_config.hidden_size]).encode())
+    digest.update(repr((quantization(model_dir), load_quantization)).encode())
+    seed = random_weights_seed(model_dir)
+    if seed is not None:
+        digest.update(f"random weights, seed {seed}".encode())
+        return digest.hexdigest()[:16]
+    sources = _sources_of(model_dir, ("language_model", "projector"))
+    headers = {file: _header(file) for file in {source.file for _, source in sources}}
+
+    def tensor_digest(source: TensorSource) -> bytes:
+        tensor_hash = hashlib.sha256()
+        _hash_bytes(source, headers, tensor_hash)
+        return tensor_hash.digest()
+
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        digests = pool.map(tensor_digest, [source for _, source in sources])
+        for (name, source), tensor_hash in zip(sources, digests):
+            digest.update(f"{name}:{_entry(source, headers)}:".encode() + tensor_hash)
+    return digest.hexdigest()[:16]
+
+
+# Below the definitions they use (CheckpointError, safetensors_keys): each imports this module.
+from shared import fp8_scheme, mistral_layout  # noqa: E402

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 from mistral_common.protocol.instruct.chunk import ImageChunk
@@ -50,8 +51,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
-    """Image file -> (3, H, W) float32 pixels, H and W multiples of 16, exactly as mistral-common makes them."""
+def preprocess(data: bytes, max_pixels: int, tokenizer_path: Path | None = None) -> np.ndarray:
+    """Image file -> (3, H, W) float32 pixels, H and W multiples of 16, exactly as mistral-common makes them (with
+    the image settings of the tokenizer at `tokenizer_path`, default mistral-common's)."""
     image = open_image(data, max_pixels)
     try:
         image.load()
@@ -61,16 +63,16 @@ def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
         raise InvalidImage(f"image data cannot be decoded ({type(error).__name__})") from None
     except Exception as error:  # noqa: BLE001
         raise InvalidImage(f"image data cannot be decoded ({type(error).__name__})") from None
-    encoder = load_tokenizer().instruct_tokenizer.image_encoder
+    encoder = load_tokenizer(tokenizer_path).instruct_tokenizer.image_encoder
     try:
         return encoder(ImageChunk(image=image)).image
     except Exception as error:  # noqa: BLE001 - a mode the reference cannot convert
         raise InvalidImage(f"image cannot be converted to RGB ({type(error).__name__})") from None
 
 
-def warm_up_preprocessing() -> None:
+def warm_up_preprocessing(tokenizer_path: Path | None = None) -> None:
     """Loads what preprocess() uses before the first job: mistral-common's image encoder comes with the whole
     tokenizer, about a second to load, which the first images of a worker would otherwise wait for."""
     data = io.BytesIO()
     Image.new("RGB", (32, 32)).save(data, "PNG")
-    preprocess(data.getvalue(), max_pixels=32 * 32)
+    preprocess(data.getvalue(), max_pixels=32 * 32, tokenizer_path=tokenizer_path)

@@ -15,6 +15,7 @@ from services.gateway.vision_pool import VisionPool
 from shared import checkpoint, tls
 from shared.role import RoleBody, RoleContext
 from shared.tiny import resolve_model
+from shared.tokenizer import tokenizer_file
 from shared.url_fetch import UrlFetcher, UrlPolicy, parse_networks
 
 
@@ -32,7 +33,7 @@ async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
     model_dir = resolve_model(config.model)
     model_config = await asyncio.to_thread(checkpoint.load_config, model_dir)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
-    builder = await asyncio.to_thread(PromptBuilder)
+    builder = await asyncio.to_thread(PromptBuilder, tokenizer_file(model_dir))
     pool = VisionPool(context.redis, fingerprint, config.lock_ttl_s, embedding_ttl_s=config.embedding_ttl_s)
     await pool.start()
     decoders = DecoderPool(

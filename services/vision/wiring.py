@@ -17,6 +17,7 @@ from shared import checkpoint
 from shared.images import warm_up_preprocessing
 from shared.role import RoleBody, RoleContext
 from shared.tiny import resolve_model
+from shared.tokenizer import tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,14 @@ async def build(context: RoleContext) -> VisionRole:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder = await asyncio.to_thread(load_vision_encoder, model_dir, device, dtype, config.max_cuda_graphs)
     await asyncio.to_thread(encoder.warm_up)
-    await asyncio.to_thread(warm_up_preprocessing)
+    tokenizer_path = tokenizer_file(model_dir)
+    await asyncio.to_thread(warm_up_preprocessing, tokenizer_path)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     if config.fault_encode_delay_s or config.fault_encode_fail_sha256:
         log.warning("fault injection on: encode delay %.1f s, failing images %s", config.fault_encode_delay_s,
                     ",".join(config.fault_encode_fail_sha256) or "none")
-    worker = VisionWorker(context.redis, encoder, fingerprint, config, on_encoded=metrics.observe_batch)
+    worker = VisionWorker(context.redis, encoder, fingerprint, config, on_encoded=metrics.observe_batch,
+                          tokenizer_path=tokenizer_path)
     metrics.register(worker, config.redis)
     stop = asyncio.Event()
     log.info("consumer %s, model fingerprint %s", worker.consumer, fingerprint)

@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -64,12 +65,14 @@ class WorkerStats:
 
 class VisionWorker:
     def __init__(self, client: aioredis.Redis, encoder: VisionEncoder, fingerprint: str, config: VisionConfig,
-                 on_encoded: Callable[[int, float], None] = lambda num_images, seconds: None) -> None:
+                 on_encoded: Callable[[int, float], None] = lambda num_images, seconds: None,
+                 tokenizer_path: Path | None = None) -> None:
         self.client = client
         self.on_encoded = on_encoded  # (images in the batch, seconds of the forward pass)
         self.encoder = encoder
         self.fingerprint = fingerprint
         self.config = config
+        self.tokenizer_path = tokenizer_path   # whose image settings preprocess (shared.tokenizer.tokenizer_file)
         self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.stats = WorkerStats()
 
@@ -221,7 +224,8 @@ class VisionWorker:
         jobs = await self._drop_cached(jobs)
         # Decoding and resizing run in threads (PIL and OpenCV release the GIL), all images of the batch at once.
         started = time.perf_counter()
-        results = await asyncio.gather(*(asyncio.to_thread(preprocess, job.image, self.config.max_image_pixels)
+        results = await asyncio.gather(*(asyncio.to_thread(preprocess, job.image, self.config.max_image_pixels,
+                                                           self.tokenizer_path)
                                          for _, job in jobs), return_exceptions=True)
         todo: list[tuple[bytes, EncodeJob, np.ndarray]] = []
         for (entry_id, job), result in zip(jobs, results):
