@@ -1,7 +1,8 @@
 """Checks of the Triton kernels against plain PyTorch, run under TRITON_INTERPRET=1 on the CPU.
 
-Run by tests/test_kernels.py in a subprocess (the interpreter must be chosen before triton is imported);
-`python -m tests.kernel_checks` runs them by hand, and on a CUDA machine without the interpreter too.
+Run by tests/test_kernels.py (CHECKS) and tests/test_fp8.py (FP8_CHECKS) in a subprocess (the interpreter must be
+chosen before triton is imported); `python -m tests.kernel_checks [all|fp8|NAME...]` runs them by hand, and on a
+CUDA machine without the interpreter too.
 """
 
 from __future__ import annotations
@@ -353,20 +354,273 @@ def check_vision_graphs_match_eager() -> None:
     assert len(encoder.graphs.graphs) == 2
 
 
+# -- FP8 (e4m3) ---------------------------------------------------------------------------------------------------
+# References are float32 computations over the dequantized e4m3 values, so the kernels are held to the tolerances
+# of the checks above; where a kernel quantizes activations itself (W8A8), the unquantized product is a second
+# reference, within e4m3's rounding (3 mantissa bits: a few percent).
+
+E4M3_ROUNDING = 5e-2
+
+
+def fp8_weight(num_rows: int, num_columns: int):
+    """An Fp8Weight whose channels span three decades of magnitude, one of them all zeros."""
+    from services.decoder.fp8 import quantize_weight
+    weight = torch.randn(num_rows, num_columns, device=DEVICE) * torch.logspace(-2, 1, num_rows, device=DEVICE)[:, None]
+    weight[3] = 0
+    return quantize_weight(weight)
+
+
+def check_fp8_skinny_linear() -> None:
+    from services.decoder import kernels
+    for launch in launches(kernels, "SKINNY_FP8_LAUNCH", [(64, 256, 4, 4), (32, 128, 4, 3)]):
+        for dtype, tolerance in DTYPES:
+            for rows, k in ((1, 512), (5, 300), (16, 256)):   # K a multiple of the step or not
+                x = torch.randn(rows, k, device=DEVICE).to(dtype)
+                weight = fp8_weight(200, k)                     # 200 columns: a partly filled program
+                out = kernels.skinny_linear_fp8(x, weight.qweight, weight.scale)
+                assert out.shape == (rows, 200) and out.dtype == dtype
+                error = relative_error(out, x.float() @ weight.dequantize().T)
+                assert error < tolerance, (launch, dtype, rows, k, error)
+                assert not out[:, 3].any(), "an all-zero channel"
+    weight = fp8_weight(48, 64)
+    x = torch.randn(4, 128, device=DEVICE)[:, ::2]   # not contiguous
+    assert relative_error(kernels.skinny_linear_fp8(x, weight.qweight, weight.scale),
+                          x @ weight.dequantize().T) < DTYPES[0][1]
+    if DEVICE.type == "cuda":   # the model's call: the ops pick this kernel for FP8 weights up to 16 rows
+        from services.decoder.ops import TritonOps
+        x = torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16)
+        assert torch.equal(TritonOps().linear(x, weight), kernels.skinny_linear_fp8(x, weight.qweight, weight.scale))
+
+
+def check_fp8_quantize_rows() -> None:
+    """Per-token activation quantization against fp8.quantize_rows (the same codes, but for a rare tie that the
+    GPU's faster division rounds the other way, a step apart)."""
+    from services.decoder import fp8, kernels
+    for launch in launches(kernels, "QUANTIZE_LAUNCH", [(2048, 4), (256, 4)]):   # a row in one step, and in several
+        for dtype, _ in DTYPES:
+            x = (torch.randn(6, 1000, device=DEVICE) * torch.logspace(-4, 4, 6, device=DEVICE)[:, None]).to(dtype)
+            x[2] = 0
+            codes, scales = kernels.quantize_rows(x)
+            want_codes, want_scales = fp8.quantize_rows(x)
+            assert codes.dtype == fp8.FP8_DTYPE and scales.shape == (6, 1) and scales.dtype == torch.float32
+            assert relative_error(scales, want_scales) < 1e-6, launch
+            got, want = codes.float(), want_codes.float()
+            assert (got != want).float().mean() < 1e-3, (launch, dtype)
+            assert ((got - want).abs() <= want.abs() / 8 + 2 ** -9).all(), "more than one e4m3 step apart"
+            assert not codes[2].float().any()
+    assert kernels.FP8_MAX.value == fp8.FP8_MAX and kernels.MIN_AMAX.value == fp8.MIN_AMAX
+
+
+def check_fp8_wide_linear() -> None:
+    """W8A8: activations quantized per token, the e4m3 matmul with both scales in its epilogue; the Triton kernel
+    everywhere, torch._scaled_mm (rowwise scales) on CUDA, and fp8_linear's choice of them past 16 rows."""
+    from services.decoder import fp8, kernels
+    for launch in launches(kernels, "FP8_MATMUL_LAUNCH", [(32, 32, 32, 2, 4, 2), (128, 128, 128, 8, 8, 4)]):
+        for dtype, tolerance in DTYPES:
+            # Hopper's e4m3 tensor cores sum a tile's products in fewer bits than float32's
+            tolerance = max(tolerance, 1e-3) if DEVICE.type == "cuda" else tolerance
+            for rows, k in ((45, 300), (130, 256)):   # partial tiles and K steps; several row tiles (grouped)
+                x = torch.randn(rows, k, device=DEVICE).to(dtype)
+                weight = fp8_weight(200, k)
+                codes, scales = kernels.quantize_rows(x)
+                out = kernels.fp8_matmul(codes, scales, weight.qweight, weight.scale, dtype)
+                assert out.shape == (rows, 200) and out.dtype == dtype
+                exact = (codes.float() * scales) @ weight.dequantize().T
+                assert relative_error(out, exact) < tolerance, (launch, dtype, rows, k, relative_error(out, exact))
+                unquantized = x.float() @ weight.dequantize().T
+                assert relative_error(out, unquantized) < E4M3_ROUNDING, relative_error(out, unquantized)
+    if DEVICE.type != "cuda":
+        return
+    x = torch.randn(40, 256, device=DEVICE, dtype=torch.bfloat16)
+    weight = fp8_weight(192, 256)
+    codes, scales = kernels.quantize_rows(x)
+    exact = (codes.float() * scales) @ weight.dequantize().T
+    from shared.cuda_graphs import capture
+    for matmul in ("scaled_mm", "triton"):
+        out = fp8.w8a8_linear(x, weight, matmul)
+        assert out.dtype == torch.bfloat16 and relative_error(out, exact) < 2e-2, (matmul, relative_error(out, exact))
+        graph, captured = capture(lambda: fp8.w8a8_linear(x, weight, matmul))   # new inputs, one replay
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(captured, fp8.w8a8_linear(x, weight, matmul)), matmul
+    assert torch.equal(fp8.fp8_linear(x, weight), fp8.w8a8_linear(x, weight, fp8.WIDE_MATMUL))
+    assert relative_error(fp8.fp8_linear(x[:16], weight), x[:16].float() @ weight.dequantize().T) < 2e-2
+
+
+def check_fp8_kv_cache_write() -> None:
+    """rotary_and_cache into e4m3 caches: codes and a scale per token and KV head, as fp8.quantize_rows makes them
+    from the rotated keys and the values (the kernel's sin and cos differ from PyTorch's in the last bits, so a
+    code at a tie may land a step apart)."""
+    from services.decoder import fp8
+    from services.decoder.kernels import rotary_and_cache
+    heads, kv_heads, dim, tokens = 4, 2, 16, 22
+    inv_freq = 1.0 / (1e9 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim))
+    positions = torch.tensor([0, 5, 9, 100, 4096, 7] + list(range(200, 216)), device=DEVICE)
+    slots = torch.tensor([3, 0, 7, -1, 12, 1] + list(range(16, 30)) + [-1, 31], device=DEVICE)
+    for dtype, tolerance in DTYPES:
+        # heads of very different ranges: each row gets its own scale
+        magnitudes = torch.logspace(-2, 2, heads + 2 * kv_heads, device=DEVICE).repeat_interleave(dim)
+        qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=DEVICE) * magnitudes).to(dtype)
+        k_cache = torch.zeros(32, kv_heads, dim, device=DEVICE).to(fp8.FP8_DTYPE)
+        v_cache = torch.zeros_like(k_cache)
+        k_scales = torch.zeros(32, kv_heads, device=DEVICE)
+        v_scales = torch.zeros_like(k_scales)
+        q = rotary_and_cache(qkv, positions, inv_freq, k_cache, v_cache, slots, heads, kv_heads, dim, k_scales,
+                             v_scales)
+        q_ref, k_ref, v_ref = qkv.float().split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        assert relative_error(q, rope_reference(q_ref.view(tokens, heads, dim), positions, inv_freq)) < tolerance
+        k_rot = rope_reference(k_ref.view(tokens, kv_heads, dim), positions, inv_freq)
+        for token, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            for rows, cache, scales in ((k_rot[token], k_cache, k_scales),
+                                        (v_ref[token].view(kv_heads, dim), v_cache, v_scales)):
+                want_codes, want_scales = fp8.quantize_rows(rows)
+                assert relative_error(scales[slot], want_scales[:, 0]) < 1e-5
+                got = fp8.dequantize_rows(cache[slot], scales[slot], torch.float32)
+                assert relative_error(got, fp8.dequantize_rows(want_codes, want_scales[:, 0], torch.float32)) < 1e-2
+                assert relative_error(got, rows) < E4M3_ROUNDING
+        unwritten = [2, 4, 5, 30]
+        assert not k_scales[unwritten].any() and not k_cache[unwritten].view(torch.uint8).any(), "a slot -1 row"
+
+
+def fp8_kv(num_slots: int, kv_heads: int, dim: int):
+    """Random keys or values as e4m3 codes [slots, Hkv, D] and scales [slots, Hkv], and their dequantized
+    float32 values; the rows' ranges span four decades."""
+    from services.decoder import fp8
+    rows = torch.randn(num_slots, kv_heads, dim, device=DEVICE) * torch.logspace(
+        -2, 2, num_slots * kv_heads, device=DEVICE)[torch.randperm(num_slots * kv_heads)].view(num_slots, kv_heads, 1)
+    codes, scales = fp8.quantize_rows(rows)
+    return codes, scales[..., 0].contiguous(), fp8.dequantize_rows(codes, scales[..., 0], torch.float32)
+
+
+def check_fp8_paged_decode_attention() -> None:
+    from services.decoder.kernels import paged_decode_attention
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size, num_blocks = 8, 2, 64, 16, 40
+    k_codes, k_scales, keys = fp8_kv(num_blocks * block_size, kv_heads, dim)
+    v_codes, v_scales, values = fp8_kv(num_blocks * block_size, kv_heads, dim)
+    contexts = [1, 17, 130, 0, 300]          # 0: a padding row
+    tables = torch.zeros(len(contexts), 24, dtype=torch.int32, device=DEVICE)
+    permutation = torch.randperm(num_blocks).tolist()
+    for row, context in enumerate(contexts):
+        need = -(-context // block_size)
+        tables[row, :need] = torch.tensor([permutation.pop() for _ in range(need)], dtype=torch.int32)
+    lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    for dtype, tolerance in DTYPES:
+        q = torch.randn(len(contexts), heads, dim, device=DEVICE).to(dtype)
+        for splits in (1, 3, 64):   # 64: the other launch shape (decode_launch)
+            out = paged_decode_attention(q, k_codes, v_codes, tables, lens, dim ** -0.5, block_size, splits,
+                                         k_scales, v_scales)
+            assert out.dtype == dtype
+            for row, context in enumerate(contexts):
+                if context == 0:
+                    assert not out[row].any()
+                    continue
+                slots = (tables[row, :, None].long() * block_size + torch.arange(block_size, device=DEVICE))
+                slots = slots.flatten()[:context]
+                ref = F.scaled_dot_product_attention(q[row][:, None].float(), keys[slots].transpose(0, 1),
+                                                     values[slots].transpose(0, 1), scale=dim ** -0.5,
+                                                     enable_gqa=True)[:, 0]
+                error = relative_error(out[row], ref)
+                assert error < tolerance, (dtype, splits, row, error)
+
+
+def check_fp8_attention_backend() -> None:
+    """AttentionBackend over an e4m3 KVCache: decode rows through the paged kernel, a later prompt chunk through
+    SDPA over its gathered and dequantized context, in one step."""
+    from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PrefillSpan
+    from services.decoder.fp8 import FP8_DTYPE
+    torch.manual_seed(1)
+    heads, kv_heads, dim, block_size, num_blocks = 4, 2, 16, 16, 12
+    for dtype, tolerance in DTYPES:
+        cache = KVCache(1, num_blocks, block_size, kv_heads, dim, dtype, DEVICE, is_fp8=True)
+        assert cache.keys[0].dtype == FP8_DTYPE and cache.key_scales[0].shape == (num_blocks * block_size, kv_heads)
+        k_codes, k_scales, keys = fp8_kv(num_blocks * block_size, kv_heads, dim)
+        v_codes, v_scales, values = fp8_kv(num_blocks * block_size, kv_heads, dim)
+        cache.keys[0].copy_(k_codes)
+        cache.values[0].copy_(v_codes)
+        cache.key_scales[0].copy_(k_scales)
+        cache.value_scales[0].copy_(v_scales)
+        # two decoding sequences (contexts 20 and 33, blocks 0-1 and 2-4), then a 5-token chunk ending a
+        # 37-token context (blocks 5-7)
+        tables = torch.tensor([[0, 1, 0, 0], [2, 3, 4, 0]], dtype=torch.int32, device=DEVICE)
+        chunk_slots = torch.arange(5 * block_size, 5 * block_size + 37, device=DEVICE)
+        meta = AttentionMetadata(slot_mapping=torch.full((7,), -1, device=DEVICE), num_decode=2, block_tables=tables,
+                                 context_lens=torch.tensor([20, 33], dtype=torch.int32, device=DEVICE), num_splits=2,
+                                 prefills=[PrefillSpan(2, 5, 37, chunk_slots)])
+        q = torch.randn(7, heads, dim, device=DEVICE).to(dtype)
+        out = AttentionBackend(cache, dim ** -0.5).attend(0, q, meta)
+        contexts = [torch.arange(20, device=DEVICE), torch.arange(2 * block_size, 2 * block_size + 33, device=DEVICE)]
+        for row, slots in enumerate(contexts):
+            ref = F.scaled_dot_product_attention(q[row][:, None].float(), keys[slots].transpose(0, 1),
+                                                 values[slots].transpose(0, 1), scale=dim ** -0.5,
+                                                 enable_gqa=True)[:, 0]
+            assert relative_error(out[row], ref) < tolerance, (dtype, row, relative_error(out[row], ref))
+        mask = torch.arange(37, device=DEVICE)[None, :] <= torch.arange(32, 37, device=DEVICE)[:, None]
+        ref = F.scaled_dot_product_attention(q[2:].transpose(0, 1).float(), keys[chunk_slots].transpose(0, 1),
+                                             values[chunk_slots].transpose(0, 1), attn_mask=mask, scale=dim ** -0.5,
+                                             enable_gqa=True).transpose(0, 1)
+        assert relative_error(out[2:], ref) < tolerance, (dtype, relative_error(out[2:], ref))
+
+
+def check_fp8_cuda_graph_decode_matches_eager() -> None:
+    """CUDA only: an FP8 decoder (e4m3 projections and KV cache) gives the same tokens from captured decode graphs
+    as eagerly. Float32 activations, as check_cuda_graph_decode_matches_eager: bf16 cuBLAS matmuls of a padded
+    graph batch may round differently from the eager batch's (check_fp8_wide_linear captures _scaled_mm)."""
+    if DEVICE.type != "cuda":
+        raise NotApplicable("needs CUDA")
+    from services.decoder.config import DecoderConfig
+    from services.decoder.factory import build_engine_for
+    from services.decoder.model import TextModelSpec, quantize_decoder, random_decoder
+    from services.decoder.sequence import SamplingParams, Sequence
+
+    spec = TextModelSpec(vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=8,
+                         num_kv_heads=2, head_dim=32, rope_theta=1e9, rms_norm_eps=1e-5,
+                         max_position_embeddings=4096, vision_hidden_size=32, image_token_id=10, bos_token_id=1,
+                         eos_token_id=2)
+    model = random_decoder(spec, torch.float32, DEVICE, seed=3)
+    for param in model.parameters():
+        param.data.mul_(5)
+    quantize_decoder(model)
+    outputs = []
+    for graphs in ("true", "false"):
+        engine, _ = build_engine_for(model, DecoderConfig.load(
+            ["--device", "cuda", "--kv-cache-gib", "0.05", "--max-num-seqs", "24", "--cuda-graphs", graphs,
+             "--kv-cache-dtype", "fp8"]), DEVICE)
+        # 20 sequences: decode steps of more than 16 rows (W8A8) as well as fewer (the skinny kernel)
+        seqs = [Sequence(f"s{i}", [1] + [(13 * i + 7 * t) % 1000 + 14 for t in range(20 + 17 * i)], 21 + 17 * i,
+                         SamplingParams(12 + i, temperature=0.7 * (i % 2), seed=i), 4096, i) for i in range(20)]
+        for seq in seqs:
+            engine.add(seq, lambda output: None)
+        while not all(seq.is_finished for seq in seqs):
+            engine.step()
+        outputs.append([seq.output_token_ids for seq in seqs])
+    assert outputs[0] == outputs[1], outputs
+
+
 CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul, check_linear,
           check_fused_engine_matches_reference_engine, check_cuda_graph_decode_matches_eager,
           check_rotate_heads, check_paired_matmuls, check_fused_vision_tower_matches_reference,
           check_prefill_chunk_attention_matches_a_mask, check_image_row_staging_keeps_rows_in_flight,
           check_vision_graphs_match_eager]
+# Run by tests/test_fp8.py; `python -m tests.kernel_checks all` runs both lists
+FP8_CHECKS = [check_fp8_skinny_linear, check_fp8_quantize_rows, check_fp8_wide_linear, check_fp8_kv_cache_write,
+              check_fp8_paged_decode_attention, check_fp8_attention_backend, check_fp8_cuda_graph_decode_matches_eager]
+GROUPS = {"default": CHECKS, "fp8": FP8_CHECKS, "all": CHECKS + FP8_CHECKS}
 
 
 class NotApplicable(Exception):
     """The check needs hardware this run does not have (reported, neither passed nor failed)."""
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """argv: a group of GROUPS (default: "default") or check names."""
+    by_name = {check.__name__: check for check in CHECKS + FP8_CHECKS}
+    names = argv or ["default"]
+    checks = [check for name in names for check in (GROUPS[name] if name in GROUPS else [by_name[name]])]
     failures = 0
-    for check in CHECKS:
+    for check in checks:
         try:
             check()
             print(f"ok   {check.__name__}")
@@ -379,4 +633,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

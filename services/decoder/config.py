@@ -22,6 +22,10 @@ class DecoderConfig(ModelRoleOptions):
     enable_prefix_caching: bool = option(True, "reuse the KV cache of prompt prefixes computed before (same tokens, "
                                                 "same images): an image asked about again skips its prefill")
     kv_cache_gib: float = option(0.0, "KV cache size; 0: 0.25 GiB on CPU, what is free after the weights on CUDA")
+    kv_cache_dtype: str = option("auto", "KV cache elements: auto (the model's dtype) or fp8 (e4m3 with a scale "
+                                         "per token and KV head: 1.94x the tokens in the same memory)")
+    quantization: str = option("", "weights: empty (the checkpoint's, in the device's dtype) or fp8 (the decoder "
+                                   "layers' projections quantized to e4m3 per channel at load)")
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory this process may use (CUDA, auto KV)")
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (CUDA only)")
     async_scheduling: bool = option(True, "queue each decode step on the GPU before reading the tokens of the one "
@@ -39,5 +43,9 @@ class DecoderConfig(ModelRoleOptions):
                              "must be positive")
         if self.max_queued < 0 or self.max_model_len < 0 or self.kv_cache_gib < 0:
             raise ValueError("--max-queued, --max-model-len and --kv-cache-gib must not be negative")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.quantization not in ("", "fp8"):
+            raise ValueError(f"--quantization must be empty or fp8, got {self.quantization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")

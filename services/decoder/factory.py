@@ -50,11 +50,14 @@ def kv_budget_bytes(config: DecoderConfig, device: torch.device) -> int:
 def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch.device) -> tuple[Engine, int]:
     """An engine over `model` with the KV cache sized by the config; returns it and the context length."""
     spec, dtype = model.spec, model.embed_tokens.weight.dtype
-    block_bytes = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, dtype)
+    is_fp8 = config.kv_cache_dtype == "fp8"
+    block_bytes = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, dtype,
+                                          is_fp8)
     num_blocks = kv_budget_bytes(config, device) // block_bytes
     if num_blocks < 1:
         raise MemoryError("no memory left for the KV cache: lower --max-num-batched-tokens or free the device")
-    cache = KVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
+    cache = KVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, dtype, device,
+                    is_fp8)
     max_model_len = min(config.max_model_len or spec.context_length, spec.context_length,
                         num_blocks * config.block_size)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
@@ -81,8 +84,9 @@ def build_engine(config: DecoderConfig) -> LoadedEngine:
     model_dir = resolve_model(config.model)
     device = torch.device(config.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_decoder(model_dir, dtype, device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    log.info("decoder weights: %.2f GiB (%s on %s)", weight_bytes / GIB, dtype, device)
+    model = load_decoder(model_dir, dtype, device, config.quantization or None)
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    log.info("decoder weights: %.2f GiB (%s on %s%s)", weight_bytes / GIB, dtype, device,
+             ", projections fp8" if config.quantization else "")
     engine, max_model_len = build_engine_for(model, config, device)
     return LoadedEngine(engine, model.spec, checkpoint.vision_fingerprint(model_dir), max_model_len)

@@ -27,8 +27,8 @@ from shared.kernels import graph_time
 
 @triton.jit(do_not_specialize=["num_tokens"])   # one compiled variant for every batch size
 def _rotary_cache_kernel(qkv_ptr, positions_ptr, inv_freq_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
-                         num_tokens, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
+                         k_scale_ptr, v_scale_ptr, num_tokens, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, IS_FP8: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)                       # 0..H-1: query heads, H..H+Hkv-1: key heads (with values)
     half: tl.constexpr = HEAD_DIM // 2
@@ -49,37 +49,66 @@ def _rotary_cache_kernel(qkv_ptr, positions_ptr, inv_freq_ptr, q_out_ptr, k_cach
         tl.store(out + half, y2.to(q_out_ptr.dtype.element_ty), mask=mask)
     else:
         slot = tl.load(slots_ptr + tokens, mask=in_batch, other=-1)
-        written = mask & (slot[:, None] >= 0)     # padding rows of a CUDA graph have slot -1
+        is_written = in_batch & (slot >= 0)       # padding rows of a CUDA graph have slot -1
+        written = is_written[:, None]
         dest = (slot[:, None] * NUM_KV_HEADS + (head - NUM_HEADS)) * HEAD_DIM + offs[None, :]
-        tl.store(k_cache_ptr + dest, y1.to(k_cache_ptr.dtype.element_ty), mask=written)
-        tl.store(k_cache_ptr + dest + half, y2.to(k_cache_ptr.dtype.element_ty), mask=written)
         value = row + NUM_KV_HEADS * HEAD_DIM
-        tl.store(v_cache_ptr + dest, tl.load(value, mask=mask, other=0.0), mask=written)
-        tl.store(v_cache_ptr + dest + half, tl.load(value + half, mask=mask, other=0.0), mask=written)
+        if IS_FP8:
+            # e4m3 with one scale per token and KV head, from the rotated key in float32 (no bf16 rounding first)
+            scale_at = slot * NUM_KV_HEADS + (head - NUM_HEADS)
+            _store_e4m3_row(k_cache_ptr + dest, k_scale_ptr + scale_at, y1, y2, written, is_written)
+            v1 = tl.load(value, mask=mask, other=0.0).to(tl.float32)
+            v2 = tl.load(value + half, mask=mask, other=0.0).to(tl.float32)
+            _store_e4m3_row(v_cache_ptr + dest, v_scale_ptr + scale_at, v1, v2, written, is_written)
+        else:
+            tl.store(k_cache_ptr + dest, y1.to(k_cache_ptr.dtype.element_ty), mask=written)
+            tl.store(k_cache_ptr + dest + half, y2.to(k_cache_ptr.dtype.element_ty), mask=written)
+            tl.store(v_cache_ptr + dest, tl.load(value, mask=mask, other=0.0), mask=written)
+            tl.store(v_cache_ptr + dest + half, tl.load(value + half, mask=mask, other=0.0), mask=written)
+
+
+@triton.jit
+def _store_e4m3_row(dest_ptr, scale_ptr, first, second, mask, row_mask):
+    """Rows given as two halves [T, D / 2] (float32) -> e4m3 codes at dest_ptr (+ D / 2 for the second half) and
+    each row's scale (amax / 448) at scale_ptr [T]."""
+    peak = tl.maximum(tl.max(tl.abs(first), axis=1), tl.max(tl.abs(second), axis=1))
+    scale = tl.maximum(peak, MIN_AMAX) / FP8_MAX
+    half: tl.constexpr = first.shape[1]
+    tl.store(dest_ptr, round_to_e4m3(first / scale[:, None]).to(dest_ptr.dtype.element_ty), mask=mask)
+    tl.store(dest_ptr + half, round_to_e4m3(second / scale[:, None]).to(dest_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr, scale, mask=row_mask)
 
 
 def rotary_and_cache(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                     head_dim: int) -> torch.Tensor:
+                     head_dim: int, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) * D] -> rotated q [T, H, D]; rotated k and v go to their cache slots.
-    A program takes one head of up to 16 tokens: one per (token, head) made a 4k-token prefill 170k programs."""
+    A program takes one head of up to 16 tokens: one per (token, head) made a 4k-token prefill 170k programs.
+    With e4m3 caches, `k_scales` and `v_scales` [slots, Hkv] float32 receive each row's scale."""
     num_tokens = qkv.shape[0]
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    is_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if is_fp8 and (k_scales is None or v_scales is None):
+        raise ValueError("an e4m3 KV cache needs its scales")
     block_t = 16
     _rotary_cache_kernel[(triton.cdiv(num_tokens, block_t), num_heads + num_kv_heads)](
-        qkv, positions, inv_freq, q, k_cache, v_cache, slot_mapping, num_tokens,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4)
+        qkv, positions, inv_freq, q, k_cache, v_cache, slot_mapping,
+        k_scales if is_fp8 else k_cache, v_scales if is_fp8 else v_cache, num_tokens,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_T=block_t, IS_FP8=is_fp8,
+        num_warps=4)
     return q
 
 
 # -- paged decode attention -------------------------------------------------------------------------------------
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scale,
-                         partial_out_ptr, partial_max_ptr, partial_sum_ptr, max_blocks,
+def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
+                         context_lens_ptr, scale, partial_out_ptr, partial_max_ptr, partial_sum_ptr, max_blocks,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                         IS_FP8: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -102,15 +131,27 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         token_ok = tokens < end
         blocks = tl.load(block_tables_ptr + seq * max_blocks + tokens // BLOCK_SIZE, mask=token_ok, other=0)
         slots = blocks.to(tl.int64) * BLOCK_SIZE + tokens % BLOCK_SIZE
-        offsets = (slots * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + dims[None, :]
+        scale_at = slots * NUM_KV_HEADS + kv_head     # [BLOCK_N]: (slot, KV head) rows
+        offsets = scale_at[:, None] * HEAD_DIM + dims[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=token_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
+        if IS_FP8:
+            # e4m3 codes are exact in q's dtype; each token's scale multiplies its column of scores
+            k_scale = tl.load(k_scale_ptr + scale_at, mask=token_ok, other=0.0)
+            scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (k_scale * scale)[None, :]
+        else:
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
         probs = tl.exp(scores - tile_max[:, None])
         correction = tl.exp(running_max - tile_max)
         v = tl.load(v_cache_ptr + offsets, mask=token_ok[:, None], other=0.0)
-        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        if IS_FP8:
+            # each token's scale multiplies its row of values: fold it into that token's probabilities
+            v_scale = tl.load(v_scale_ptr + scale_at, mask=token_ok, other=0.0)
+            acc = acc * correction[:, None] + tl.dot((probs * v_scale[None, :]).to(q.dtype), v.to(q.dtype),
+                                                     input_precision=PRECISION)
+        else:
+            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
         running_max = tile_max
     partial = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
@@ -155,23 +196,31 @@ def decode_launch(num_splits: int) -> dict:
 
 
 def warm_up(dtype: torch.dtype, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
-            block_size: int) -> None:
-    """Compiles every variant the eager path may need, so no request waits for Triton's compiler."""
+            block_size: int, is_fp8: bool = False) -> None:
+    """Compiles every variant the eager path may need, so no request waits for Triton's compiler.
+    `is_fp8`: the KV cache holds e4m3 codes and scales."""
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
-    cache = torch.zeros(block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    cache = torch.zeros(block_size, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn if is_fp8 else dtype,
+                        device=device)
+    scales = torch.zeros(block_size, num_kv_heads, dtype=torch.float32, device=device) if is_fp8 else None
     tables = torch.zeros(1, 16, dtype=torch.int32, device=device)
     lengths = torch.ones(1, dtype=torch.int32, device=device)
     for splits in SPLIT_CHOICES:
-        paged_decode_attention(q, cache, cache, tables, lengths, 1.0, block_size, splits)
+        paged_decode_attention(q, cache, cache, tables, lengths, 1.0, block_size, splits, scales, scales)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           block_size: int, num_splits: int) -> torch.Tensor:
+                           block_size: int, num_splits: int, k_scales: torch.Tensor | None = None,
+                           v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D] (one new token per sequence) over its cached context -> [B, H, D].
 
-    block_tables [B, max_blocks] int32, context_lens [B] int32 (0 for padding rows, whose output is 0).
+    block_tables [B, max_blocks] int32, context_lens [B] int32 (0 for padding rows, whose output is 0). With e4m3
+    caches, `k_scales` and `v_scales` [slots, Hkv] float32 are their rows' scales (dequantized in the kernel).
     """
+    is_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if is_fp8 and (k_scales is None or v_scales is None):
+        raise ValueError("an e4m3 KV cache needs its scales")
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -179,11 +228,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partial_max = torch.empty(batch * num_heads * num_splits, dtype=torch.float32, device=q.device)
     partial_sum = torch.empty_like(partial_max)
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, scale, partial_out, partial_max, partial_sum,
+        q, k_cache, v_cache, k_scales if is_fp8 else k_cache, v_scales if is_fp8 else v_cache, block_tables,
+        context_lens, scale, partial_out, partial_max, partial_sum,
         block_tables.shape[1], NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         NUM_SPLITS=num_splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 caches: float32
-        **decode_launch(num_splits))
+        IS_FP8=is_fp8, **decode_launch(num_splits))
     out = torch.empty_like(q)
     _combine_splits_kernel[(batch * num_heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,
                                                  NUM_SPLITS=num_splits,
@@ -197,12 +247,14 @@ SKINNY_MAX_ROWS = 16
 # (output columns a program computes, reduction step of bf16 (halved for float32: the same shared memory), warps,
 # pipeline stages): bench/gpu_profile.py's sweep on an H200
 SKINNY_LAUNCH = (64, 256, 4, 4)
+# The same for e4m3 weights (the reduction step is that of bf16 rows): a first choice, to be swept like the above
+SKINNY_FP8_LAUNCH = (64, 256, 4, 4)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def _skinny_matmul_kernel(x_ptr, w_ptr, out_ptr, num_rows, n, k, x_stride, w_stride,
+def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, num_rows, n, k, x_stride, w_stride,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, IS_FP8: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     steps = tl.arange(0, BLOCK_K)
@@ -215,9 +267,35 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, out_ptr, num_rows, n, k, x_stride, w_str
             x_mask, w_mask = x_mask & (inner[None, :] < k), w_mask & (inner[None, :] < k)
         x = tl.load(x_ptr + rows[:, None] * x_stride + inner[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * w_stride + inner[None, :], mask=w_mask, other=0.0)
+        if IS_FP8:
+            w = w.to(x.dtype)   # e4m3 codes are exact in bf16 and float32
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if IS_FP8:
+        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]   # per output channel
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+def skinny_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (T <= SKINNY_MAX_ROWS) @ (qweight [N, K] e4m3 * scale [N, 1]).T -> [T, N] in x's dtype.
+
+    As skinny_linear, each weight element is read once, in e4m3: the kernel upcasts it to x's dtype, accumulates
+    in float32 and applies the per-channel scale to the output."""
+    if x.shape[0] > SKINNY_MAX_ROWS:
+        raise ValueError(f"skinny_linear_fp8 takes at most {SKINNY_MAX_ROWS} rows, got {x.shape[0]}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    num_rows, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = SKINNY_FP8_LAUNCH
+    block_k = block_k * 2 // x.element_size()
+    _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
+        x, qweight, scale, out, num_rows, n, k, x.stride(0), qweight.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", IS_FP8=True,
+        num_warps=warps, num_stages=stages)
+    return out
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -233,9 +311,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     block_n, block_k, warps, stages = SKINNY_LAUNCH
     block_k = block_k * 2 // x.element_size()
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, out, num_rows, n, k, x.stride(0), weight.stride(0),
+        x, weight, weight, out, num_rows, n, k, x.stride(0), weight.stride(0),
         BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", IS_FP8=False,
         num_warps=warps, num_stages=stages)
     return out
 
@@ -254,3 +332,112 @@ def faster_on_skinny(weights: list[torch.Tensor]) -> set[tuple[int, int]]:
         if ours < theirs:
             faster.add(tuple(weight.shape))
     return faster
+
+
+# -- FP8 (e4m3) -------------------------------------------------------------------------------------------------
+# Quantizing kernels (the KV write above, activation rows below) round to the e4m3 grid in float32 arithmetic
+# before the cast, so the cast itself is exact. Triton's interpreter loads, upcasts and multiplies e4m3 tensors
+# correctly, but its float32 -> e4m3 cast rounds wrongly (a carry out of the mantissa can land in the wrong
+# exponent, ties round up, subnormal results are truncated); rounding first gives the GPU's codes on both, in one
+# code path that CI tests.
+
+FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)   # 448
+MIN_AMAX = tl.constexpr(1e-12)   # fp8.MIN_AMAX: all-zero rows get its scale
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """float32 -> the nearest e4m3 value (ties to even), still float32, clamped to +-448. Adding and removing
+    2^(e + 20), e the exponent of x (at least -6, e4m3's subnormal range), leaves x rounded to e4m3's spacing
+    2^(e - 3): the float32 add itself rounds to nearest even there."""
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    magic = ((tl.maximum(exponent, -6) + 20 + 127) << 23).to(tl.float32, bitcast=True)
+    magnitude = (tl.abs(x) + magic) - magic
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+# (columns a program reads at a time, warps): one program quantizes one row
+QUANTIZE_LAUNCH = (2048, 4)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, num_rows, k, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    peak = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, k, BLOCK):
+        x = tl.load(x_ptr + row * k + start + cols, mask=start + cols < k, other=0.0).to(tl.float32)
+        peak = tl.maximum(peak, tl.abs(x))
+    scale = tl.maximum(tl.max(peak, axis=0), MIN_AMAX) / FP8_MAX
+    for start in range(0, k, BLOCK):   # the row again: from L2, it was just read
+        x = tl.load(x_ptr + row * k + start + cols, mask=start + cols < k, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * k + start + cols, round_to_e4m3(x / scale).to(out_ptr.dtype.element_ty),
+                 mask=start + cols < k)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (e4m3 [T, K], float32 scales [T, 1]): one pass of fp8.quantize_rows (dynamic per token)."""
+    x = x.contiguous()
+    num_rows, k = x.shape
+    codes = torch.empty(num_rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+    block, warps = QUANTIZE_LAUNCH
+    _quantize_rows_kernel[(num_rows,)](x, codes, scales, num_rows, k, BLOCK=min(block, triton.next_power_of_2(k)),
+                                       num_warps=warps)
+    return codes, scales
+
+
+# (rows, columns and reduction step of a program's tile, tiles of rows grouped for L2 reuse, warps, stages):
+# the usual Hopper FP8 tile, to be swept against torch._scaled_mm
+FP8_MATMUL_LAUNCH = (128, 128, 128, 8, 8, 4)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _fp8_matmul_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, out_ptr, num_rows, n, k,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       EVEN_K: tl.constexpr):
+    program = tl.program_id(0)
+    num_row_tiles = tl.cdiv(num_rows, BLOCK_M)
+    num_col_tiles = tl.cdiv(n, BLOCK_N)
+    # GROUP_M row tiles walk the column tiles together, so each weight tile is read from L2 by GROUP_M programs
+    group = program // (GROUP_M * num_col_tiles)
+    first_row_tile = group * GROUP_M
+    group_size = tl.minimum(num_row_tiles - first_row_tile, GROUP_M)
+    row_tile = first_row_tile + (program % (GROUP_M * num_col_tiles)) % group_size
+    col_tile = (program % (GROUP_M * num_col_tiles)) // group_size
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    steps = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < num_rows, cols < n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, k, BLOCK_K):
+        inner = start + steps
+        a_mask, b_mask = row_ok[:, None], col_ok[:, None]
+        if not EVEN_K:
+            a_mask, b_mask = a_mask & (inner[None, :] < k), b_mask & (inner[None, :] < k)
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * k + inner[None, :], mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + cols[:, None].to(tl.int64) * k + inner[None, :], mask=b_mask, other=0.0)
+        # products of one tile are summed in the tensor cores' (narrower) accumulator, tiles in float32
+        acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+    a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
+    b_scale = tl.load(b_scale_ptr + cols, mask=col_ok, other=0.0)
+    acc = acc * a_scale[:, None] * b_scale[None, :]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def fp8_matmul(codes: torch.Tensor, row_scales: torch.Tensor, qweight: torch.Tensor, col_scales: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """(codes [T, K] e4m3 * row_scales [T, 1]) @ (qweight [N, K] e4m3 * col_scales [N, 1]).T -> [T, N]: e4m3
+    tensor-core products accumulated in float32, both scales applied to the output."""
+    num_rows, k = codes.shape
+    n = qweight.shape[0]
+    out = torch.empty(num_rows, n, dtype=out_dtype, device=codes.device)
+    block_m, block_n, block_k, group_m, warps, stages = FP8_MATMUL_LAUNCH
+    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n),)
+    _fp8_matmul_kernel[grid](codes, row_scales, qweight, col_scales, out, num_rows, n, k, BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0,
+                             num_warps=warps, num_stages=stages)
+    return out

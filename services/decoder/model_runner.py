@@ -78,7 +78,7 @@ class ModelRunner:
             spec = self.model.spec
             dtype = self.model.embed_tokens.weight.dtype
             kernels.warm_up(dtype, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                            self.cache.block_size)
+                            self.cache.block_size, self.cache.is_fp8)
             warm_up_cudnn(spec.num_heads, spec.num_kv_heads, spec.head_dim, True, dtype, self.device)
             layer = self.model.layers[0]
             self.ops.choose_linear([layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,

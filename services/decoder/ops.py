@@ -2,12 +2,17 @@
 
 `TorchOps` follows transformers' Mistral op for op (it is what makes float32 CPU output equal
 LlavaForConditionalGeneration). `TritonOps` fuses them into single kernels for CUDA (kernels.py).
+
+Both take a weight as a tensor or as an fp8.Fp8Weight (`linear`), and a KV cache in the model's dtype or in e4m3
+with scales (`rotary_and_cache`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from services.decoder.fp8 import Fp8Weight, fp8_linear, quantize_rows
 
 
 class TorchOps:
@@ -37,13 +42,20 @@ class TorchOps:
 
     def rotary_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                         num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+                         num_heads: int, num_kv_heads: int, head_dim: int, k_scales: torch.Tensor | None = None,
+                         v_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """`k_scales`, `v_scales` [slots, Hkv]: the caches hold e4m3 codes, quantized per token and KV head."""
         q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
         cos, sin = self._cos_sin(positions, inv_freq, qkv.dtype)
         q = self._rotate(q.view(-1, num_heads, head_dim), cos, sin)
         k = self._rotate(k.reshape(-1, num_kv_heads, head_dim), cos, sin)
-        k_cache.index_copy_(0, slot_mapping, k)
-        v_cache.index_copy_(0, slot_mapping, v.reshape(-1, num_kv_heads, head_dim))
+        v = v.reshape(-1, num_kv_heads, head_dim)
+        if k_scales is None or v_scales is None:
+            k_cache.index_copy_(0, slot_mapping, k)
+            v_cache.index_copy_(0, slot_mapping, v)
+        else:
+            _write_e4m3(k_cache, k_scales, slot_mapping, k)
+            _write_e4m3(v_cache, v_scales, slot_mapping, v)
         return q
 
     @staticmethod
@@ -51,7 +63,19 @@ class TorchOps:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    linear = staticmethod(F.linear)
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
+        if isinstance(weight, Fp8Weight):
+            return fp8_linear(x, weight)
+        return F.linear(x, weight)
+
+
+def _write_e4m3(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """rows [T, Hkv, D] -> e4m3 codes at cache[slots] and their scales at scales[slots]."""
+    codes, scale = quantize_rows(rows)
+    # index_copy_ has no e4m3 kernel on CPU; the codes' bytes copy the same
+    cache.view(torch.uint8).index_copy_(0, slots, codes.view(torch.uint8))
+    scales.index_copy_(0, slots, scale[..., 0])
 
 
 class TritonOps:
@@ -64,11 +88,19 @@ class TritonOps:
         self.silu_and_mul = shared_kernels.silu_and_mul
         self.skinny_shapes: set[tuple[int, int]] | None = None   # None: every weight (until choose_linear)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
+        if isinstance(weight, Fp8Weight):
+            return fp8_linear(x, weight)   # the FP8 skinny kernel up to SKINNY_MAX_ROWS rows, W8A8 above
         if self.skinny_shapes is None or tuple(weight.shape) in self.skinny_shapes:
             return self.kernels.skinny_linear(x, weight)   # cuBLAS itself past SKINNY_MAX_ROWS rows
         return F.linear(x, weight)
 
-    def choose_linear(self, weights: list[torch.Tensor]) -> None:
-        """Measures, once on this GPU, which weights' small-batch matmuls run on the Triton kernel."""
-        self.skinny_shapes = self.kernels.faster_on_skinny(weights)
+    def choose_linear(self, weights: list[torch.Tensor | Fp8Weight]) -> None:
+        """Measures, once on this GPU, which weights' small-batch matmuls run on the Triton kernel. FP8 weights
+        always do (nothing else reads them as fast); their kernel's variants are compiled here."""
+        plain = [w for w in weights if isinstance(w, torch.Tensor)]
+        self.skinny_shapes = self.kernels.faster_on_skinny(plain)
+        dtype = plain[0].dtype if plain else torch.bfloat16   # the activations': the LM head's (never FP8)
+        for weight in weights:
+            if isinstance(weight, Fp8Weight):
+                fp8_linear(torch.zeros(1, weight.shape[1], dtype=dtype, device=weight.device), weight)
