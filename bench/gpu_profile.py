@@ -4,9 +4,9 @@ full Pixtral-12B shape, random bf16 weights, one CUDA GPU.
     python -m bench.gpu_profile [--part decoder|vision|all]    # results in $OUT/profile_*.json
 
 Decoder: the paged decode attention under several launch shapes (`paged_*`); each weight matmul of a decode step
-at 1 to 32 rows, cuBLAS beside kernels.skinny_linear under several launch shapes (`linear_*`, µs and weight bytes
+at 1 to 32 rows, cuBLAS beside matmul_kernels.skinny_linear under several launch shapes (`linear_*`, µs and weight bytes
 read per second); the captured batch-1 decode graph of a 1024x1024 image prompt (4,183 tokens of context) with the
-weight matmuls on cuBLAS and on kernels.skinny_linear, replayed.
+weight matmuls on cuBLAS and on matmul_kernels.skinny_linear, replayed.
 
 Vision: the paired matmuls (services/vision/kernels.py) under several launch shapes, beside cuBLAS and the
 separate kernels (`paired_*`); the tower captured as one CUDA graph for a 1024x1024 image, replayed, with the
@@ -70,10 +70,10 @@ LINEAR_LAUNCHES = [(32, 256, 4, 4), (64, 128, 4, 3), (64, 256, 4, 4), (64, 256, 
 
 @torch.inference_mode()
 def linear_sweep(spec, results: dict) -> None:
-    """Each weight matmul of a decode step at 1..32 rows: cuBLAS and kernels.skinny_linear under each launch shape."""
+    """Each weight matmul of a decode step at 1..32 rows: cuBLAS and matmul_kernels.skinny_linear under each launch shape."""
     from triton.runtime.errors import OutOfResources
 
-    from services.decoder import kernels
+    from services.decoder import matmul_kernels as kernels
     qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
     shapes = {"qkv": (spec.hidden_size, qkv_out), "o": (spec.num_heads * spec.head_dim, spec.hidden_size),
               "gate_up": (spec.hidden_size, 2 * spec.intermediate_size),
@@ -143,7 +143,7 @@ def paged_attention_sweep(spec, results: dict) -> None:
 @torch.inference_mode()
 def decoder_profile() -> dict:
     from bench.gpu_decoder import run_until, sequence
-    from services.decoder import kernels
+    from services.decoder import matmul_kernels as kernels
     from services.decoder.config import DecoderConfig
     from services.decoder.factory import build_engine_for
     from services.decoder.model import TextModelSpec, random_decoder

@@ -119,7 +119,7 @@ def check_silu_and_mul() -> None:
 
 
 def check_linear() -> None:
-    from services.decoder import kernels
+    from services.decoder import matmul_kernels as kernels
     for launch in launches(kernels, "SKINNY_LAUNCH", [(64, 256, 4, 4), (32, 128, 4, 3)]):
         for dtype, tolerance in DTYPES:
             for rows, k in ((1, 512), (5, 300), (16, 256), (17, 256)):   # K a multiple of the step or not; 17: cuBLAS
@@ -371,7 +371,7 @@ def fp8_weight(num_rows: int, num_columns: int):
 
 
 def check_fp8_skinny_linear() -> None:
-    from services.decoder import kernels
+    from services.decoder import matmul_kernels as kernels
     for launch in launches(kernels, "SKINNY_FP8_LAUNCH", [(64, 256, 4, 4), (32, 128, 4, 3)]):
         for dtype, tolerance in DTYPES:
             for rows, k in ((1, 512), (5, 300), (16, 256)):   # K a multiple of the step or not
@@ -395,7 +395,8 @@ def check_fp8_skinny_linear() -> None:
 def check_fp8_quantize_rows() -> None:
     """Per-token activation quantization against fp8.quantize_rows (the same codes, but for a rare tie that the
     GPU's faster division rounds the other way, a step apart)."""
-    from services.decoder import fp8, kernels
+    from services.decoder import fp8
+    from services.decoder import fp8_kernels as kernels
     for launch in launches(kernels, "QUANTIZE_LAUNCH", [(2048, 4), (256, 4)]):   # a row in one step, and in several
         for dtype, _ in DTYPES:
             x = (torch.randn(6, 1000, device=DEVICE) * torch.logspace(-4, 4, 6, device=DEVICE)[:, None]).to(dtype)
@@ -414,7 +415,8 @@ def check_fp8_quantize_rows() -> None:
 def check_fp8_wide_linear() -> None:
     """W8A8: activations quantized per token, the e4m3 matmul with both scales in its epilogue; the Triton kernel
     everywhere, torch._scaled_mm (rowwise scales) on CUDA, and fp8_linear's choice of them past 16 rows."""
-    from services.decoder import fp8, kernels
+    from services.decoder import fp8
+    from services.decoder import fp8_kernels as kernels
     for launch in launches(kernels, "FP8_MATMUL_LAUNCH", [(32, 32, 32, 2, 4, 2), (128, 128, 128, 8, 8, 4)]):
         for dtype, tolerance in DTYPES:
             # Hopper's e4m3 tensor cores sum a tile's products in fewer bits than float32's

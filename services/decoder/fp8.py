@@ -7,7 +7,7 @@ magnitude over 448, the largest e4m3 value, so the row's largest element is repr
 `fp8_linear` is the one matmul over an Fp8Weight:
 - on CPU, the reference: the weight dequantized to float32 for each matmul, the activations as they are (what
   the tests compare everything else against);
-- on CUDA, steps of at most SKINNY_MAX_ROWS rows read the e4m3 weights in kernels.skinny_linear_fp8 (upcast in the
+- on CUDA, steps of at most SKINNY_MAX_ROWS rows read the e4m3 weights in matmul_kernels.skinny_linear_fp8 (upcast in the
   kernel, the scale in its epilogue): their time is that of reading the weights, half the bf16 bytes. cuBLAS's
   FP8 path reads those shapes more slowly than its bf16 one, so it does not serve them;
 - wider steps (prompt chunks, large decode batches) quantize their activations per token and run an e4m3 x e4m3
@@ -29,7 +29,7 @@ FP8_MAX = 448.0          # the largest finite e4m3fn value
 # they dequantize to 0, and no division by zero is made.
 MIN_AMAX = 1e-12
 
-# Wide steps' matmul: "scaled_mm" (torch._scaled_mm, cuBLASLt) or "triton" (kernels.fp8_matmul). Shapes or
+# Wide steps' matmul: "scaled_mm" (torch._scaled_mm, cuBLASLt) or "triton" (fp8_kernels.fp8_matmul). Shapes or
 # dtypes _scaled_mm cannot take (float32 output, sizes not multiples of 16) run on the Triton kernel either way.
 WIDE_MATMUL = "scaled_mm"
 
@@ -124,9 +124,9 @@ def fp8_linear(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     """x [T, K] @ weight.T -> [T, N] in x's dtype: the reference on CPU, the FP8 kernels on CUDA."""
     if x.device.type != "cuda":
         return reference_linear(x, weight)
-    from services.decoder import kernels
-    if x.shape[0] <= kernels.SKINNY_MAX_ROWS:
-        return kernels.skinny_linear_fp8(x, weight.qweight, weight.scale)
+    from services.decoder import matmul_kernels
+    if x.shape[0] <= matmul_kernels.SKINNY_MAX_ROWS:
+        return matmul_kernels.skinny_linear_fp8(x, weight.qweight, weight.scale)
     return w8a8_linear(x, weight)
 
 
@@ -139,10 +139,10 @@ def _fits_scaled_mm(x: torch.Tensor, weight: Fp8Weight) -> bool:
 def w8a8_linear(x: torch.Tensor, weight: Fp8Weight, matmul: str | None = None) -> torch.Tensor:
     """CUDA: x [T, K] quantized per token, then e4m3 x e4m3 with fp32 accumulation and both scales applied to the
     output -> [T, N] in x's dtype. `matmul` overrides WIDE_MATMUL ("scaled_mm" or "triton")."""
-    from services.decoder import kernels
-    codes, x_scale = kernels.quantize_rows(x)   # [T, K] e4m3, [T, 1] float32
+    from services.decoder import fp8_kernels
+    codes, x_scale = fp8_kernels.quantize_rows(x)   # [T, K] e4m3, [T, 1] float32
     if (matmul or WIDE_MATMUL) == "scaled_mm" and _fits_scaled_mm(x, weight):
         # mat2 must be column-major: the [N, K] row-major codes transposed are. Scales: [T, 1] and [1, N].
         return torch._scaled_mm(codes, weight.qweight.t(), scale_a=x_scale, scale_b=weight.scale.view(1, -1),
                                 out_dtype=x.dtype)
-    return kernels.fp8_matmul(codes, x_scale, weight.qweight, weight.scale, x.dtype)
+    return fp8_kernels.fp8_matmul(codes, x_scale, weight.qweight, weight.scale, x.dtype)

@@ -5,9 +5,8 @@ and SwiGLU kernels, which the vision tower uses too, are in shared/kernels.py).
 - `paged_decode_attention`: attention of one new token per sequence over its cached context, split along the
   context (flash-decoding) so a single long sequence still fills the GPU; the query heads that share a KV head are
   processed together so each KV entry is read once.
-- `skinny_linear`: the weight matmuls of steps of at most SKINNY_MAX_ROWS rows (small decode batches), whose time
-  is that of reading the weights. For some of the 12B model's shapes cuBLAS reads them more slowly (it splits the
-  down projection's reduction into a second kernel); `faster_on_skinny` measures which at start-up.
+
+The weight matmuls of small steps are in matmul_kernels.py, the FP8 (e4m3) ones and e4m3 rounding in fp8_kernels.py.
 
 All take their sizes from tensors, never from Python values that change between steps, so they can be captured
 in CUDA graphs. They also run under TRITON_INTERPRET=1 on the CPU, which is how the tests check them.
@@ -16,11 +15,10 @@ in CUDA graphs. They also run under TRITON_INTERPRET=1 on the CPU, which is how 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from shared.kernels import graph_time
+from services.decoder.fp8_kernels import FP8_MAX, MIN_AMAX, round_to_e4m3
 
 
 # -- RoPE and the KV-cache write --------------------------------------------------------------------------------
@@ -238,206 +236,4 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _combine_splits_kernel[(batch * num_heads,)](partial_out, partial_max, partial_sum, out, HEAD_DIM=head_dim,
                                                  NUM_SPLITS=num_splits,
                                                  SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
-    return out
-
-
-# -- matmuls of a few rows --------------------------------------------------------------------------------------
-
-SKINNY_MAX_ROWS = 16
-# (output columns a program computes, reduction step of bf16 (halved for float32: the same shared memory), warps,
-# pipeline stages): bench/gpu_profile.py's sweep on an H200
-SKINNY_LAUNCH = (64, 256, 4, 4)
-# The same for e4m3 weights (the reduction step is that of bf16 rows): a first choice, to be swept like the above
-SKINNY_FP8_LAUNCH = (64, 256, 4, 4)
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, num_rows, n, k, x_stride, w_stride,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, IS_FP8: tl.constexpr):
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    steps = tl.arange(0, BLOCK_K)
-    row_ok, col_ok = rows < num_rows, cols < n
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, k, BLOCK_K):
-        inner = start + steps
-        x_mask, w_mask = row_ok[:, None], col_ok[:, None]
-        if not EVEN_K:
-            x_mask, w_mask = x_mask & (inner[None, :] < k), w_mask & (inner[None, :] < k)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + inner[None, :], mask=x_mask, other=0.0)
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * w_stride + inner[None, :], mask=w_mask, other=0.0)
-        if IS_FP8:
-            w = w.to(x.dtype)   # e4m3 codes are exact in bf16 and float32
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-    if IS_FP8:
-        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]   # per output channel
-    tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-def skinny_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [T, K] (T <= SKINNY_MAX_ROWS) @ (qweight [N, K] e4m3 * scale [N, 1]).T -> [T, N] in x's dtype.
-
-    As skinny_linear, each weight element is read once, in e4m3: the kernel upcasts it to x's dtype, accumulates
-    in float32 and applies the per-channel scale to the output."""
-    if x.shape[0] > SKINNY_MAX_ROWS:
-        raise ValueError(f"skinny_linear_fp8 takes at most {SKINNY_MAX_ROWS} rows, got {x.shape[0]}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    num_rows, k = x.shape
-    n = qweight.shape[0]
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = SKINNY_FP8_LAUNCH
-    block_k = block_k * 2 // x.element_size()
-    _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
-        x, qweight, scale, out, num_rows, n, k, x.stride(0), qweight.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", IS_FP8=True,
-        num_warps=warps, num_stages=stages)
-    return out
-
-
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ weight [N, K].T -> [T, N]; this module's kernel for T <= SKINNY_MAX_ROWS, cuBLAS above.
-
-    A program computes BLOCK_N output columns of every row (the rows padded to 16 or more for the tensor cores),
-    so each weight element is read once."""
-    if x.shape[0] > SKINNY_MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1:
-        return F.linear(x, weight)
-    num_rows, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = SKINNY_LAUNCH
-    block_k = block_k * 2 // x.element_size()
-    _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight, out, num_rows, n, k, x.stride(0), weight.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", IS_FP8=False,
-        num_warps=warps, num_stages=stages)
-    return out
-
-
-def faster_on_skinny(weights: list[torch.Tensor]) -> set[tuple[int, int]]:
-    """The shapes of the weights whose matmuls of a few rows run faster on skinny_linear than on cuBLAS, timed on
-    this GPU at 1 and SKINNY_MAX_ROWS rows: which one wins differs by shape and chip (bench/gpu_profile.py,
-    `linear_*`; figures in docs/benchmarks.md)."""
-    faster = set()
-    for weight in weights:
-        ours = theirs = 0.0
-        for rows in (1, SKINNY_MAX_ROWS):
-            x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-            ours += graph_time(lambda: skinny_linear(x, weight))
-            theirs += graph_time(lambda: F.linear(x, weight))
-        if ours < theirs:
-            faster.add(tuple(weight.shape))
-    return faster
-
-
-# -- FP8 (e4m3) -------------------------------------------------------------------------------------------------
-# Quantizing kernels (the KV write above, activation rows below) round to the e4m3 grid in float32 arithmetic
-# before the cast, so the cast itself is exact. Triton's interpreter loads, upcasts and multiplies e4m3 tensors
-# correctly, but its float32 -> e4m3 cast rounds wrongly (a carry out of the mantissa can land in the wrong
-# exponent, ties round up, subnormal results are truncated); rounding first gives the GPU's codes on both, in one
-# code path that CI tests.
-
-FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)   # 448
-MIN_AMAX = tl.constexpr(1e-12)   # fp8.MIN_AMAX: all-zero rows get its scale
-
-
-@triton.jit
-def round_to_e4m3(x):
-    """float32 -> the nearest e4m3 value (ties to even), still float32, clamped to +-448. Adding and removing
-    2^(e + 20), e the exponent of x (at least -6, e4m3's subnormal range), leaves x rounded to e4m3's spacing
-    2^(e - 3): the float32 add itself rounds to nearest even there."""
-    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
-    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    magic = ((tl.maximum(exponent, -6) + 20 + 127) << 23).to(tl.float32, bitcast=True)
-    magnitude = (tl.abs(x) + magic) - magic
-    return tl.where(x < 0, -magnitude, magnitude)
-
-
-# (columns a program reads at a time, warps): one program quantizes one row
-QUANTIZE_LAUNCH = (2048, 4)
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, num_rows, k, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    peak = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, k, BLOCK):
-        x = tl.load(x_ptr + row * k + start + cols, mask=start + cols < k, other=0.0).to(tl.float32)
-        peak = tl.maximum(peak, tl.abs(x))
-    scale = tl.maximum(tl.max(peak, axis=0), MIN_AMAX) / FP8_MAX
-    for start in range(0, k, BLOCK):   # the row again: from L2, it was just read
-        x = tl.load(x_ptr + row * k + start + cols, mask=start + cols < k, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * k + start + cols, round_to_e4m3(x / scale).to(out_ptr.dtype.element_ty),
-                 mask=start + cols < k)
-    tl.store(scale_ptr + row, scale)
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K] -> (e4m3 [T, K], float32 scales [T, 1]): one pass of fp8.quantize_rows (dynamic per token)."""
-    x = x.contiguous()
-    num_rows, k = x.shape
-    codes = torch.empty(num_rows, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
-    block, warps = QUANTIZE_LAUNCH
-    _quantize_rows_kernel[(num_rows,)](x, codes, scales, num_rows, k, BLOCK=min(block, triton.next_power_of_2(k)),
-                                       num_warps=warps)
-    return codes, scales
-
-
-# (rows, columns and reduction step of a program's tile, tiles of rows grouped for L2 reuse, warps, stages):
-# the usual Hopper FP8 tile, to be swept against torch._scaled_mm
-FP8_MATMUL_LAUNCH = (128, 128, 128, 8, 8, 4)
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def _fp8_matmul_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, out_ptr, num_rows, n, k,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       EVEN_K: tl.constexpr):
-    program = tl.program_id(0)
-    num_row_tiles = tl.cdiv(num_rows, BLOCK_M)
-    num_col_tiles = tl.cdiv(n, BLOCK_N)
-    # GROUP_M row tiles walk the column tiles together, so each weight tile is read from L2 by GROUP_M programs
-    group = program // (GROUP_M * num_col_tiles)
-    first_row_tile = group * GROUP_M
-    group_size = tl.minimum(num_row_tiles - first_row_tile, GROUP_M)
-    row_tile = first_row_tile + (program % (GROUP_M * num_col_tiles)) % group_size
-    col_tile = (program % (GROUP_M * num_col_tiles)) // group_size
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    steps = tl.arange(0, BLOCK_K)
-    row_ok, col_ok = rows < num_rows, cols < n
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, k, BLOCK_K):
-        inner = start + steps
-        a_mask, b_mask = row_ok[:, None], col_ok[:, None]
-        if not EVEN_K:
-            a_mask, b_mask = a_mask & (inner[None, :] < k), b_mask & (inner[None, :] < k)
-        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * k + inner[None, :], mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + cols[:, None].to(tl.int64) * k + inner[None, :], mask=b_mask, other=0.0)
-        # products of one tile are summed in the tensor cores' (narrower) accumulator, tiles in float32
-        acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
-    a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
-    b_scale = tl.load(b_scale_ptr + cols, mask=col_ok, other=0.0)
-    acc = acc * a_scale[:, None] * b_scale[None, :]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-def fp8_matmul(codes: torch.Tensor, row_scales: torch.Tensor, qweight: torch.Tensor, col_scales: torch.Tensor,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """(codes [T, K] e4m3 * row_scales [T, 1]) @ (qweight [N, K] e4m3 * col_scales [N, 1]).T -> [T, N]: e4m3
-    tensor-core products accumulated in float32, both scales applied to the output."""
-    num_rows, k = codes.shape
-    n = qweight.shape[0]
-    out = torch.empty(num_rows, n, dtype=out_dtype, device=codes.device)
-    block_m, block_n, block_k, group_m, warps, stages = FP8_MATMUL_LAUNCH
-    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n),)
-    _fp8_matmul_kernel[grid](codes, row_scales, qweight, col_scales, out, num_rows, n, k, BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0,
-                             num_warps=warps, num_stages=stages)
     return out

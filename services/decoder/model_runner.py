@@ -75,6 +75,7 @@ class ModelRunner:
         the allocator's growth."""
         if self.is_fused:
             from services.decoder import kernels
+            from services.decoder.matmul_kernels import SKINNY_MAX_ROWS
             spec = self.model.spec
             dtype = self.model.embed_tokens.weight.dtype
             kernels.warm_up(dtype, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim,
@@ -85,7 +86,7 @@ class ModelRunner:
                                     layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
                                     self.model.lm_head.weight])
             log.info("weight matmuls of up to %d rows on the Triton kernel for weights %s, cuBLAS for the others",
-                     kernels.SKINNY_MAX_ROWS, sorted(self.ops.skinny_shapes))
+                     SKINNY_MAX_ROWS, sorted(self.ops.skinny_shapes))
         num_tokens = min(num_tokens, self.cache.num_blocks * self.cache.block_size)
         meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, device=self.device),
                                  prefills=[PrefillSpan(0, num_tokens, num_tokens,

@@ -80,9 +80,9 @@ def _write_e4m3(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, 
 
 class TritonOps:
     def __init__(self) -> None:
-        from services.decoder import kernels
+        from services.decoder import kernels, matmul_kernels
         from shared import kernels as shared_kernels
-        self.kernels = kernels
+        self.kernels = matmul_kernels
         self.add_rms_norm = shared_kernels.add_rms_norm
         self.rotary_and_cache = kernels.rotary_and_cache
         self.silu_and_mul = shared_kernels.silu_and_mul
