@@ -1,5 +1,6 @@
-"""The vision pool under faults (reliability cases 16-18, 21 and 24 for the pool): workers killed mid-job, jobs
-that always fail, single flight across requests and gateways, deadlines shorter than an encode, workers stopped,
+"""The vision pool under faults (reliability cases 16-18, 21 and 24 for the pool): workers killed mid-job (their jobs
+taken by another worker once their heartbeat expires, long before claim-idle; a slow worker's job left to it; a
+restarted worker taking up its own jobs), jobs that always fail, single flight across requests and gateways, deadlines shorter than an encode, workers stopped,
 added and removed at any time. Nothing is lost: every request ends with its answer or a clear status, no job
 stays pending, no lock is held for ever, the decoder is idle at the end.
 
@@ -32,6 +33,9 @@ from tests.support import (Stack, assert_nothing_left, call_chat, health_status,
 WORKER_FLAGS = ("--claim-idle-ms", "800", "--read-block-ms", "200", "--torch-threads", "1")
 SLOW = ("--fault-encode-delay-s", "120")   # takes a job and sits on it until killed
 NEVER_RECLAIMS = ("--claim-idle-ms", "600000")
+# Jobs are claimed by idle time only after a minute: a job taken sooner was taken on the heartbeat's word.
+CLAIM_IDLE_S = 60
+LATE_CLAIMS = ("--claim-idle-ms", str(CLAIM_IDLE_S * 1000))
 MAX_TOKENS = 4
 
 _seeds = itertools.count(7000)
@@ -148,6 +152,61 @@ def test_a_job_of_a_killed_worker_is_reclaimed_by_another_running_worker(stack, 
 
 def test_a_job_of_a_killed_pool_is_reclaimed_by_a_worker_started_later(stack, client, workers, fingerprint):
     kill_mid_job_and_rescue(stack, client, workers, fingerprint, start_rescuer_before_kill=False)
+
+
+def test_a_killed_workers_job_is_taken_once_its_heartbeat_expires_long_before_claim_idle(stack, client, workers,
+                                                                                       fingerprint):
+    slow = workers.start(*SLOW, *LATE_CLAIMS)
+    image = new_image()
+    sha = sha256_hex(image)
+    added = jobs_added(client)
+    reply = in_background(call_chat, stack.gateway, image_chat(image, "heartbeat-gone"), 120)
+    wait_until(lambda: job_holder(client) == slow, 20, "the slow worker never took the job")
+    rescuer = workers.start(*LATE_CLAIMS)   # up and serving: the job is still the slow worker's
+    assert job_holder(client) == slow
+    workers.kill(slow)
+    killed = time.monotonic()
+    outcome = reply.result(timeout=120)
+    waited = time.monotonic() - killed
+    assert outcome.code == grpc.StatusCode.OK, outcome.details
+    # The heartbeat expires after 3 s; claim-idle would take 60. Half of it is margin enough for a slow machine.
+    assert waited < CLAIM_IDLE_S / 2, f"the job waited {waited:.1f} s after its worker died"
+    assert "reclaimed job" in stack.logs(rescuer) and f"consumer {slow} has no heartbeat" in stack.logs(rescuer)
+    assert jobs_added(client) - added == 1, "taken from the dead worker, not enqueued again"
+    assert (encodes(stack, slow, sha), encodes(stack, rescuer, sha)) == (0, 1)
+    assert_nothing_left(stack, client)
+
+
+def test_a_slow_workers_job_is_left_to_it_and_encoded_once(stack, client, workers):
+    # Either worker may take the job: each sits on it for 8 s (about three heartbeat expiries), its event loop
+    # free as during a real encode, while the other looks for dead workers' jobs every second.
+    slow_encode = ("--fault-encode-delay-s", "8", *LATE_CLAIMS)
+    names = [workers.start(*slow_encode), workers.start(*slow_encode)]
+    image = new_image()
+    sha = sha256_hex(image)
+    outcome = call_chat(stack.gateway, image_chat(image, "slow-not-dead"), 120)
+    assert outcome.code == grpc.StatusCode.OK, outcome.details
+    assert sorted(encodes(stack, name, sha) for name in names) == [0, 1]
+    assert not any("reclaimed job" in stack.logs(name) for name in names), "a live worker's job was taken"
+    assert_nothing_left(stack, client)
+
+
+def test_a_restarted_worker_takes_up_its_own_jobs_at_start(stack, client, workers):
+    name = workers.start(*SLOW, *LATE_CLAIMS)   # alone: nobody else could take its job
+    image = new_image()
+    sha = sha256_hex(image)
+    reply = in_background(call_chat, stack.gateway, image_chat(image, "restarted"), 120)
+    wait_until(lambda: job_holder(client) == name, 20, "the worker never took the job")
+    workers.kill(name)
+    killed = time.monotonic()
+    # Same consumer name, same flags, without the slow encode (a flag given again wins).
+    stack.restart_process(name, workers.addresses[name], ("--fault-encode-delay-s", "0"))
+    outcome = reply.result(timeout=120)
+    assert outcome.code == grpc.StatusCode.OK, outcome.details
+    assert time.monotonic() - killed < CLAIM_IDLE_S / 2
+    assert "took up 1 jobs this consumer held before its restart" in stack.logs(name)
+    assert encodes(stack, name, sha) == 1
+    assert_nothing_left(stack, client)
 
 
 # -- case 17: a job that fails on every delivery ------------------------------------------------------------------
