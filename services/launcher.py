@@ -1,8 +1,19 @@
 """`pixtral-serve`: every role as its own process on this machine, for development and single-host serving.
 
 Starts Redis if needed, M decoders, N vision workers and the gateway; prints `ready <host:port>` once the gateway
-answers SERVING; on Ctrl-C or SIGTERM stops all children (SIGTERM, then SIGKILL after the grace period). If any
-child dies, the others are stopped and pixtral-serve exits non-zero.
+answers SERVING, and on stderr where each role serves its metrics (`metrics <name> <url>`).
+
+It supervises them: a child that dies is started again after a backoff that doubles with each crash, on the same
+port with the same flags, while the others go on serving (one line on stderr says which child died, how, and when
+it comes back). The gateway finds a restarted decoder again, a restarted vision worker (same consumer name) takes
+up the jobs it held, a private Redis comes back empty (the roles survive that). Only a child crashing more than
+`--max-restarts` times within `--restart-window-s` ends pixtral-serve: every child is stopped, and it exits 1.
+
+On Ctrl-C or SIGTERM it stops them in order: the gateway first (its streams finish on decoders that are still up,
+and requests waiting for an image get it from vision workers that are still up), then the decoders and vision
+workers, then Redis. Each role gets `--drain-grace-s` (passed to every role, so they agree) plus `--grace-s` to
+exit before SIGKILL. The children run in process groups of their own, so that a Ctrl-C in a terminal reaches
+pixtral-serve alone and the stop keeps its order.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -28,6 +40,9 @@ from shared.settings import env_name, load_config, option
 from shared.tiny import resolve_model
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+MAX_BACKOFF_S = 30.0
+# Stop order: the gateway, then the roles it calls, then what they all use.
+GATEWAY_STAGE, WORKER_STAGE, REDIS_STAGE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -35,14 +50,23 @@ class ServeConfig:
     """Run the whole Pixtral service (gateway, vision workers, decoders, Redis) on this machine."""
 
     model: str = option("tiny", "checkpoint directory, or 'tiny' for the built-in tiny model")
-    redis: str = option("auto", f"Redis URL; auto: {LOCAL_REDIS} if it answers, else a private redis-server")
+    redis: str = option("auto", f"Redis URL; auto: {LOCAL_REDIS} if it answers, else a private redis-server; "
+                                "private: always a private redis-server")
     vision_workers: int = option(1, "vision worker processes")
     decoders: int = option(1, "decoder processes")
     port: int = option(50051, "gateway port")
     device: str = option("cpu", "cpu or cuda")
     host: str = option("127.0.0.1", "address the gateway listens on and `ready` prints")
     startup_timeout_s: float = option(900.0, "how long the roles may take to load")
-    grace_s: float = option(10.0, "on stop, seconds children get before SIGKILL")
+    drain_grace_s: float = option(30.0, "on stop, seconds each role gives its calls and jobs in flight to finish "
+                                        "(passed to every role as its --drain-grace-s)")
+    grace_s: float = option(10.0, "on stop, seconds a role gets beyond --drain-grace-s to exit before SIGKILL")
+    metrics_port: int = option(9100, "Prometheus port of the gateway; the decoders, then the vision workers, get "
+                                     "the ports after it, in order; 0: no metrics endpoints")
+    max_restarts: int = option(5, "restarts of one child within --restart-window-s; one more crash stops everything")
+    restart_window_s: float = option(60.0, "the window --max-restarts counts crashes in")
+    restart_backoff_s: float = option(0.5, "delay before a crashed child is started again; doubles with each crash "
+                                           f"within the window, up to {MAX_BACKOFF_S:.0f} s")
     auth_token: str = option("", "bearer token of every role (the gateway's callers and its decoder calls); "
                                  "prefer the environment to the flag; empty: none", secret=True)
 
@@ -51,6 +75,10 @@ class ServeConfig:
             raise ValueError("--vision-workers and --decoders must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.max_restarts < 0 or min(self.drain_grace_s, self.grace_s, self.restart_backoff_s) < 0 or \
+                self.restart_window_s <= 0 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("--max-restarts, --drain-grace-s, --grace-s and --restart-backoff-s must not be "
+                             "negative, --restart-window-s must be positive, --metrics-port a port or 0")
 
 
 _given_ports: set[int] = set()
@@ -82,6 +110,17 @@ def free_port() -> int:
     raise OSError("no free port found")
 
 
+def is_bindable(port: int) -> bool:
+    """Whether an HTTP server (SO_REUSEADDR, every address) can listen on `port` now."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
 def is_serving(address: str, timeout_s: float = 1.0) -> bool:
     try:
         with grpc.insecure_channel(address) as channel:
@@ -98,106 +137,209 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def exit_status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    name: str                # gateway, decoder0, vision1, redis: also its log file's name
+    argv: tuple[str, ...]
+    stage: int               # when it is stopped (GATEWAY_STAGE first)
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: subprocess.Popen
+    crashes: deque[float] = field(default_factory=deque)   # when it died, within the restart window
+    restart_at: float | None = None                         # set while it waits to be started again
+
+
+class StopRequested(Exception):
+    """Ctrl-C or SIGTERM arrived: stop every child, in order."""
+
+
 class Launcher:
     def __init__(self, config: ServeConfig, log_dir: Path | None = None) -> None:
         """`log_dir`: each child writes its output to `<name>.log` there (gateway.log, decoder0.log, ...) rather
         than to ours."""
         self.config = config
         self.log_dir = log_dir
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self._children: dict[str, Child] = {}
         self._redis_dir: str | None = None
-        self._logs: list[IO[bytes]] = []
+        self._logs: dict[str, IO[bytes]] = {}   # child name -> its log file (with log_dir)
+        self.is_stop_requested = False   # set by a signal handler (main): checked between waits
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    @property
+    def children(self) -> list[tuple[str, subprocess.Popen]]:
+        """(name, process) of every child, as started last."""
+        return [(name, child.process) for name, child in self._children.items()]
+
+    def _popen(self, spec: ChildSpec) -> subprocess.Popen:
         env = None
         if self.config.auth_token:  # through the environment: argv is visible to every user of the machine
             env = {**os.environ, env_name("auth_token"): self.config.auth_token}
         output = None
-        if self.log_dir is not None:
-            output = open(self.log_dir / f"{name.replace(' ', '')}.log", "wb")
-            self._logs.append(output)
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, stdout=output,
-                                   stderr=None if output is None else subprocess.STDOUT)
-        self.children.append((name, process))
-        return process
+        if self.log_dir is not None:   # a restarted child's output follows its first run's
+            previous = self._logs.pop(spec.name, None)
+            if previous is not None:
+                previous.close()
+            output = self._logs[spec.name] = open(self.log_dir / f"{spec.name}.log", "ab" if previous else "wb")
+        # Without a log folder every child writes to our stderr: our stdout carries `ready` alone.
+        return subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, env=env,
+                                stdout=sys.stderr.fileno() if output is None else output,
+                                stderr=None if output is None else subprocess.STDOUT, process_group=0)
+
+    def spawn(self, spec: ChildSpec) -> subprocess.Popen:
+        self._children[spec.name] = Child(spec, self._popen(spec))
+        return self._children[spec.name].process
+
+    # -- supervision ----------------------------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Starts again the children due for it and notices those that died; SystemExit when one crashed more than
+        max_restarts times within the restart window."""
+        c = self.config
+        now = time.monotonic()
+        for child in self._children.values():
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.process, child.restart_at = self._popen(child.spec), None
+                continue
+            if child.process.poll() is None:
+                continue
+            status = exit_status(child.process.returncode)
+            child.crashes.append(now)
+            while child.crashes and child.crashes[0] < now - c.restart_window_s:
+                child.crashes.popleft()
+            if len(child.crashes) > c.max_restarts:
+                raise SystemExit(f"{child.spec.name} (pid {child.process.pid}) {status}: {len(child.crashes)} "
+                                 f"crashes within {c.restart_window_s:g} s, more than --max-restarts "
+                                 f"{c.max_restarts}; stopping every role")
+            delay = min(MAX_BACKOFF_S, c.restart_backoff_s * 2 ** (len(child.crashes) - 1))
+            child.restart_at = now + delay
+            print(f"pixtral-serve: {child.spec.name} (pid {child.process.pid}) {status}; restarting it in "
+                  f"{delay:g} s (restart {len(child.crashes)} of at most {c.max_restarts} within "
+                  f"{c.restart_window_s:g} s)", file=sys.stderr, flush=True)
+
+    def serve_forever(self) -> None:
+        """Supervises the children until a stop is requested (StopRequested) or one crashes too often."""
+        while True:
+            self._check_stop()
+            self.supervise()
+            time.sleep(0.1)
+
+    def wait_for(self, what: str, is_ready) -> None:
+        give_up = time.monotonic() + self.config.startup_timeout_s
+        while not is_ready():
+            self._check_stop()
+            self.supervise()
+            if time.monotonic() > give_up:
+                raise SystemExit(f"{what} not ready after {self.config.startup_timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def _check_stop(self) -> None:
+        if self.is_stop_requested:
+            raise StopRequested
+
+    # -- start ------------------------------------------------------------------------------------------------------
 
     def start_redis(self) -> str:
-        if self.config.redis != "auto":
+        if self.config.redis not in ("auto", "private"):
             return self.config.redis
-        if redis_answers(LOCAL_REDIS):
+        if self.config.redis == "auto" and redis_answers(LOCAL_REDIS):
             return LOCAL_REDIS
         server = shutil.which("redis-server")
         if server is None:
             raise SystemExit("no Redis answers on 127.0.0.1:6379 and redis-server is not installed")
         port = free_port()
         self._redis_dir = tempfile.mkdtemp(prefix="pixtral-redis-")
-        self.spawn("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--dir", self._redis_dir, "--logfile", ""])
+        self.spawn(ChildSpec("redis", (server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", self._redis_dir, "--logfile", "",
+                                       "--loglevel", "warning"), REDIS_STAGE))
         url = f"redis://127.0.0.1:{port}/0"
         self.wait_for("redis", lambda: redis_answers(url))
         return url
 
-    def wait_for(self, what: str, is_ready) -> None:
-        give_up = time.monotonic() + self.config.startup_timeout_s
-        while not is_ready():
-            self.check_children()
-            if time.monotonic() > give_up:
-                raise SystemExit(f"{what} not ready after {self.config.startup_timeout_s:.0f} s")
-            time.sleep(0.2)
-
-    def check_children(self) -> None:
-        for name, process in self.children:
-            if process.poll() is not None:
-                raise SystemExit(f"{name} exited with status {process.returncode}")
+    def metrics_ports(self) -> dict[str, int]:
+        """Child name -> its metrics port: the gateway's --metrics-port, then the decoders', then the vision
+        workers' (0 for all with --metrics-port 0)."""
+        c = self.config
+        names = ["gateway", *(f"decoder{i}" for i in range(c.decoders)),
+                 *(f"vision{i}" for i in range(c.vision_workers))]
+        return {name: c.metrics_port + index if c.metrics_port else 0 for index, name in enumerate(names)}
 
     def start(self) -> str:
         c = self.config
+        metrics = self.metrics_ports()
+        for name, port in metrics.items():
+            if port and not is_bindable(port):
+                raise SystemExit(f"metrics port {port} of {name} is in use (--metrics-port {c.metrics_port} takes "
+                                 f"{len(metrics)} ports in a row; 0: none)")
         model = str(resolve_model(c.model))  # made once here, not raced by the children
         redis_url = self.start_redis()
+        if c.metrics_port:
+            metrics_host = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
+            for name, port in metrics.items():
+                print(f"metrics {name} http://{metrics_host}:{port}/metrics", file=sys.stderr, flush=True)
         python = [sys.executable, "-m"]
+        common = ["--model", model, "--redis", redis_url, "--drain-grace-s", f"{c.drain_grace_s:g}"]
         # On CPU the model processes share the cores: give each its share of torch threads.
         threads = ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (c.decoders + c.vision_workers)))] \
             if c.device == "cpu" else []
         # On one GPU the decoders split the memory their KV caches are sized from (vision workers use little).
         memory = ["--gpu-memory-utilization", f"{0.85 / c.decoders:.3f}"] if c.device == "cuda" else []
-        decoder_addresses = []
+        decoder_addresses, worker_addresses = [], []
         for index in range(c.decoders):
-            port = free_port()
-            self.spawn(f"decoder {index}", [*python, "services.decoder", "--model", model, "--redis", redis_url,
-                                            "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
-                                            "--metrics-port", "0", *threads, *memory])
+            name, port = f"decoder{index}", free_port()
+            self.spawn(ChildSpec(name, (*python, "services.decoder", *common, "--port", str(port), "--host",
+                                        "127.0.0.1", "--device", c.device, "--metrics-port", str(metrics[name]),
+                                        *threads, *memory), WORKER_STAGE))
             decoder_addresses.append(f"127.0.0.1:{port}")
-        vision_addresses = []
         for index in range(c.vision_workers):
-            port = free_port()
-            self.spawn(f"vision {index}", [*python, "services.vision", "--model", model, "--redis", redis_url,
-                                           "--port", str(port), "--host", "127.0.0.1", "--device", c.device,
-                                           "--consumer", f"vision-{index}-{os.getpid()}", "--metrics-port", "0",
-                                           *threads])
-            vision_addresses.append(f"127.0.0.1:{port}")
-        for address in decoder_addresses + vision_addresses:
+            name, port = f"vision{index}", free_port()
+            # The consumer name outlives a restart: the new process takes up the jobs the old one held.
+            self.spawn(ChildSpec(name, (*python, "services.vision", *common, "--port", str(port), "--host",
+                                        "127.0.0.1", "--device", c.device, "--consumer",
+                                        f"vision-{index}-{os.getpid()}", "--metrics-port", str(metrics[name]),
+                                        *threads), WORKER_STAGE))
+            worker_addresses.append(f"127.0.0.1:{port}")
+        for address in decoder_addresses + worker_addresses:
             self.wait_for(address, lambda address=address: is_serving(address))
-        self.spawn("gateway", [*python, "services.gateway", "--model", model, "--redis", redis_url, "--port",
-                               str(c.port), "--host", c.host, "--decoder-addresses", ",".join(decoder_addresses),
-                               "--metrics-port", "0"])
+        self.spawn(ChildSpec("gateway", (*python, "services.gateway", *common, "--port", str(c.port), "--host",
+                                         c.host, "--decoder-addresses", ",".join(decoder_addresses),
+                                         "--metrics-port", str(metrics["gateway"])), GATEWAY_STAGE))
         gateway = f"{c.host}:{c.port}"
         self.wait_for("gateway", lambda: is_serving(gateway))
         return gateway
 
+    # -- stop -------------------------------------------------------------------------------------------------------
+
     def stop(self) -> None:
-        for _, process in reversed(self.children):
-            if process.poll() is None:
+        """Stops the children stage by stage: SIGTERM, then SIGKILL for those still running after the stage's
+        grace (the roles': --drain-grace-s + --grace-s; Redis: --grace-s)."""
+        for stage in (GATEWAY_STAGE, WORKER_STAGE, REDIS_STAGE):
+            members = [child.process for child in self._children.values() if child.spec.stage == stage
+                       and child.restart_at is None and child.process.poll() is None]
+            for process in members:
                 process.send_signal(signal.SIGTERM)
-        give_up = time.monotonic() + self.config.grace_s
-        for _, process in self.children:
-            try:
-                process.wait(timeout=max(0.1, give_up - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            grace_s = self.config.grace_s + (self.config.drain_grace_s if stage != REDIS_STAGE else 0.0)
+            give_up = time.monotonic() + grace_s
+            for process in members:
+                try:
+                    process.wait(timeout=max(0.1, give_up - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         if self._redis_dir:
             shutil.rmtree(self._redis_dir, ignore_errors=True)
-        for output in self._logs:
+        for output in self._logs.values():
             output.close()
 
 
@@ -206,23 +348,22 @@ def main(argv: list[str] | None = None) -> int:
     launcher = Launcher(config)
 
     def on_signal(signum, frame):
-        raise KeyboardInterrupt
+        launcher.is_stop_requested = True
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
         gateway = launcher.start()
         print(f"ready {gateway}", flush=True)
-        while True:
-            launcher.check_children()
-            time.sleep(0.5)
-    except KeyboardInterrupt:
+        launcher.serve_forever()
+    except StopRequested:
         return 0
     except SystemExit as error:
-        print(f"pixtral-serve: {error}", file=sys.stderr)
+        print(f"pixtral-serve: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         launcher.stop()
+    return 0
 
 
 if __name__ == "__main__":

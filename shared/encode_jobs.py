@@ -2,14 +2,18 @@
 
 - Jobs: stream `pixtral:jobs:encode`, consumer group `vision`. Any number of workers read it; each entry goes
   to one of them. An entry carries the image bytes, so any worker can take it; it is deleted once done.
-- A job whose worker died stays pending and is reclaimed by another worker after `claim_idle_ms`; one
-  delivered more than `max_deliveries` times moves to the dead-letter stream `pixtral:jobs:encode:dead`.
+- Liveness: each worker keeps `pixtral:vision:alive:<consumer>` alive (a short expiry, refreshed from its event
+  loop). A job whose worker died stays pending; once that worker's key has expired another worker claims the job
+  at once, and any job pending past `claim_idle_ms` is claimed whoever holds it. One delivered more than
+  `max_deliveries` times moves to the dead-letter stream `pixtral:jobs:encode:dead`.
 - Results: the worker publishes an EncodeResult on `pixtral:encoded:<fingerprint>`; a failure is also kept
   for a minute under `pixtral:encode-error:<fingerprint>:<sha256>` for waiters that subscribed late.
 - Single flight: a gateway enqueues an image only while holding `pixtral:lock:encode:<fingerprint>:<sha256>`
   (SET NX with an expiry, so a dead holder blocks nobody for long); the worker deletes it when done.
 
-Jobs and locks must live where nothing is evicted (see deploy/): only embeddings may be evicted.
+Jobs and locks must live where nothing is evicted (see deploy/): only embeddings may be evicted. (Heartbeats
+carry an expiry and are refreshed every second or so: the last keys an LRU picks; one evicted makes a live worker's
+jobs look orphaned, so they may be encoded twice, never lost.)
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ def lock_key(fingerprint: str, sha256: str) -> str:
 
 def error_key(fingerprint: str, sha256: str) -> str:
     return f"pixtral:encode-error:{fingerprint}:{sha256}"
+
+
+def heartbeat_key(consumer: str) -> str:
+    """Exists while the worker of consumer `consumer` runs (it refreshes the key's expiry)."""
+    return f"pixtral:vision:alive:{consumer}"
 
 
 class MalformedJob(ValueError):

@@ -2,7 +2,9 @@
 and never reaches the model: the request's output equals the clean run's.
 
 Some corruptions show in the header (the gateway's probe treats them as a miss); the others only in the payload
-or against the prompt (the decoder refuses them, the gateway re-encodes and retries). The decoder keeps no local
+or against the prompt (the decoder refuses them, the gateway re-encodes and retries). A value well formed in every
+field whose payload changed (one flipped bit, one other finite number) fails the payload's checksum in the header:
+without it, the model would get slightly different features and nobody would know. The decoder keeps no local
 copy of features here (`--feature-cache-mib 0`), so every request reads what Redis holds.
 """
 
@@ -31,6 +33,11 @@ def with_float(value: bytes, index: int, number: float) -> bytes:
     return value[:offset] + struct.pack("<f", number) + value[offset + 4:]
 
 
+def flip_bit(value: bytes, offset: int) -> bytes:
+    """The lowest bit of one byte: inside the payload, a float32 that stays finite and nearly equal."""
+    return value[:offset] + bytes([value[offset] ^ 1]) + value[offset + 1:]
+
+
 def header_field(value: bytes, offset: int, fmt: str, field_value) -> bytes:
     packed = struct.pack(fmt, field_value)
     return value[:offset] + packed + value[offset + len(packed):]
@@ -55,6 +62,10 @@ CORRUPTIONS = {
     "trailing bytes": lambda v: v + bytes(4),
     "NaN in the payload": lambda v: with_float(v, 5, float("nan")),
     "infinity in the payload": lambda v: with_float(v, 77, float("-inf")),
+    "a bit flipped in the payload": lambda v: flip_bit(v, HEADER_BYTES + 4 * 10),
+    "another finite number in the payload": lambda v: with_float(v, 33, 0.5),
+    "other payload checksum": lambda v: header_field(v, 72, "<Q", struct.unpack_from("<Q", v, 72)[0] ^ 1 << 40),
+    "a value of format version 1 (no checksum)": lambda v: b"PXTEMB01" + v[8:72] + v[HEADER_BYTES:],
     "junk of the same length": lambda v: np.random.default_rng(0).bytes(len(v)),
     "empty": lambda v: b"",
     "a pickle": lambda v: pickle.dumps({"features": [1.0, 2.0]}),

@@ -18,6 +18,7 @@ class VisionConfig(ModelRoleOptions):
     max_batch_images: int = option(16, "jobs taken and encoded together at most")
     read_block_ms: int = option(1000, "how long one read of the stream waits for jobs")
     claim_idle_ms: int = option(10000, "a job pending this long (its worker died) is reclaimed")
+    heartbeat_interval_ms: int = option(1000, "how often the liveness key is refreshed (expiry: 3 times this)")
     max_deliveries: int = option(3, "deliveries of a job before it goes to the dead-letter stream")
     consumer_expiry_s: int = option(3600, "a consumer of the group idle this long, holding no job, belongs to a "
                                           "worker that is gone and is removed; 0: never")

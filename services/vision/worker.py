@@ -1,10 +1,11 @@
 """The vision worker loop: take encode jobs from the stream, encode them in batches, write the cache. The next batch
 is taken and preprocessed while one is encoded and written.
 
-Any number of workers share the consumer group: each job goes to one of them. A job is acknowledged (and its
-entry deleted) only after its embedding is written, so a worker killed mid-job leaves it pending and another
-worker reclaims it (XAUTOCLAIM) once it has been idle for `claim_idle_ms`; a job delivered more than
-`max_deliveries` times goes to the dead-letter stream and its waiters get an error.
+Any number of workers share the consumer group (consumer_group.py: membership, liveness, taking and retiring
+jobs): each job goes to one of them. A job is acknowledged (and its entry deleted) only after its embedding is
+written, so a worker killed mid-job leaves it pending, and another worker takes it once the dead worker's heartbeat
+has expired (a couple of seconds), or, whatever holds it, once it has been idle for `claim_idle_ms`; a job
+delivered more than `max_deliveries` times goes to the dead-letter stream and its waiters get an error.
 
 Workers come and go (autoscaling): one that stops leaves the group, and consumers of workers that died (idle past
 `consumer_expiry_s`, nothing pending once their jobs were reclaimed) are removed by the others, so the group's
@@ -14,6 +15,7 @@ consumer list stays the size of the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -27,6 +29,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from services.vision.config import VisionConfig
+from services.vision.consumer_group import ConsumerGroup, Entry, group_is_gone
 from services.vision.encoder import VisionEncoder
 from shared import encode_jobs
 from shared.embedding_cache import CorruptEntry, HEADER_BYTES, cache_key, check_length, encode_entry, parse_header
@@ -37,18 +40,6 @@ log = logging.getLogger(__name__)
 
 PATCH_SIZE = 16
 CLEANUP_INTERVAL_S = 60.0   # how often a worker looks for consumers of workers that are gone
-
-
-def group_is_gone(error: redis.exceptions.ResponseError) -> bool:
-    """Redis restarted empty, or the stream deleted: most commands answer NOGROUP, XINFO "no such key", and a read
-    blocked at the time "UNBLOCKED the stream key no longer exists"."""
-    text = str(error)
-    return "NOGROUP" in text or "no such key" in text or text.startswith("UNBLOCKED")
-
-
-def retire(pipe, entry_id: bytes):
-    """Queues on `pipe` the acknowledgement of a job and the deletion of its stream entry."""
-    return pipe.xack(encode_jobs.STREAM, encode_jobs.GROUP, entry_id).xdel(encode_jobs.STREAM, entry_id)
 
 
 class InjectedFault(RuntimeError):
@@ -74,45 +65,58 @@ class VisionWorker:
         self.config = config
         self.tokenizer_path = tokenizer_path   # whose image settings preprocess (shared.tokenizer.tokenizer_file)
         self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.group = ConsumerGroup(client, self.consumer, config)
         self.stats = WorkerStats()
 
     async def ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(encode_jobs.STREAM, encode_jobs.GROUP, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        await self.group.ensure()
+
+    async def leave(self) -> None:
+        await self.group.leave()
+
+    async def remove_gone_consumers(self) -> list[str]:
+        return await self.group.remove_gone_consumers()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Takes, prepares (decode, resize) and encodes batches of jobs until `stop`; the next batch is taken and
         prepared while the one before it is encoded and written, so the device does not wait for the CPU."""
         has_group = False   # (re)created inside the loop: Redis may be away when the worker starts
+        has_own_jobs = True   # until looked for: jobs this consumer name held before a restart
         next_cleanup = time.monotonic()
         encoding: asyncio.Task | None = None   # the batch being encoded and written
-        next_reclaim = time.monotonic()
+        next_reclaim = next_look_for_dead = time.monotonic()
+        heartbeat = asyncio.create_task(self.group.keep_alive())
         try:
             while not stop.is_set():
                 try:
                     if encoding is not None and encoding.done():
                         encoding, done = None, encoding
                         done.result()   # its Redis errors are handled below
+                    entries: list[Entry] = []
                     if not has_group:
-                        await self.ensure_group()
+                        await self.group.ensure()
+                        await self.group.beat()   # before taking anything: a live worker's jobs are its own
                         has_group = True
+                    if has_own_jobs:
+                        entries = await self._deliverable(await self.group.claim_own())
+                        has_own_jobs = False
                     if self.config.consumer_expiry_s and time.monotonic() >= next_cleanup:
                         next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
-                        await self.remove_gone_consumers()
-                    # Jobs of dead workers are looked for at least four times per claim_idle_ms, never while a
-                    # batch is encoded: its jobs are pending, and once idle long enough this worker would reclaim
+                        await self.group.remove_gone_consumers()
+                    # Jobs of workers whose heartbeat is gone, once per heartbeat interval, batch in hand or not.
+                    if not entries and time.monotonic() >= next_look_for_dead:
+                        next_look_for_dead = time.monotonic() + self.group.heartbeat_interval_s
+                        entries = await self._deliverable(await self.group.claim_of_dead())
+                    # Jobs idle past claim_idle_ms are looked for at least four times per claim_idle_ms, never while
+                    # a batch is encoded: its jobs are pending, and once idle long enough this worker would claim
                     # them from itself. Under steady load the batch in hand is finished first when one is due.
-                    if encoding is not None and time.monotonic() >= next_reclaim:
+                    if not entries and encoding is not None and time.monotonic() >= next_reclaim:
                         encoding, previous = None, encoding
                         await previous
-                    entries = []
-                    if encoding is None:
+                    if not entries and encoding is None:
                         next_reclaim = time.monotonic() + self.config.claim_idle_ms / 4000
-                        entries = await self._reclaim()
-                    entries = entries or await self._read()
+                        entries = await self._deliverable(await self.group.claim_idle())
+                    entries = entries or await self.group.read()
                     if not entries:
                         continue
                     todo = await self._prepare(entries)
@@ -123,7 +127,7 @@ class VisionWorker:
                             todo = (await self._drop_cached(todo[0]), todo[1])
                     if todo and todo[0]:
                         if stop.is_set():
-                            await self._give_back(todo[0])
+                            await self.group.give_back([(entry_id, job) for entry_id, job, _ in todo[0]])
                         else:
                             encoding = asyncio.create_task(self._encode_and_write(*todo))
                 except redis.exceptions.ResponseError as error:
@@ -139,70 +143,21 @@ class VisionWorker:
         finally:
             if encoding is not None and not encoding.done():
                 encoding.cancel()   # cancelled itself (the grace period is over): its jobs stay pending
+            heartbeat.cancel()   # its key expires: whatever this worker still holds goes to the others
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
 
-    async def leave(self) -> None:
-        """Removes this worker from the group, unless it still holds a job (deleting it would drop the job from the
-        pending list: it stays, for another worker to reclaim)."""
-        if not await self._holds_jobs(self.consumer):
-            await self.client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, self.consumer)
-            log.info("left the consumer group")
-
-    async def remove_gone_consumers(self) -> list[str]:
-        """Removes the consumers of workers that are gone: idle past consumer_expiry_s (a live worker reads every
-        read_block_ms) and holding no job. Returns their names."""
-        removed = []
-        for consumer in await self.client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP):
-            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
-            if name == self.consumer or consumer["idle"] < self.config.consumer_expiry_s * 1000 or consumer["pending"]:
-                continue
-            await self.client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, name)
-            removed.append(name)
-        if removed:
-            log.info("removed consumers of workers that are gone: %s", ", ".join(removed))
-        return removed
-
-    async def _holds_jobs(self, consumer: str) -> bool:
-        return bool(await self.client.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, min="-", max="+",
-                                                     count=1, consumername=consumer))
-
-    async def _read(self) -> list[tuple[bytes, dict]]:
-        response = await self.client.xreadgroup(encode_jobs.GROUP, self.consumer, {encode_jobs.STREAM: ">"},
-                                                count=self.config.max_batch_images, block=self.config.read_block_ms)
-        return [entry for _, entries in response or [] for entry in entries if entry[1]]
-
-    async def _reclaim(self) -> list[tuple[bytes, dict]]:
-        """Jobs of dead workers; those delivered too often go to the dead-letter stream instead."""
-        _, entries, _ = await self.client.xautoclaim(
-            encode_jobs.STREAM, encode_jobs.GROUP, self.consumer, min_idle_time=self.config.claim_idle_ms,
-            start_id="0-0", count=self.config.max_batch_images)
-        entries = [entry for entry in entries if entry[1]]
-        if not entries:
-            return []
-        pending = await self.client.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, min=entries[0][0],
-                                                   max=entries[-1][0], count=len(entries) * 2,
-                                                   consumername=self.consumer)
-        deliveries = {item["message_id"]: item["times_delivered"] for item in pending}
-        kept = []
-        for entry_id, fields in entries:
-            if deliveries.get(entry_id, 0) > self.config.max_deliveries:
-                await self._dead_letter(entry_id, fields, f"failed on {self.config.max_deliveries} deliveries")
-            else:
-                log.info("reclaimed job %s", entry_id.decode())
-                kept.append((entry_id, fields))
+    async def _deliverable(self, entries: list[Entry]) -> list[Entry]:
+        """The claimed entries delivered at most max_deliveries times; the others go to the dead-letter stream."""
+        kept, exhausted = await self.group.split_by_deliveries(entries)
+        for entry_id, fields in exhausted:
+            await self._dead_letter(entry_id, fields, f"failed on {self.config.max_deliveries} deliveries")
+        for entry_id, _ in kept:
+            log.info("reclaimed job %s", entry_id.decode())
         return kept
 
     async def _dead_letter(self, entry_id: bytes, fields: dict, reason: str) -> None:
-        sha = fields.get(b"sha256", b"").decode(errors="replace")
-        log.error("job %s (image %s) to the dead-letter stream: %s", entry_id.decode(), sha, reason)
-        record = {k: v for k, v in fields.items() if k != b"image"}
-        record.update({b"entry_id": entry_id, b"reason": reason.encode()})
-        await self.client.xadd(encode_jobs.DEAD_LETTER_STREAM, record, maxlen=10000, approximate=True)
-        fingerprint = fields.get(b"fingerprint", b"").decode(errors="replace")
-        if sha and fingerprint:
-            await self._finish(entry_id, fingerprint,
-                               EncodeResult(sha, encode_jobs.FAILED, f"encoding failed: {reason}"))
-        else:
-            await self._ack(entry_id)
+        await self.group.dead_letter(entry_id, fields, reason)
         self.stats.num_dead_lettered += 1
 
     async def _prepare(self, entries: list[tuple[bytes, dict]]
@@ -307,32 +262,6 @@ class VisionWorker:
             return False
         return True
 
-    async def _give_back(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
-        """Jobs taken but not started when the worker stops go back to the stream for the other workers: a copy
-        at its end, this delivery retired (left pending, they would wait claim_idle_ms to be reclaimed)."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            for entry_id, job, _ in todo:
-                pipe.xadd(encode_jobs.STREAM, job.to_fields())
-                retire(pipe, entry_id)
-            await pipe.execute()
-        log.info("gave back %d jobs taken but not started", len(todo))
-
     async def _finish(self, entry_id: bytes, fingerprint: str, result: EncodeResult,
                       embedding: tuple[str, bytes] | None = None) -> None:
-        """Writes the embedding (key, value) if given, tells the waiters (who listen under the job's fingerprint),
-        releases the lock and retires the job: one round trip, all or nothing (a write Redis refuses, out of
-        memory, leaves the job pending for a retry and tells nobody it is done)."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            if embedding is not None:
-                pipe.set(*embedding, ex=self.config.embedding_ttl_s or None)
-            if not result.ok:
-                pipe.set(encode_jobs.error_key(fingerprint, result.sha256), result.to_json(),
-                         ex=encode_jobs.ERROR_TTL_S)
-            pipe.publish(encode_jobs.done_channel(fingerprint), result.to_json())
-            pipe.delete(encode_jobs.lock_key(fingerprint, result.sha256))
-            retire(pipe, entry_id)
-            await pipe.execute()
-
-    async def _ack(self, entry_id: bytes) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            await retire(pipe, entry_id).execute()
+        await self.group.finish(entry_id, fingerprint, result, embedding)
