@@ -32,7 +32,8 @@ from services.vision.config import VisionConfig
 from services.vision.consumer_group import ConsumerGroup, Entry, group_is_gone
 from services.vision.encoder import VisionEncoder
 from shared import encode_jobs
-from shared.embedding_cache import CorruptEntry, HEADER_BYTES, cache_key, check_length, encode_entry, parse_header
+from shared.cache_probe import probe_entries
+from shared.embedding_cache import cache_key, encode_entry
 from shared.encode_jobs import EncodeJob, EncodeResult, MalformedJob
 from shared.images import InvalidImage, preprocess
 
@@ -233,34 +234,20 @@ class VisionWorker:
 
     async def _drop_cached(self, jobs: list[tuple]) -> list[tuple]:
         """Finishes the jobs (entry_id, job, ...) whose image has a valid embedding already; returns the others.
-        One round trip for all of them."""
+        One round trip for all of them, the gateway's look (shared/cache_probe.py)."""
         if not jobs:
             return jobs
-        async with self.client.pipeline(transaction=False) as pipe:
-            for _, job, *_ in jobs:
-                key = cache_key(self.fingerprint, job.sha256)
-                pipe.getrange(key, 0, HEADER_BYTES - 1).strlen(key)
-            replies = await pipe.execute()
+        headers = await probe_entries(self.client, self.fingerprint, [item[1].sha256 for item in jobs],
+                                      num_columns=self.encoder.num_columns)
         left = []
-        for index, item in enumerate(jobs):
+        for item in jobs:
             entry_id, job = item[0], item[1]
-            if self._is_valid(job.sha256, *replies[2 * index:2 * index + 2]):
+            if headers[job.sha256] is not None:
                 self.stats.num_deduplicated += 1
                 await self._finish(entry_id, job.fingerprint, EncodeResult(job.sha256))
             else:
                 left.append(item)
         return left
-
-    def _is_valid(self, sha: str, prefix: bytes, length: int) -> bool:
-        if not prefix:
-            return False
-        try:
-            check_length(parse_header(prefix, fingerprint=self.fingerprint, sha256=sha,
-                                      num_columns=self.encoder.num_columns), length)
-        except CorruptEntry as error:
-            log.warning("cached embedding of %s is invalid (%s): re-encoding", sha, error)
-            return False
-        return True
 
     async def _finish(self, entry_id: bytes, fingerprint: str, result: EncodeResult,
                       embedding: tuple[str, bytes] | None = None) -> None:
