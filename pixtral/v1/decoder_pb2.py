@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pixtral.v1 import common_pb2 as pixtral_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pixtral/v1/decoder.proto\x12\npixtral.v1\x1a\x17pixtral/v1/common.proto\"\x93\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12$\n\x06images\x18\x03 \x03(\x0b\x32\x14.pixtral.v1.ImageRef\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pixtral.v1.SamplingParams\"C\n\x08ImageRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0bgrid_height\x18\x02 \x01(\r\x12\x12\n\ngrid_width\x18\x03 \x01(\r\"V\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pixtral.v1.FinishReason\"\r\n\x0bInfoRequest\"\xef\x01\n\x0cInfoResponse\x12\x15\n\rmax_model_len\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x05 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x12\n\nmax_queued\x18\x07 \x01(\r\x12\x16\n\x0enum_unfinished\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\n \x01(\r2\x8d\x01\n\x07\x44\x65\x63oder\x12G\n\x08Generate\x12\x1b.pixtral.v1.GenerateRequest\x1a\x1c.pixtral.v1.GenerateResponse0\x01\x12\x39\n\x04Info\x12\x17.pixtral.v1.InfoRequest\x1a\x18.pixtral.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pixtral/v1/decoder.proto\x12\npixtral.v1\x1a\x17pixtral/v1/common.proto\"\xd7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12$\n\x06images\x18\x03 \x03(\x0b\x32\x14.pixtral.v1.ImageRef\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pixtral.v1.SamplingParams\x12\t\n\x01n\x18\x05 \x01(\r\x12\r\n\x05seeds\x18\x06 \x03(\x04\x12(\n\x06\x66ormat\x18\x07 \x01(\x0b\x32\x18.pixtral.v1.DecodeFormat\"*\n\x0c\x44\x65\x63odeFormat\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"C\n\x08ImageRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0bgrid_height\x18\x02 \x01(\r\x12\x12\n\ngrid_width\x18\x03 \x01(\r\"\xaf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pixtral.v1.FinishReason\x12\r\n\x05index\x18\x03 \x01(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pixtral.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\r\n\x0bInfoRequest\"\xef\x01\n\x0cInfoResponse\x12\x15\n\rmax_model_len\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x05 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x12\n\nmax_queued\x18\x07 \x01(\r\x12\x16\n\x0enum_unfinished\x18\x08 \x01(\r\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\n \x01(\r2\x8d\x01\n\x07\x44\x65\x63oder\x12G\n\x08Generate\x12\x1b.pixtral.v1.GenerateRequest\x1a\x1c.pixtral.v1.GenerateResponse0\x01\x12\x39\n\x04Info\x12\x17.pixtral.v1.InfoRequest\x1a\x18.pixtral.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pixtral.v1.decoder_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=66
-  _globals['_GENERATEREQUEST']._serialized_end=213
-  _globals['_IMAGEREF']._serialized_start=215
-  _globals['_IMAGEREF']._serialized_end=282
-  _globals['_GENERATERESPONSE']._serialized_start=284
-  _globals['_GENERATERESPONSE']._serialized_end=370
-  _globals['_INFOREQUEST']._serialized_start=372
-  _globals['_INFOREQUEST']._serialized_end=385
-  _globals['_INFORESPONSE']._serialized_start=388
-  _globals['_INFORESPONSE']._serialized_end=627
-  _globals['_DECODER']._serialized_start=630
-  _globals['_DECODER']._serialized_end=771
+  _globals['_GENERATEREQUEST']._serialized_end=281
+  _globals['_DECODEFORMAT']._serialized_start=283
+  _globals['_DECODEFORMAT']._serialized_end=325
+  _globals['_IMAGEREF']._serialized_start=327
+  _globals['_IMAGEREF']._serialized_end=394
+  _globals['_GENERATERESPONSE']._serialized_start=397
+  _globals['_GENERATERESPONSE']._serialized_end=572
+  _globals['_INFOREQUEST']._serialized_start=574
+  _globals['_INFOREQUEST']._serialized_end=587
+  _globals['_INFORESPONSE']._serialized_start=590
+  _globals['_INFORESPONSE']._serialized_end=829
+  _globals['_DECODER']._serialized_start=832
+  _globals['_DECODER']._serialized_end=973
 # @@protoc_insertion_point(module_scope)

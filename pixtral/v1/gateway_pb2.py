@@ -25,39 +25,53 @@ _sym_db = _symbol_database.Default()
 from pixtral.v1 import common_pb2 as pixtral_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pixtral/v1/gateway.proto\x12\npixtral.v1\x1a\x17pixtral/v1/common.proto\"v\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.pixtral.v1.Message\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.pixtral.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"S\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pixtral.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.pixtral.v1.ContentPart\"M\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.pixtral.v1.ImagePartH\x00\x42\x06\n\x04part\"F\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\x96\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pixtral.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pixtral.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12%\n\x06images\x18\x02 \x03(\x0b\x32\x15.pixtral.v1.ImageInfo\"w\n\tImageInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x12\n\ngrid_width\x18\x04 \x01(\r\x12\x13\n\x0bgrid_height\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\"M\n\x10PutImagesRequest\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.pixtral.v1.ImagePart\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"P\n\x11PutImagesResponse\x12\'\n\x06images\x18\x01 \x03(\x0b\x32\x17.pixtral.v1.StoredImage\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"F\n\x0bStoredImage\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pixtral.v1.ImageInfo\x12\x12\n\nwas_cached\x18\x02 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x8a\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x03 \x01(\r\x12\x12\n\nmax_images\x18\x04 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x06 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x07 \x01(\r\x12\x12\n\npatch_size\x18\x08 \x01(\r\x12\x16\n\x0eprefix_caching\x18\t \x01(\x08\x12\x14\n\x0cnum_decoders\x18\n \x01(\r\x12\x19\n\x11model_fingerprint\x18\x0b \x01(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x32\x9b\x02\n\x07Gateway\x12;\n\x04\x43hat\x12\x17.pixtral.v1.ChatRequest\x1a\x18.pixtral.v1.ChatResponse0\x01\x12\x41\n\x08Tokenize\x12\x17.pixtral.v1.ChatRequest\x1a\x1c.pixtral.v1.TokenizeResponse\x12H\n\tPutImages\x12\x1c.pixtral.v1.PutImagesRequest\x1a\x1d.pixtral.v1.PutImagesResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pixtral.v1.GetModelInfoRequest\x1a\x15.pixtral.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pixtral/v1/gateway.proto\x12\npixtral.v1\x1a\x17pixtral/v1/common.proto\"\xc9\x02\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.pixtral.v1.Message\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.pixtral.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x01n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x33\n\x0fresponse_format\x18\x05 \x01(\x0b\x32\x1a.pixtral.v1.ResponseFormat\x12\x1f\n\x05tools\x18\x06 \x03(\x0b\x32\x10.pixtral.v1.Tool\x12+\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x16.pixtral.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x01\x88\x01\x01\x42\x04\n\x02_nB\x16\n\x14_parallel_tool_calls\"\x93\x01\n\x0eResponseFormat\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x13.pixtral.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"V\n\nToolChoice\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1a.pixtral.v1.ToolChoiceModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xa3\x01\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.pixtral.v1.Role\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.pixtral.v1.ContentPart\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.pixtral.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0e\n\x06prefix\x18\x05 \x01(\x08\"M\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.pixtral.v1.ImagePartH\x00\x42\x06\n\x04part\"F\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\xb6\x02\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pixtral.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pixtral.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\r\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pixtral.v1.TokenLogprob\x12(\n\ntool_calls\x18\x08 \x03(\x0b\x32\x14.pixtral.v1.ToolCall\x12\x0c\n\x04seed\x18\t \x01(\x04\x12+\n\x0bstop_reason\x18\n \x01(\x0b\x32\x16.pixtral.v1.StopReason\":\n\nStopReason\x12\x0e\n\x04stop\x18\x01 \x01(\tH\x00\x12\x12\n\x08token_id\x18\x02 \x01(\rH\x00\x42\x08\n\x06reason\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12%\n\x06images\x18\x02 \x03(\x0b\x32\x15.pixtral.v1.ImageInfo\"w\n\tImageInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x12\n\ngrid_width\x18\x04 \x01(\r\x12\x13\n\x0bgrid_height\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\"M\n\x10PutImagesRequest\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.pixtral.v1.ImagePart\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"P\n\x11PutImagesResponse\x12\'\n\x06images\x18\x01 \x03(\x0b\x32\x17.pixtral.v1.StoredImage\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"F\n\x0bStoredImage\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pixtral.v1.ImageInfo\x12\x12\n\nwas_cached\x18\x02 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x8a\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x03 \x01(\r\x12\x12\n\nmax_images\x18\x04 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x06 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x07 \x01(\r\x12\x12\n\npatch_size\x18\x08 \x01(\r\x12\x16\n\x0eprefix_caching\x18\t \x01(\x08\x12\x14\n\x0cnum_decoders\x18\n \x01(\r\x12\x19\n\x11model_fingerprint\x18\x0b \x01(\t*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x32\x9b\x02\n\x07Gateway\x12;\n\x04\x43hat\x12\x17.pixtral.v1.ChatRequest\x1a\x18.pixtral.v1.ChatResponse0\x01\x12\x41\n\x08Tokenize\x12\x17.pixtral.v1.ChatRequest\x1a\x1c.pixtral.v1.TokenizeResponse\x12H\n\tPutImages\x12\x1c.pixtral.v1.PutImagesRequest\x1a\x1d.pixtral.v1.PutImagesResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pixtral.v1.GetModelInfoRequest\x1a\x15.pixtral.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pixtral.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1298
-  _globals['_ROLE']._serialized_end=1378
-  _globals['_CHATREQUEST']._serialized_start=65
-  _globals['_CHATREQUEST']._serialized_end=183
-  _globals['_MESSAGE']._serialized_start=185
-  _globals['_MESSAGE']._serialized_end=268
-  _globals['_CONTENTPART']._serialized_start=270
-  _globals['_CONTENTPART']._serialized_end=347
-  _globals['_IMAGEPART']._serialized_start=349
-  _globals['_IMAGEPART']._serialized_end=419
-  _globals['_CHATRESPONSE']._serialized_start=422
-  _globals['_CHATRESPONSE']._serialized_end=572
-  _globals['_TOKENIZERESPONSE']._serialized_start=574
-  _globals['_TOKENIZERESPONSE']._serialized_end=650
-  _globals['_IMAGEINFO']._serialized_start=652
-  _globals['_IMAGEINFO']._serialized_end=771
-  _globals['_PUTIMAGESREQUEST']._serialized_start=773
-  _globals['_PUTIMAGESREQUEST']._serialized_end=850
-  _globals['_PUTIMAGESRESPONSE']._serialized_start=852
-  _globals['_PUTIMAGESRESPONSE']._serialized_end=932
-  _globals['_STOREDIMAGE']._serialized_start=934
-  _globals['_STOREDIMAGE']._serialized_end=1004
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1006
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1027
-  _globals['_MODELINFO']._serialized_start=1030
-  _globals['_MODELINFO']._serialized_end=1296
-  _globals['_GATEWAY']._serialized_start=1381
-  _globals['_GATEWAY']._serialized_end=1664
+  _globals['_TOOLCHOICEMODE']._serialized_start=2198
+  _globals['_TOOLCHOICEMODE']._serialized_end=2333
+  _globals['_ROLE']._serialized_start=2335
+  _globals['_ROLE']._serialized_end=2430
+  _globals['_CHATREQUEST']._serialized_start=66
+  _globals['_CHATREQUEST']._serialized_end=395
+  _globals['_RESPONSEFORMAT']._serialized_start=398
+  _globals['_RESPONSEFORMAT']._serialized_end=545
+  _globals['_CHOICES']._serialized_start=547
+  _globals['_CHOICES']._serialized_end=573
+  _globals['_TOOL']._serialized_start=575
+  _globals['_TOOL']._serialized_end=636
+  _globals['_TOOLCHOICE']._serialized_start=638
+  _globals['_TOOLCHOICE']._serialized_end=724
+  _globals['_TOOLCALL']._serialized_start=726
+  _globals['_TOOLCALL']._serialized_end=781
+  _globals['_MESSAGE']._serialized_start=784
+  _globals['_MESSAGE']._serialized_end=947
+  _globals['_CONTENTPART']._serialized_start=949
+  _globals['_CONTENTPART']._serialized_end=1026
+  _globals['_IMAGEPART']._serialized_start=1028
+  _globals['_IMAGEPART']._serialized_end=1098
+  _globals['_CHATRESPONSE']._serialized_start=1101
+  _globals['_CHATRESPONSE']._serialized_end=1411
+  _globals['_STOPREASON']._serialized_start=1413
+  _globals['_STOPREASON']._serialized_end=1471
+  _globals['_TOKENIZERESPONSE']._serialized_start=1473
+  _globals['_TOKENIZERESPONSE']._serialized_end=1549
+  _globals['_IMAGEINFO']._serialized_start=1551
+  _globals['_IMAGEINFO']._serialized_end=1670
+  _globals['_PUTIMAGESREQUEST']._serialized_start=1672
+  _globals['_PUTIMAGESREQUEST']._serialized_end=1749
+  _globals['_PUTIMAGESRESPONSE']._serialized_start=1751
+  _globals['_PUTIMAGESRESPONSE']._serialized_end=1831
+  _globals['_STOREDIMAGE']._serialized_start=1833
+  _globals['_STOREDIMAGE']._serialized_end=1903
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1905
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1926
+  _globals['_MODELINFO']._serialized_start=1929
+  _globals['_MODELINFO']._serialized_end=2195
+  _globals['_GATEWAY']._serialized_start=2433
+  _globals['_GATEWAY']._serialized_end=2716
 # @@protoc_insertion_point(module_scope)

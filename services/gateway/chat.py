@@ -24,18 +24,45 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int      # of every completion (n > 1)
     image_tokens: int
     cached_images: int
     encoded_images: int
+    cached_prompt_tokens: int = 0   # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()   # the most likely tokens at its position, most likely first
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallOutput:
+    id: str
+    name: str
+    arguments: str   # a JSON object, as text
 
 
 @dataclass(frozen=True, slots=True)
 class ChatDelta:
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None   # on the last delta: "stop", "length", "cancelled" or "error"
-    usage: Usage | None = None         # on the last delta
+    finish_reason: str | None = None   # on a completion's last delta: stop, length, tool_calls, cancelled, error
+    usage: Usage | None = None         # on the stream's last delta: of the whole request
+    index: int = 0                     # the completion (0 to n - 1)
+    logprobs: tuple[TokenLogprob, ...] = ()      # one per token of token_ids, when asked
+    tool_calls: tuple[ToolCallOutput, ...] = ()  # calls completed by this delta
+    seed: int | None = None            # on a completion's last delta: the seed it was sampled with
+    stop_reason: str | int | None = None   # on a completion's last delta: the stop string or token id that ended it
 
 
 @dataclass(frozen=True, slots=True)

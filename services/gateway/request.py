@@ -1,4 +1,5 @@
-"""The gateway's domain view of a chat request, and validation of its sampling parameters."""
+"""The gateway's domain view of a chat request (both transports, gRPC and HTTP, build it), and validation of its
+sampling parameters."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class Role(enum.Enum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +41,41 @@ Part = TextPart | ImageSource
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallInput:
+    """A tool call of an assistant message in the history."""
+
+    id: str
+    name: str
+    arguments: str        # a JSON object, as text
+    field: str            # e.g. "messages[2].tool_calls[0]"
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Role | None          # None: the caller left it unspecified
     parts: list[Part]
     field: str                 # "messages[i]"
+    tool_calls: tuple[ToolCallInput, ...] = ()   # assistant: the calls it made
+    tool_call_id: str = ""                       # tool: the call it answers
+    prefix: bool = False                         # assistant, last: the start of the answer, to continue
+
+
+@dataclass(frozen=True, slots=True)
+class ToolInput:
+    """A function the model may call."""
+
+    name: str
+    description: str
+    parameters: str       # its arguments' JSON schema, as text; "" for none
+    field: str            # e.g. "tools[1]"
+
+
+@dataclass(frozen=True, slots=True)
+class FormatInput:
+    """The output's format as sent: kind json_object, json_schema, regex, choice or grammar."""
+
+    kind: str
+    spec: str | tuple[str, ...]   # the schema, regex or grammar text; the strings of a choice; "" for json_object
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +88,16 @@ class SamplingInput:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +105,12 @@ class ChatInput:
     request_id: str
     messages: list[ChatMessage]
     sampling: SamplingInput = field(default_factory=SamplingInput)
+    n: int | None = None                          # completions; None: 1
+    response_format: FormatInput | None = None
+    tools: tuple[ToolInput, ...] = ()
+    tool_choice: str | None = None                # "auto", "none", "required", or the one function's name
+    tool_choice_is_function: bool = False         # tool_choice names a function
+    parallel_tool_calls: bool | None = None       # None: True
 
 
 @dataclass(frozen=True, slots=True)
