@@ -12,7 +12,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from services.decoder.sampler import (
     SamplingBatch, SamplingRow, _apply_controls, _sample_filtered, _top_logprobs, find_candidates, gumbel_noise,
-    kept_thresholds, order_keys, sample, top_p_mass,
+    kept_mask, sample, top_p_mass,
 )
 from shared.sampling import SamplingParams
 
@@ -292,10 +292,8 @@ def random_rows(generator: torch.Generator, num_rows: int, vocab_size: int) -> t
     return torch.stack(rows)
 
 
-def kept_mask(x, top_k, top_p, num_candidates):
-    thresholds = kept_thresholds(x, torch.tensor(top_k), torch.tensor([top_p_mass(p) for p in top_p]),
-                                 num_candidates)
-    return order_keys(x, torch.arange(x.shape[1])[None, :], x.shape[1]) >= thresholds[:, None]
+def kept(x, top_k, top_p, num_candidates):
+    return kept_mask(x, torch.tensor(top_k), torch.tensor([top_p_mass(p) for p in top_p]), num_candidates)
 
 
 @pytest.mark.parametrize("num_candidates", [16, 256, 2048])
@@ -305,7 +303,7 @@ def test_top_k_top_p_keep_exactly_what_a_sort_keeps(num_candidates):
     x = random_rows(generator, num_rows, vocab_size)
     top_p = [[0.3, 0.9, 0.95, 0.5, 1.0, 0.999][i % 6] for i in range(num_rows)]
     top_k = [[0, 0, 5, 0, 12, 0, 1, 0, 16][i % 9] for i in range(num_rows)]
-    got = kept_mask(x, top_k, top_p, num_candidates)
+    got = kept(x, top_k, top_p, num_candidates)
     assert torch.equal(got, reference_kept(x, top_k, top_p))
 
 
@@ -323,10 +321,10 @@ def test_the_candidates_decide_alone_when_the_kept_set_ends_among_them():
     candidates = find_candidates(x, top_k, top_p, 256)
     assert candidates.is_exact.tolist() == [False, True, False, False]
     assert candidates.num_kept[1] == 1
-    kept = kept_mask(x, top_k.tolist(), [0.9, 0.9, 0.9, 1.0], 256)
-    assert kept[1].nonzero()[:, 0].tolist() == [17]
-    assert kept[3].nonzero()[:, 0].tolist() == [1000, 1001, 1002, 1003, 1004]
-    assert int(kept[2].sum()) in (3687, 3688)   # 90% of a flat row, up to the fixed point's rounding
+    kept_set = kept(x, top_k.tolist(), [0.9, 0.9, 0.9, 1.0], 256)
+    assert kept_set[1].nonzero()[:, 0].tolist() == [17]
+    assert kept_set[3].nonzero()[:, 0].tolist() == [1000, 1001, 1002, 1003, 1004]
+    assert int(kept_set[2].sum()) in (3687, 3688)   # 90% of a flat row, up to the fixed point's rounding
 
 
 @pytest.mark.parametrize("num_candidates", [16, 512])

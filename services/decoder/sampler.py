@@ -267,29 +267,44 @@ def order_keys(values: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -
     return (bits + (1 << 31)) * span + (span - 1 - token_ids)
 
 
-def select_threshold(keys: torch.Tensor, masses: torch.Tensor, targets: torch.Tensor, num_key_bits: int
-                     ) -> torch.Tensor:
-    """[R] the largest key k of each row with sum(masses[keys >= k]) >= target (0 where the row's total falls
-    short: everything kept). A radix select: a few rounds of histograms of key digits, each round narrowing the
-    key prefix to the digit where the mass from the top reaches the target. Integer masses: exact."""
-    num_rows = keys.shape[0]
-    num_rounds = -(-num_key_bits // 16)
-    widths = [num_key_bits // num_rounds + (i < num_key_bits % num_rounds) for i in range(num_rounds)]
-    prefix = torch.zeros(num_rows, dtype=torch.int64, device=keys.device)
-    above = torch.zeros_like(prefix)   # mass of the keys above the current prefix
-    remaining = num_key_bits
-    for width in widths:
-        shift = remaining - width
-        digits = (keys >> shift) & ((1 << width) - 1)
-        weights = masses if remaining == num_key_bits else masses * ((keys >> remaining) == prefix[:, None])
-        histogram = torch.zeros(num_rows, 1 << width, dtype=torch.int64, device=keys.device)
-        histogram.scatter_add_(1, digits, weights)
-        at_or_above = histogram.flip(1).cumsum(1).flip(1)
-        digit = ((above[:, None] + at_or_above >= targets[:, None]).sum(1) - 1).clamp(min=0)
-        above = above + (at_or_above.gather(1, digit[:, None]) - histogram.gather(1, digit[:, None]))[:, 0]
-        prefix = (prefix << width) | digit
-        remaining = shift
-    return prefix
+def _value_order(x: torch.Tensor) -> torch.Tensor:
+    """[R, V] int32 that order as the float32 values do."""
+    bits = (x + 0.0).view(torch.int32)   # + 0.0 turns -0.0 into 0.0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _select_digit(histogram: torch.Tensor, above: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest digit where the mass from the top reaches the target, and the mass above that digit."""
+    at_or_above = (histogram.sum(1, keepdim=True) + above[:, None]) - histogram.cumsum(1) + histogram
+    digit = ((at_or_above >= targets[:, None]).sum(1, keepdim=True) - 1).clamp(min=0)
+    return digit, (at_or_above.gather(1, digit) - histogram.gather(1, digit))[:, 0]
+
+
+def select_prefix(order: torch.Tensor, masses: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    """[R, V] bool: the shortest prefix of each row, in (value, then smaller id) order, whose mass reaches the
+    target (`masses` None: each token counts 1), or the whole row where it never does. A radix select: the
+    16-bit halves of the values' order narrow down the boundary's value; of the tokens tied at it, the smallest
+    ids that the remaining mass needs are kept. Integer masses: exact."""
+    num_rows, device = order.shape[0], order.device
+    if masses is None:
+        masses = torch.ones_like(order, dtype=torch.int64)
+    high = (order >> 16) + (1 << 15)
+    histogram = torch.zeros(num_rows, 1 << 16, dtype=torch.int64, device=device)
+    histogram.scatter_add_(1, high.to(torch.int64), masses)
+    total = histogram.sum(1)
+    high_digit, above = _select_digit(histogram, torch.zeros_like(total), targets)
+    in_bucket = high == high_digit.to(torch.int32)
+    histogram = torch.zeros_like(histogram).scatter_add_(1, (order & 0xFFFF).to(torch.int64), masses * in_bucket)
+    low_digit, above = _select_digit(histogram, above, targets)
+    # [R, 1]: the value order of the last kept token (int32 like `order`: no wider copy for the comparisons)
+    boundary = ((high_digit - (1 << 15)) * (1 << 16) + low_digit).to(torch.int32)
+    is_tied = order == boundary
+    mass_each = torch.where(is_tied, masses, 0).amax(1)   # equal values, equal masses
+    num_tied_kept = ((targets - above + mass_each - 1) // mass_each.clamp(min=1)).clamp(max=order.shape[1])
+    num_tied_kept = num_tied_kept.to(torch.int32)
+    kept = (order > boundary) | (is_tied & (is_tied.cumsum(1, dtype=torch.int32) <= num_tied_kept[:, None]))
+    return kept | (total < targets)[:, None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,30 +349,27 @@ def find_candidates(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tens
     return Candidates(values, token_ids, keys, num_kept, is_exact)
 
 
-def vocabulary_threshold(x: torch.Tensor, keys: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tensor,
-                         some_with_top_k: bool = True) -> torch.Tensor:
-    """[R] the key of the last token top-k/top-p keep, from the whole vocabulary (`keys`: order_keys of `x`)."""
-    num_key_bits = 32 + _id_bits(x.shape[1])
+def vocabulary_kept(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tensor, some_with_top_k: bool = True
+                    ) -> torch.Tensor:
+    """[R, V] bool: what top-k and then top-p keep, from the whole vocabulary."""
+    order = _value_order(x)
+    kept = None
     if some_with_top_k:
-        counts = torch.ones_like(keys)
-        last_of_top_k = torch.where(top_k > 0, select_threshold(keys, counts, top_k, num_key_bits), 0)
-        in_top_k = keys >= last_of_top_k[:, None]
-        x = torch.where(in_top_k, x, -math.inf)
-    else:
-        last_of_top_k = torch.zeros_like(top_k)
+        kept = select_prefix(order, None, torch.where(top_k > 0, top_k, x.shape[1]))
+        x = x.masked_fill(~kept, -math.inf)
     weights = (x - x.amax(1, keepdim=True)).exp()
     masses = (weights / weights.sum(1, keepdim=True) * float(MASS_ONE)).to(torch.int64)
-    return torch.maximum(last_of_top_k, select_threshold(keys, masses, top_p_mass, num_key_bits))
+    kept_by_top_p = select_prefix(order, masses, top_p_mass)
+    return kept_by_top_p if kept is None else kept & kept_by_top_p
 
 
-def kept_thresholds(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tensor, num_candidates: int
-                    ) -> torch.Tensor:
-    """[R] the key of the last token each row keeps: the candidates' where they are exact, else the
-    vocabulary's (what sampling does, gathered in one tensor)."""
+def kept_mask(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """[R, V] bool: what each row keeps, the candidates deciding where they are exact, else the vocabulary (the
+    sampler's two paths, gathered in one mask)."""
     candidates = find_candidates(x, top_k, top_p_mass, num_candidates)
-    from_candidates = candidates.keys.gather(1, (candidates.num_kept - 1)[:, None])[:, 0]
-    keys = order_keys(x, torch.arange(x.shape[1], device=x.device)[None, :], x.shape[1])
-    return torch.where(candidates.is_exact, from_candidates, vocabulary_threshold(x, keys, top_k, top_p_mass))
+    is_kept = torch.arange(num_candidates, device=x.device)[None, :] < candidates.num_kept[:, None]
+    from_candidates = torch.zeros_like(x, dtype=torch.bool).scatter_(1, candidates.token_ids, is_kept)
+    return torch.where(candidates.is_exact[:, None], from_candidates, vocabulary_kept(x, top_k, top_p_mass))
 
 
 def _sample_filtered(x: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, top_k: torch.Tensor,
@@ -374,11 +386,8 @@ def _sample_filtered(x: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, to
         if rows.numel() == 0:
             return tokens
         x, seed, step, top_k, top_p_mass = (t.index_select(0, rows) for t in (x, seed, step, top_k, top_p_mass))
-    vocab_size = x.shape[1]
-    token_ids = torch.arange(vocab_size, device=x.device)[None, :]
-    keys = order_keys(x, token_ids, vocab_size)
-    threshold = vocabulary_threshold(x, keys, top_k, top_p_mass, some_with_top_k=some_with_top_k)
-    scores = (x + gumbel_noise(seed, step, vocab_size)).masked_fill_(keys < threshold[:, None], -math.inf)
+    kept = vocabulary_kept(x, top_k, top_p_mass, some_with_top_k=some_with_top_k)
+    scores = (x + gumbel_noise(seed, step, x.shape[1])).masked_fill_(~kept, -math.inf)
     from_vocabulary = scores.argmax(1)
     if decide_on_host:
         return tokens.index_copy_(0, rows, from_vocabulary)
@@ -392,7 +401,8 @@ def _apply_controls(x: torch.Tensor, batch: SamplingBatch, allowed: torch.Tensor
 
         xgrammar.apply_token_bitmask_inplace(x, allowed.to(x.device), vocab_size=batch.vocab_size)
     if batch.banned is not None:
-        x.index_put_((batch.banned.rows, batch.banned.tokens), torch.tensor(-math.inf, device=x.device))
+        # a scalar made on the device: torch.tensor(..., device=cuda) would be a blocking copy from the host
+        x.index_put_((batch.banned.rows, batch.banned.tokens), x.new_full((), -math.inf))
     if batch.bias is not None:
         x.index_put_((batch.bias.rows, batch.bias.tokens), batch.bias.values, accumulate=True)
     if batch.repetition is not None:
