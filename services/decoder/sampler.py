@@ -94,8 +94,7 @@ class SamplingBatch:
     bias: _TokenEdit | None      # logit_bias: added
     repetition: _TokenEdit | None   # every prompt and output token of a row with a penalty; values: the penalty
     counted: _TokenEdit | None   # output tokens once each; values: what frequency and presence subtract
-    is_greedy: torch.Tensor      # [B] bool
-    greedy_rows: tuple[int, ...]
+    num_greedy: int
     plain_rows: torch.Tensor | None      # sampled rows without top-k/top-p, or None if none
     filtered_rows: torch.Tensor | None   # sampled rows with top-k or top-p, or None if none
     num_rows: int
@@ -138,8 +137,7 @@ class SamplingBatch:
             bias=_biases(params, vocab_size, device),
             repetition=_repetitions(rows, vocab_size, device),
             counted=_output_counts(rows, vocab_size, device),
-            is_greedy=tensor(is_greedy, torch.bool),
-            greedy_rows=tuple(i for i, g in enumerate(is_greedy) if g),
+            num_greedy=sum(is_greedy),
             plain_rows=row_indices(plain),
             filtered_rows=row_indices(filtered),
             num_rows=len(rows),
@@ -222,7 +220,7 @@ def _output_counts(rows: list[SamplingRow], vocab_size: int, device) -> _TokenEd
     row_ids, token_ids, values = [], [], []
     for i, row in enumerate(rows):
         p = row.params
-        if p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 or not len(row.output_token_ids):
+        if (p.frequency_penalty == 0.0 and p.presence_penalty == 0.0) or not len(row.output_token_ids):
             continue
         ids, counts = np.unique(_as_ids(row.output_token_ids), return_counts=True)
         _check_ids(ids, vocab_size, "output token ids")
@@ -309,13 +307,12 @@ def select_prefix(order: torch.Tensor, masses: torch.Tensor | None, targets: tor
 
 @dataclass(frozen=True, slots=True)
 class Candidates:
-    """The best tokens of each filtered row, in key order, and what top-k/top-p keep of them."""
+    """The best tokens of each filtered row, best first (ties: smaller id first), and what top-k/top-p keep."""
 
     values: torch.Tensor     # [R, M] float32 logits (after temperature and min_p)
     token_ids: torch.Tensor  # [R, M] int64
-    keys: torch.Tensor       # [R, M] int64, descending
     num_kept: torch.Tensor   # [R] int64: top-k/top-p keep the first num_kept candidates...
-    is_exact: torch.Tensor   # [R] bool: ...where this holds; elsewhere the vocabulary's threshold decides
+    is_exact: torch.Tensor   # [R] bool: ...where this holds; elsewhere the whole vocabulary decides
 
 
 def find_candidates(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tensor, num_candidates: int,
@@ -323,7 +320,7 @@ def find_candidates(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tens
     """`x` [R, V] float32 logits; top_k [R] (0: none), top_p_mass [R]."""
     vocab_size = x.shape[1]
     values, token_ids = x.topk(num_candidates, dim=1)
-    keys, order = order_keys(values, token_ids, vocab_size).sort(dim=1, descending=True)
+    order = order_keys(values, token_ids, vocab_size).argsort(dim=1, descending=True)
     values, token_ids = values.gather(1, order), token_ids.gather(1, order)
     rank = torch.arange(num_candidates, device=x.device)
     limit = torch.where(top_k > 0, top_k, vocab_size)
@@ -339,14 +336,14 @@ def find_candidates(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tens
     if num_candidates == vocab_size:
         is_exact = torch.ones_like(num_kept, dtype=torch.bool)
     else:
-        # The kept set ends inside the candidates, and before the tie group of the last candidate's value, whose
-        # members beyond the candidates topk chose in no particular order.
-        # A top-k beyond the candidates leaves its normalizer unknown here.
+        # Exact where the kept set ends inside the candidates and before the tie group of the last candidate's
+        # value (topk took that group's members in no particular order), and where a top-k does not reach past
+        # the candidates (its tokens' total mass would be unknown here).
         is_top_k_inside = limit <= num_candidates
         ends_inside = is_top_k_inside | (mass_before[:, -1] + masses[:, -1] >= top_p_mass)
         num_unambiguous = (values > values[:, -1:]).sum(1)
         is_exact = ((top_k == 0) | is_top_k_inside) & ends_inside & (num_kept <= num_unambiguous)
-    return Candidates(values, token_ids, keys, num_kept, is_exact)
+    return Candidates(values, token_ids, num_kept, is_exact)
 
 
 def vocabulary_kept(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tensor, some_with_top_k: bool = True
@@ -376,7 +373,7 @@ def _sample_filtered(x: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, to
                      top_p_mass: torch.Tensor, num_candidates: int, some_with_top_k: bool,
                      some_without_top_k: bool, decide_on_host: bool) -> torch.Tensor:
     """[R] tokens of rows with top-k/top-p: among the candidates where the kept set ends there (their noise only),
-    else over the vocabulary up to the threshold key."""
+    else over the vocabulary's kept mask."""
     candidates = find_candidates(x, top_k, top_p_mass, num_candidates, some_without_top_k=some_without_top_k)
     is_kept = torch.arange(num_candidates, device=x.device)[None, :] < candidates.num_kept[:, None]
     scores = (candidates.values + gumbel_at(seed, step, candidates.token_ids)).masked_fill_(~is_kept, -math.inf)
@@ -453,11 +450,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, allowed: torch.Tensor | N
     x = logits.float()
     edits_logits = (allowed is not None or batch.banned is not None or batch.bias is not None
                     or batch.repetition is not None or batch.counted is not None)
-    if x.data_ptr() == logits.data_ptr() and (edits_logits or len(batch.greedy_rows) < batch.num_rows):
+    if x.data_ptr() == logits.data_ptr() and (edits_logits or batch.num_greedy < batch.num_rows):
         x = x.clone()   # the caller's logits stay as they were
     _apply_controls(x, batch, allowed)
-    tokens = x.argmax(1) if batch.greedy_rows else torch.empty(batch.num_rows, dtype=torch.int64,
-                                                                device=x.device)
+    tokens = x.argmax(1) if batch.num_greedy else torch.empty(batch.num_rows, dtype=torch.int64, device=x.device)
     if batch.num_plain:
         scaled = _scaled(x, batch.plain_rows, batch.num_plain, batch)
         seed, step = batch.seed.index_select(0, batch.plain_rows), batch.step.index_select(0, batch.plain_rows)
