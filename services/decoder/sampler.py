@@ -64,7 +64,9 @@ class SampleOutput:
     """A step's choices, on the logits' device; the caller reads them when it needs them."""
 
     token_ids: torch.Tensor              # [B] int64
-    logprobs: torch.Tensor | None        # [B] float32: the chosen tokens' raw logprobs, if any row asked
+    # Where any row asks, every row has them (a row that did not ask ignores its own); a row that asked for fewer
+    # than K top logprobs takes the first ones of its row.
+    logprobs: torch.Tensor | None        # [B] float32: the chosen tokens' raw logprobs
     top_token_ids: torch.Tensor | None   # [B, K] int64, K the batch's largest top_logprobs; best first
     top_logprobs: torch.Tensor | None    # [B, K] float32
 
