@@ -43,12 +43,13 @@ def load_before(rev: str):
     except (OSError, subprocess.CalledProcessError) as error:
         print(f"no before figures: git show {rev} failed ({error})", file=sys.stderr)
         return None
-    path = Path(tempfile.mkdtemp()) / "sampler_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("sampler_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:   # once executed, the module no longer needs its file
+        path = Path(folder) / "sampler_before.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("sampler_before", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module   # its dataclasses look their module up there
+        spec.loader.exec_module(module)
     return module
 
 
