@@ -114,7 +114,8 @@ def test_pixtral_serve_starts_every_role_and_stops_them_all_on_sigterm(tmp_path,
 
 # -- pixtral-chat: the request its flags build (no server) -----------------------------------------------------
 
-WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}},
+WEATHER_PARAMETERS = {"type": "object",
+                      "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}},
                       "required": ["city", "unit"], "additionalProperties": False}
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
                                                  "parameters": WEATHER_PARAMETERS}}
@@ -316,7 +317,8 @@ def test_json_lines_of_two_interleaved_choices_with_logprobs():
                                  logprobs=[logprob(200, -0.25, (200, -0.25), (8, -2.0)),
                                            logprob(201, -1.0, (9, -0.5), (201, -1.0))]),
         gateway_pb2.ChatResponse(index=0, finish_reason=common_pb2.FINISH_REASON_LENGTH, seed=5),
-        gateway_pb2.ChatResponse(index=1, text="!", token_ids=[2], logprobs=[logprob(2, -0.125, (2, -0.125), (3, -4.0))],
+        gateway_pb2.ChatResponse(index=1, text="!", token_ids=[2],
+                                 logprobs=[logprob(2, -0.125, (2, -0.125), (3, -4.0))],
                                  finish_reason=common_pb2.FINISH_REASON_STOP, seed=6,
                                  stop_reason=gateway_pb2.StopReason(token_id=2), usage=USAGE, request_id="r1"),
     ]
@@ -331,8 +333,8 @@ def test_json_lines_of_two_interleaved_choices_with_logprobs():
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "image_tokens": 0, "cached_images": 0, "encoded_images": 0,
              "cached_prompt_tokens": 5}
     first = {"text": "He", "token_ids": [100], "finish_reason": "length", "seed": 5, "stop_reason": None,
-             "tool_calls": [], "logprobs": [{"token_id": 100, "logprob": -0.5, "top_logprobs": [[100, -0.5], [7, -1.5]]}],
-             "index": 0, "usage": usage}
+             "tool_calls": [], "index": 0, "usage": usage,
+             "logprobs": [{"token_id": 100, "logprob": -0.5, "top_logprobs": [[100, -0.5], [7, -1.5]]}]}
     second = {"text": "Yo!", "token_ids": [200, 201, 2], "finish_reason": "stop", "seed": 6,
               "stop_reason": {"token_id": 2}, "tool_calls": [], "index": 1, "usage": usage, "logprobs": [
                   {"token_id": 200, "logprob": -0.25, "top_logprobs": [[200, -0.25], [8, -2.0]]},
