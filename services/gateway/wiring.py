@@ -14,6 +14,7 @@ from services.gateway.server import GatewayServicer
 from services.gateway.vision_pool import VisionPool
 from shared import checkpoint, tls
 from shared.role import RoleBody, RoleContext
+from shared.structured_output import FormatCompiler
 from shared.tiny import resolve_model
 from shared.tokenizer import tokenizer_file
 from shared.url_fetch import UrlFetcher, UrlPolicy, parse_networks
@@ -44,7 +45,8 @@ async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
     resolver = ImageResolver(config.max_image_bytes, config.max_image_pixels, url_fetcher(config))
     model_context = min(config.max_model_len or checkpoint.context_length(model_config),
                         checkpoint.context_length(model_config))
-    route = Route(config, builder, resolver, pool, decoders, model_context)
+    formats = await asyncio.to_thread(lambda: FormatCompiler(builder.tokenizer))
+    route = Route(config, builder, resolver, pool, decoders, model_context, formats)
     model_name = config.model_name or ("tiny" if config.model == "tiny" else model_dir.name)
     servicer.service = ChatService(route, model_name, fingerprint)
     return GatewayRole(pool, decoders)
