@@ -32,8 +32,8 @@ import grpc
 import numpy as np
 import pytest
 import redis
-import redis.asyncio as aioredis
 import torch
+from grpc_health.v1 import health_pb2
 from redis.asyncio.cluster import RedisCluster
 
 from services.gateway.images import ImageFile
@@ -43,14 +43,12 @@ from services.vision.config import VisionConfig
 from services.vision.worker import VisionWorker
 from shared import encode_jobs
 from shared.checkpoint import vision_fingerprint
-from shared.embedding_cache import KEY_PREFIX, cache_key, encode_entry
-from shared.encode_jobs import EncodeJob
+from shared.embedding_cache import KEY_PREFIX, cache_key
 from shared.images import sha256_hex
 from shared.redis_client import Endpoint
 from tests.reference import chat_request
 from tests.support import (ROOT, LocalRedisCluster, RedisServer, Stack, assert_nothing_left, call_chat, child_env,
                            free_port, health_status, image_bytes, noise_image, pending_jobs, wait_until)
-from grpc_health.v1 import health_pb2
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_TOKENS = 4
