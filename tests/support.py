@@ -127,6 +127,9 @@ class LocalRedisCluster:
                    "--cluster-replicas", str(self.replicas_per_primary), "--cluster-yes"]
         subprocess.run(command, check=True, capture_output=True, timeout=60)
         self.wait_ok()
+        # A replica that never synced with its primary may not take over from it (its data is too old).
+        wait_until(lambda: all(self.node(port).info("replication").get("master_link_status", "up") == "up"
+                               for port in self.running()), 30, "replicas not in sync", interval_s=0.1)
         return self
 
     def start_node(self, port: int) -> None:

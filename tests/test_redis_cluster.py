@@ -198,8 +198,14 @@ def test_readiness_follows_the_cache_redis_and_the_jobs_redis_each(split_stack, 
         finally:
             server.start()   # the same port, empty
         wait_until(lambda: all_are(SERVING), 20, f"not every role SERVING again with {server.url}")
-    outcome = call_chat(split_stack.gateway, image_chat(new_image()), 60)
-    assert outcome.code == grpc.StatusCode.OK, outcome.details
+    # A connection a role held from before a restart fails once when next used: that request is UNAVAILABLE, fast.
+    image = new_image()
+
+    def answered():
+        outcome = call_chat(split_stack.gateway, image_chat(image), 60)
+        assert outcome.code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE) and outcome.seconds < 10, outcome
+        return outcome.code == grpc.StatusCode.OK
+    wait_until(answered, 30, "no request answered after both Redis came back", interval_s=0.2)
 
 
 async def _die_between_the_embedding_and_the_ack(jobs, cache) -> dict:
@@ -461,7 +467,7 @@ def test_the_primary_of_the_job_stream_killed_and_restarted_mid_load_loses_no_re
         wait_until(lambda: load.num_ok_since(0) >= 8, 60, "the load never got going")
         cluster.kill(victim)
         killed_at = len(load.outcomes)
-        wait_until(lambda: cluster.primaries() and victim != _safe_primary_of(cluster, encode_jobs.STREAM), 30,
+        wait_until(lambda: _safe_primary_of(cluster, encode_jobs.STREAM) not in (None, victim), 30,
                    "no replica took over the stream's slot")
         cluster.wait_ok()
         wait_until(lambda: load.num_ok_since(killed_at) >= 8, 60, "requests do not succeed after the failover")
@@ -483,6 +489,9 @@ def test_the_primary_of_the_job_stream_killed_and_restarted_mid_load_loses_no_re
             assert again.code == grpc.StatusCode.OK and again.token_ids == outcome.token_ids
     assert_nothing_left(cluster_stack, cluster_client, timeout_s=30)
     assert sum(outcome.code == grpc.StatusCode.OK for _, outcome in outcomes) >= 24
+    # The roles followed the slot to the promoted replica (their health watch saw the cluster's epoch move).
+    for name in ("gateway", "decoder0", *workers.names):
+        assert "refreshing its map of the slots" in cluster_stack.logs(name), name
 
 
 def _safe_primary_of(cluster: LocalRedisCluster, key: str) -> int | None:
