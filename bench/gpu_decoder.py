@@ -4,6 +4,7 @@ Both run the same weights (ours are converted from the transformers model) and t
 
     python -m bench.gpu_decoder                  # results in $OUT/decoder.json and on stderr
     python -m bench.gpu_decoder --engine-only    # our engine alone: $OUT/decoder_engine_only.json
+    python -m bench.gpu_decoder --engine-only --top-p 0.9   # the same sampling at temperature 0.8, top-p 0.9
 
 Decode rates are measured with the engine's asynchronous scheduling on (the default on CUDA) and off
 (`*_read_each_step_*`: the host reads each step's tokens before it launches the next), in the same run.
@@ -90,10 +91,15 @@ def convert(model) -> PixtralDecoder:
     return decoder_from_tensors(spec, text, projector, DEVICE)
 
 
+# every sequence's generation controls: greedy, or --top-p's sampling
+SAMPLING: dict[str, float] = {}
+
+
 def sequence(index: int, prompt, max_tokens: int, features: torch.Tensor) -> Sequence:
     ids, _ = prompt
     positions = torch.nonzero(torch.tensor(ids) == 10).flatten()
-    return Sequence(f"r{index}", list(ids), len(ids), SamplingParams(max_tokens), 100_000, index,
+    params = SamplingParams(max_tokens, **SAMPLING, seed=index)
+    return Sequence(f"r{index}", list(ids), len(ids), params, 100_000, index,
                     ImageInputs(features[:len(positions)], positions))
 
 
@@ -201,7 +207,12 @@ def main() -> None:
     parser.add_argument("--engine-only", action="store_true",
                         help="our engine alone on random weights, without transformers' anchors (a minute, not ten); "
                              "results in $OUT/decoder_engine_only.json")
+    parser.add_argument("--top-p", type=float, default=0.0,
+                        help="sample at temperature 0.8 with this top-p instead of greedy decoding (with "
+                             "--engine-only: results in $OUT/decoder_engine_only_top_p.json)")
     args = parser.parse_args()
+    if args.top_p:
+        SAMPLING.update(temperature=0.8, top_p=args.top_p)
     config = pixtral_12b_config()
     prompt_1024 = image_prompt(1024, 1024, seed=1)
     prompts_512 = [image_prompt(512, 512, seed=100 + i) for i in range(64)]
@@ -211,7 +222,7 @@ def main() -> None:
         model = random_decoder(TextModelSpec.from_config(config), DTYPE, DEVICE, seed=0)
         results.update(ours(model, prompt_1024, prompts_512, torch.randn(4096, 1024, device=DEVICE, dtype=DTYPE)))
         results.pop("greedy_1024")
-        save("decoder_engine_only", results)
+        save("decoder_engine_only_top_p" if args.top_p else "decoder_engine_only", results)
         return
     model = hf_model(config)
     try:

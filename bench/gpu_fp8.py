@@ -62,8 +62,12 @@ def engine_figures(model, config, prompt_1024, prompts_512, features, device, de
     results["kv_cache_gib"] = cache.num_bytes / GIB
     results["kv_cache_tokens"] = cache.num_blocks * cache.block_size
     results["kv_bytes_per_token"] = cache.num_bytes / results["kv_cache_tokens"]
-    results["fp8_skinny_rows"] = {f"{n}x{k}": rows for (n, k), rows in getattr(
-        engine.runner.ops, "fp8_skinny_rows", {}).items()}
+    # each FP8 weight's skinny kernel as measured at start-up: launches, rows up to which it beats W8A8, and the
+    # bandwidth it reads the weight at, by rows
+    results["fp8_skinny"] = {
+        f"{n}x{k}": {"max_rows": plan.max_rows, "launches": plan.launches,
+                     "tb_s": {rows: round(n * k / (ms * 1e9), 2) for rows, ms in plan.times_ms.items()}}
+        for (n, k), plan in getattr(engine.runner.ops, "fp8_skinny", {}).items()}
 
     def first_token(index=[0]):
         index[0] += 1

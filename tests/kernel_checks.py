@@ -390,6 +390,26 @@ def check_fp8_skinny_linear() -> None:
         from services.decoder.ops import TritonOps
         x = torch.randn(16, 64, device=DEVICE, dtype=torch.bfloat16)
         assert torch.equal(TritonOps().linear(x, weight), kernels.skinny_linear_fp8(x, weight.qweight, weight.scale))
+        import triton
+        # every launch the start-up measurement may choose computes the same product, at every row block
+        weight = fp8_weight(320, 1536)
+        for launch in kernels.SKINNY_FP8_LAUNCHES:
+            for rows in (1, 16, 32, 64):
+                x = torch.randn(rows, 1536, device=DEVICE, dtype=torch.bfloat16)
+                try:
+                    out = kernels.skinny_linear_fp8(x, weight.qweight, weight.scale, launch)
+                except triton.runtime.errors.OutOfResources:
+                    continue
+                error = relative_error(out, x.float() @ weight.dequantize().T)
+                assert error < DTYPES[-1][1], (launch, rows, error)
+        ops = TritonOps()
+        ops.choose_linear([weight])
+        plan = ops.fp8_skinny[(320, 1536)]
+        assert set(plan.launches) <= {16, 32, 64} and 16 in plan.launches and plan.max_rows >= 16, plan
+        for rows in (1, 16, plan.max_rows):
+            x = torch.randn(rows, 1536, device=DEVICE, dtype=torch.bfloat16)
+            assert torch.equal(ops.linear(x, weight),
+                               kernels.skinny_linear_fp8(x, weight.qweight, weight.scale, plan.launch_for(rows)))
 
 
 def check_fp8_quantize_rows() -> None:
@@ -435,10 +455,10 @@ def check_fp8_wide_linear() -> None:
         return
     x = torch.randn(40, 256, device=DEVICE, dtype=torch.bfloat16)
     weight = fp8_weight(192, 256)
-    codes, scales = kernels.quantize_rows(x)
-    exact = (codes.float() * scales) @ weight.dequantize().T
     from shared.cuda_graphs import capture
     for matmul in ("scaled_mm", "triton"):
+        codes, scales = kernels.quantize_rows(x)   # of this x: the replay below gives it new values
+        exact = (codes.float() * scales) @ weight.dequantize().T
         out = fp8.w8a8_linear(x, weight, matmul)
         assert out.dtype == torch.bfloat16 and relative_error(out, exact) < 2e-2, (matmul, relative_error(out, exact))
         graph, captured = capture(lambda: fp8.w8a8_linear(x, weight, matmul))   # new inputs, one replay
@@ -601,11 +621,28 @@ def check_fp8_cuda_graph_decode_matches_eager() -> None:
     assert outputs[0] == outputs[1], outputs
 
 
+def check_gumbel_noise() -> None:
+    """The sampler's one-kernel noise is top_k_top_p's: of given token ids per row, of one shared row of ids and of
+    the whole vocabulary, for seeds past 32 bits (the logarithms may round a last bit apart)."""
+    from services.decoder import sampling_kernels, top_k_top_p
+    seed = torch.tensor([0, 4, 7919, (1 << 62) + 12345, (1 << 40) + 3])
+    step = torch.tensor([0, 12, 3, 1 << 20, 7])
+    ids = torch.randint(0, 1 << 17, (5, 300))
+    cases = [(ids, top_k_top_p.gumbel_at(seed, step, ids)),
+             (ids[:1], top_k_top_p.gumbel_at(seed, step, ids[:1])),
+             (None, top_k_top_p.gumbel_at(seed, step, torch.arange(1 << 17)[None, :]))]
+    for token_ids, expected in cases:
+        got = sampling_kernels.gumbel_at(seed.to(DEVICE), step.to(DEVICE),
+                                         None if token_ids is None else token_ids.to(DEVICE), 1 << 17)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(cases[2][1]).all()
+
+
 CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attention, check_silu_and_mul, check_linear,
           check_fused_engine_matches_reference_engine, check_cuda_graph_decode_matches_eager,
           check_rotate_heads, check_paired_matmuls, check_fused_vision_tower_matches_reference,
           check_prefill_chunk_attention_matches_a_mask, check_image_row_staging_keeps_rows_in_flight,
-          check_vision_graphs_match_eager]
+          check_vision_graphs_match_eager, check_gumbel_noise]
 # Run by tests/test_fp8.py; `python -m tests.kernel_checks all` runs both lists
 FP8_CHECKS = [check_fp8_skinny_linear, check_fp8_quantize_rows, check_fp8_wide_linear, check_fp8_kv_cache_write,
               check_fp8_paged_decode_attention, check_fp8_attention_backend, check_fp8_cuda_graph_decode_matches_eager]

@@ -6,6 +6,8 @@ which at start-up. Capturable in CUDA graphs; run under TRITON_INTERPRET=1 on th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -20,8 +22,12 @@ SKINNY_FP8_MAX_ROWS = 64
 # (output columns a program computes, reduction step of bf16 (halved for float32: the same shared memory), warps,
 # pipeline stages): bench/gpu_profile.py's sweep on an H200
 SKINNY_LAUNCH = (64, 256, 4, 4)
-# The same for e4m3 weights (the reduction step is that of bf16 rows): a first choice, to be swept like the above
+# The same for e4m3 weights, where no start-up measurement chose one (fp8_skinny_plan)
 SKINNY_FP8_LAUNCH = (64, 256, 4, 4)
+# What fp8_skinny_plan tries: an e4m3 tile is half a bf16 one's bytes, so the weights need more programs (narrower
+# column blocks) or longer reduction steps than bf16's to keep as many bytes in flight
+SKINNY_FP8_LAUNCHES = ((64, 256, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3),
+                       (16, 512, 2, 4), (32, 512, 8, 3))
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -72,13 +78,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _skinny(x, weight, None, SKINNY_LAUNCH)
 
 
-def skinny_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def skinny_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                      launch: tuple | None = None) -> torch.Tensor:
     """x [T, K] (T <= SKINNY_FP8_MAX_ROWS) @ (qweight [N, K] e4m3 * scale [N, 1]).T -> [T, N] in x's dtype: each weight
     element read once, in e4m3, upcast in the kernel, accumulated in float32, the per-channel scale applied to
     the output."""
     if x.shape[0] > SKINNY_FP8_MAX_ROWS:
         raise ValueError(f"skinny_linear_fp8 takes at most {SKINNY_FP8_MAX_ROWS} rows, got {x.shape[0]}")
-    return _skinny(x.contiguous(), qweight, scale, SKINNY_FP8_LAUNCH)
+    return _skinny(x.contiguous(), qweight, scale, launch or SKINNY_FP8_LAUNCH)
 
 
 def faster_on_skinny(weights: list[torch.Tensor]) -> set[tuple[int, int]]:
@@ -97,15 +104,46 @@ def faster_on_skinny(weights: list[torch.Tensor]) -> set[tuple[int, int]]:
     return faster
 
 
-def fp8_skinny_rows(weight, dtype: torch.dtype) -> int:
-    """The most rows (SKINNY_MAX_ROWS, then doubling up to SKINNY_FP8_MAX_ROWS) for which skinny_linear_fp8 over this
-    e4m3 weight (an fp8.Fp8Weight) runs at least as fast as W8A8 on this GPU."""
+@dataclass(frozen=True, slots=True)
+class Fp8SkinnyPlan:
+    """How one e4m3 weight's matmuls of few rows run: on skinny_linear_fp8 up to `max_rows` rows (W8A8 above),
+    with the launch measured fastest for the kernel's row block (16, 32 or 64 rows)."""
+
+    max_rows: int
+    launches: dict[int, tuple]   # the kernel's row block -> launch
+    times_ms: dict[int, float]   # rows (1, 16, 32, 64) -> GPU ms of one matmul with the chosen launch
+
+    def launch_for(self, num_rows: int) -> tuple:
+        return self.launches.get(max(16, triton.next_power_of_2(num_rows)))
+
+
+def _time_or_none(fn) -> float | None:
+    """graph_time of fn, or None where the launch does not fit the GPU (shared memory, registers)."""
+    try:
+        fn()   # compiles outside the graph: a launch too big for the chip fails here
+    except triton.runtime.errors.OutOfResources:
+        return None
+    return graph_time(fn)
+
+
+def fp8_skinny_plan(weight, dtype: torch.dtype) -> Fp8SkinnyPlan:
+    """The fastest of SKINNY_FP8_LAUNCHES for each row block of skinny_linear_fp8 over this e4m3 weight (an
+    fp8.Fp8Weight; timed at 1 and 16 rows, then 32 and 64), and the most rows (SKINNY_MAX_ROWS, then doubling up to
+    SKINNY_FP8_MAX_ROWS) for which it runs at least as fast as W8A8 on this GPU."""
     from services.decoder.fp8 import w8a8_linear
+    launches, best_times, times_ms = {}, {}, {}
+    for block_rows, timed_rows in ((16, (1, 16)), (32, (32,)), (64, (64,))):
+        inputs = [torch.zeros(rows, weight.shape[1], dtype=dtype, device=weight.device) for rows in timed_rows]
+        for launch in SKINNY_FP8_LAUNCHES:
+            times = [_time_or_none(lambda: skinny_linear_fp8(x, weight.qweight, weight.scale, launch))
+                     for x in inputs]
+            if None not in times and sum(times) < best_times.get(block_rows, float("inf")):
+                launches[block_rows], best_times[block_rows] = launch, sum(times)
+                times_ms.update(zip(timed_rows, times))
     rows = SKINNY_MAX_ROWS
-    while rows * 2 <= SKINNY_FP8_MAX_ROWS:
+    while rows * 2 <= SKINNY_FP8_MAX_ROWS and rows * 2 in launches:
         x = torch.zeros(rows * 2, weight.shape[1], dtype=dtype, device=weight.device)
-        ours = graph_time(lambda: skinny_linear_fp8(x, weight.qweight, weight.scale))
-        if ours > graph_time(lambda: w8a8_linear(x, weight)):
+        if best_times[rows * 2] > graph_time(lambda: w8a8_linear(x, weight)):
             break
         rows *= 2
-    return rows
+    return Fp8SkinnyPlan(rows, launches, times_ms)

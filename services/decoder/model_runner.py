@@ -94,6 +94,9 @@ class ModelRunner:
                                     self.model.lm_head.weight])
             log.info("weight matmuls of up to %d rows on the Triton kernel for weights %s, cuBLAS for the others",
                      SKINNY_MAX_ROWS, sorted(self.ops.skinny_shapes))
+            for shape, plan in self.ops.fp8_skinny.items():
+                log.info("FP8 weight %s: the skinny kernel up to %d rows (launches %s), W8A8 above", shape,
+                         plan.max_rows, plan.launches)
         num_tokens = min(num_tokens, self.cache.num_blocks * self.cache.block_size)
         meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, device=self.device),
                                  prefills=[PrefillSpan(0, num_tokens, num_tokens,

@@ -87,12 +87,12 @@ class TritonOps:
         self.rotary_and_cache = kernels.rotary_and_cache
         self.silu_and_mul = shared_kernels.silu_and_mul
         self.skinny_shapes: set[tuple[int, int]] | None = None   # None: every weight (until choose_linear)
-        # FP8 weights: rows up to which the skinny kernel beats W8A8, by weight shape (choose_linear)
-        self.fp8_skinny_rows: dict[tuple[int, int], int] = {}
+        # FP8 weights: the skinny kernel's launches and the rows up to which it beats W8A8, by shape (choose_linear)
+        self.fp8_skinny: dict[tuple[int, int], object] = {}
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
         if isinstance(weight, Fp8Weight):
-            return fp8_linear(x, weight, self.fp8_skinny_rows.get(tuple(weight.shape)))
+            return fp8_linear(x, weight, self.fp8_skinny.get(tuple(weight.shape)))
         if self.skinny_shapes is None or tuple(weight.shape) in self.skinny_shapes:
             return self.kernels.skinny_linear(x, weight)   # cuBLAS itself past SKINNY_MAX_ROWS rows
         return F.linear(x, weight)
@@ -105,5 +105,5 @@ class TritonOps:
         self.skinny_shapes = self.kernels.faster_on_skinny(plain)
         dtype = plain[0].dtype if plain else torch.bfloat16   # the activations': the LM head's (never FP8)
         for weight in weights:
-            if isinstance(weight, Fp8Weight):
-                self.fp8_skinny_rows[tuple(weight.shape)] = self.kernels.fp8_skinny_rows(weight, dtype)
+            if isinstance(weight, Fp8Weight) and tuple(weight.shape) not in self.fp8_skinny:
+                self.fp8_skinny[tuple(weight.shape)] = self.kernels.fp8_skinny_plan(weight, dtype)

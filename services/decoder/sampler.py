@@ -11,8 +11,9 @@ The order follows vLLM's sampler:
      not depend on which other requests share its batch, nor on preemption and recomputation.
 
 Top-k and top-p need no sort of the vocabulary (top_k_top_p.py). Its fallback over the whole vocabulary runs on the
-CPU only for the rows that need it; on an accelerator for every row that may need it, since asking which would
-wait for the device.
+CPU only for the rows that need it (a radix select); on an accelerator for every row that may need it, since
+asking which would wait for the device, as one stable sort: there each tensor operation is a kernel launch, and
+the host's time to launch them, not the device's, is what sampling costs.
 """
 
 from __future__ import annotations

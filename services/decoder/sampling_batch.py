@@ -93,28 +93,33 @@ class SamplingBatch:
         filtered = [i for i, f in enumerate(is_filtered) if f]
         max_top_k = max((top_k[i] for i in filtered), default=0)
 
-        def tensor(values, dtype):
-            return to_device(torch.tensor(values, dtype=dtype), device)
-
-        def row_indices(indices):
-            return tensor(indices, torch.int64) if indices else None
-
+        # one copy to the device per dtype (each copy costs a launch), rows of it viewed as the fields
+        ints = to_device(torch.tensor([
+            [p.seed & 0x7FFFFFFFFFFFFFFF for p in params],
+            [len(row.output_token_ids) for row in rows],
+            top_k,
+            [top_p_mass(p.top_p) for p in params],
+        ], dtype=torch.int64), device)
+        floats = to_device(torch.tensor([
+            [1.0 if g else p.temperature for g, p in zip(is_greedy, params)],
+            [math.log(p.min_p) if p.min_p > 0 and not g else -math.inf for g, p in zip(is_greedy, params)],
+        ], dtype=torch.float32), device)
+        row_ids = to_device(torch.tensor(plain + filtered, dtype=torch.int64), device)
         return SamplingBatch(
             vocab_size=vocab_size,
-            temperature=tensor([1.0 if g else p.temperature for g, p in zip(is_greedy, params)], torch.float32),
-            seed=tensor([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
-            step=tensor([len(row.output_token_ids) for row in rows], torch.int64),
-            top_k=tensor(top_k, torch.int64),
-            top_p_mass=tensor([top_p_mass(p.top_p) for p in params], torch.int64),
-            log_min_p=tensor([math.log(p.min_p) if p.min_p > 0 and not g else -math.inf
-                              for g, p in zip(is_greedy, params)], torch.float32),
+            temperature=floats[0],
+            seed=ints[0],
+            step=ints[1],
+            top_k=ints[2],
+            top_p_mass=ints[3],
+            log_min_p=floats[1],
             banned=_banned_tokens(rows, vocab_size, eos_token_id, device),
             bias=_biases(params, vocab_size, device),
             repetition=_repetitions(rows, vocab_size, device),
             counted=_output_counts(rows, vocab_size, device),
             num_greedy=sum(is_greedy),
-            plain_rows=row_indices(plain),
-            filtered_rows=row_indices(filtered),
+            plain_rows=row_ids[:len(plain)] if plain else None,
+            filtered_rows=row_ids[len(plain):] if filtered else None,
             num_rows=len(rows),
             num_plain=len(plain),
             num_filtered=len(filtered),

@@ -1,8 +1,10 @@
-"""Top-k and top-p without sorting the vocabulary, and the Gumbel noise every sampled row draws with.
+"""Top-k and top-p, sorting the vocabulary only where that is the cheaper way, and the Gumbel noise every sampled row
+draws with.
 
 The best `num_candidates` tokens come from `topk`, and top-k and top-p are applied there whenever the kept set
 provably ends inside them. Where it does not (top-p over a flat distribution, or a tie group that runs past the
-candidates), the kept set's boundary is found by a radix select over the whole vocabulary. Ties are ordered by
+candidates), the kept set's boundary is found over the whole vocabulary: by a radix select on the CPU, where a
+sort is slow, and by one stable sort on CUDA, where fewer operations to launch matter more. Ties are ordered by
 value, then by the smaller token id, and top-p compares masses in 60-bit fixed point (integer sums, so the same in
 any order): the kept set is exactly a stable sort's prefix, whichever path finds it.
 """
@@ -29,6 +31,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_at(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """[R, N] float32 Gumbel(0, 1) noise of the [R, N] (or [1, N]) `token_ids`, a deterministic function of
     (seed, step, token id): the same value for a token whichever other tokens it is drawn with."""
+    if seed.is_cuda:
+        from services.decoder import sampling_kernels
+        return sampling_kernels.gumbel_at(seed, step, token_ids)
     row = _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))
     row = _mix32(row ^ _mix32(step & _MASK32))
     bits = _mix32(row[:, None] ^ token_ids)
@@ -40,6 +45,9 @@ def gumbel_at(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -
 
 def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] float32 noise of every token."""
+    if seed.is_cuda:
+        from services.decoder import sampling_kernels
+        return sampling_kernels.gumbel_at(seed, step, None, vocab_size)
     return gumbel_at(seed, step, torch.arange(vocab_size, dtype=torch.int64, device=seed.device)[None, :])
 
 
@@ -150,6 +158,21 @@ def vocabulary_kept(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tens
     return kept_by_top_p if kept is None else kept & kept_by_top_p
 
 
+def sample_sorted(x: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, top_k: torch.Tensor,
+                  top_p_mass: torch.Tensor) -> torch.Tensor:
+    """[R] tokens drawn from what top-k and then top-p keep of the whole vocabulary, found through one stable sort
+    (ties: the smaller id first) instead of vocabulary_kept's radix select: the same kept set in a handful of
+    operations, where each operation costs a kernel launch and sorting is the device's fast path."""
+    vocab_size = x.shape[1]
+    values, token_ids = x.sort(dim=1, descending=True, stable=True)
+    in_top_k = torch.arange(vocab_size, device=x.device)[None, :] < torch.where(top_k > 0, top_k, vocab_size)[:, None]
+    weights = (values - values[:, :1]).exp() * in_top_k
+    masses = (weights / weights.sum(1, keepdim=True) * float(MASS_ONE)).to(torch.int64)
+    kept = (masses.cumsum(1) - masses < top_p_mass[:, None]) & in_top_k
+    scores = (values + gumbel_at(seed, step, token_ids)).masked_fill_(~kept, -math.inf)
+    return token_ids.gather(1, scores.argmax(1, keepdim=True))[:, 0]
+
+
 def kept_mask(x: torch.Tensor, top_k: torch.Tensor, top_p_mass: torch.Tensor, num_candidates: int) -> torch.Tensor:
     """[R, V] bool: what each row keeps, the candidates deciding where they are exact, else the vocabulary (the
     sampler's two paths, gathered in one mask)."""
@@ -173,9 +196,7 @@ def sample_filtered(x: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, top
         if rows.numel() == 0:
             return tokens
         x, seed, step, top_k, top_p_mass = (t.index_select(0, rows) for t in (x, seed, step, top_k, top_p_mass))
-    kept = vocabulary_kept(x, top_k, top_p_mass, some_with_top_k=some_with_top_k)
-    scores = (x + gumbel_noise(seed, step, x.shape[1])).masked_fill_(~kept, -math.inf)
-    from_vocabulary = scores.argmax(1)
-    if decide_on_host:
-        return tokens.index_copy_(0, rows, from_vocabulary)
-    return torch.where(candidates.is_exact, tokens, from_vocabulary)
+        kept = vocabulary_kept(x, top_k, top_p_mass, some_with_top_k=some_with_top_k)
+        scores = (x + gumbel_noise(seed, step, x.shape[1])).masked_fill_(~kept, -math.inf)
+        return tokens.index_copy_(0, rows, scores.argmax(1))
+    return torch.where(candidates.is_exact, tokens, sample_sorted(x, seed, step, top_k, top_p_mass))
