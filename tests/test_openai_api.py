@@ -8,7 +8,8 @@ the multi-process stack:
 - the bearer token is refused as on gRPC, before the body is read; /health is open;
 - a client that leaves, mid-stream or waiting for a whole answer, frees its decoder slot at once; an error after
   the stream started is its last event; a draining gateway finishes its streams and refuses new calls;
-- pixtral-serve prints the API's URL after `ready`; calls are counted by route and status.
+- pixtral-serve prints the API's URL after `ready`; calls are counted by route and status; the load generator
+  drives both APIs alike.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import socket
 import ssl
 import threading
 
+import bench.common
 import grpc
 import httpx
 import openai
 import pytest
 
+from bench import load
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.config import GatewayConfig
 from shared import encode_jobs
@@ -686,3 +689,19 @@ def test_http_calls_are_counted_by_route_and_status(http_stack):
     for (route, status), before in counts.items():
         wait_until(lambda route=route, status=status, before=before: http_requests(http_stack, route, status)
                    == before + 1, 10, f"{route} {status} counted")
+
+
+def test_the_load_generator_drives_grpc_and_http_alike(http_stack, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench.common, "OUT", tmp_path)
+    assert load.main(["--warmup", "0", "--name", "test", "--gateway", http_stack.gateway, "--http",
+                      f"{http_stack.http}/v1", "--protocol", "both", "--requests", "6", "--concurrency", "2",
+                      "--images", "1", "--image-sizes", "32x32", "--max-tokens", "3", "--temperature", "0"]) == 0
+    results = json.loads((tmp_path / "load-test.json").read_text())
+    tokens = {}
+    for protocol in ("grpc", "http"):
+        run = results[protocol]
+        assert (run["requests"], run["ok"], run["errors"]) == (6, 6, {}), run
+        assert run["images_per_s"] == run["requests_per_s"] and run["ttft_p50_ms"] > 0
+        assert run["cache_hit_ratio"] == 0.0   # every image new, to each protocol's run
+        tokens[protocol] = round(run["tokens_per_s"] * run["wall_s"])
+    assert tokens["grpc"] == tokens["http"] and 6 <= tokens["http"] <= 18   # the same greedy chats
