@@ -155,27 +155,27 @@ def create_app(service: ChatService, is_ready: Callable[[], Awaitable[bool]]) ->
         log.error("unexpected error answering %s", request_id_var.get(), exc_info=error)
         return HttpError(500, "internal error", code="internal")
 
-    def error_response(error: HttpError) -> JSONResponse:
-        request_id = request_id_var.get()
-        return JSONResponse(error.body(), status_code=error.status,
-                            headers={REQUEST_ID_HEADER: request_id} if request_id else None)
+    def error_response(request: Request, error: HttpError) -> JSONResponse:
+        # Refused before a route named the request (its body did not validate): the caller's id or a new one.
+        request_id = request_id_var.get() or request_id_of(request)
+        return JSONResponse(error.body(), status_code=error.status, headers={REQUEST_ID_HEADER: request_id})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(from_validation(error.errors()))
+        return error_response(request, from_validation(error.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
-        return error_response(HttpError(error.status_code, str(error.detail), code="not_found"
-                                        if error.status_code == 404 else None))
+        return error_response(request, HttpError(error.status_code, str(error.detail), code="not_found"
+                                                 if error.status_code == 404 else None))
 
     @app.exception_handler(HttpError)
     async def _refused(request: Request, error: HttpError) -> JSONResponse:
-        return error_response(error)
+        return error_response(request, error)
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, error: ServiceError) -> JSONResponse:
-        return error_response(fail(error))
+        return error_response(request, fail(error))
 
     def check_model(model: str | None) -> None:
         if model is not None and model != service.model_name:
