@@ -439,7 +439,9 @@ def test_pydantic_errors_name_their_param(http_stack):
          "one output format at most; response_format gives one already"),
     ]
     for body, param, fragment in cases:
-        assert_error(post(url, body), 400, param, fragment)
+        response = post(url, body)
+        assert_error(response, 400, param, fragment)
+        assert response.headers["x-request-id"]
     for content, fragment in ((b"{not json", "the body is not valid JSON"), (b"[1, 2]", "the body: ")):
         response = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
         assert_error(response, 400, None, fragment)
@@ -705,3 +707,4 @@ def test_the_load_generator_drives_grpc_and_http_alike(http_stack, monkeypatch, 
         assert run["cache_hit_ratio"] == 0.0   # every image new, to each protocol's run
         tokens[protocol] = round(run["tokens_per_s"] * run["wall_s"])
     assert tokens["grpc"] == tokens["http"] and 6 <= tokens["http"] <= 18   # the same greedy chats
+
