@@ -43,15 +43,15 @@ def mistral_messages(turns: Sequence[ChatTurn], image_chunk: ImageChunker | None
     for index, turn in enumerate(turns):
         where = f"messages[{index}]"
         if turn.role not in ROLES:
-            raise ChatFormatError(f"{where}.role: must be one of {', '.join(ROLES)}, not {turn.role!r}")
+            raise ChatFormatError(f"{where}.role", f"must be one of {', '.join(ROLES)}, not {turn.role!r}")
         if turn.role != "user":
             for part_index, part in enumerate(turn.content):
                 if not isinstance(part, str):
-                    raise ChatFormatError(f"{where}.content[{part_index}]: only user messages may hold images")
+                    raise ChatFormatError(f"{where}.content[{part_index}]", "only user messages may hold images")
         if turn.tool_calls and turn.role != "assistant":
-            raise ChatFormatError(f"{where}.tool_calls: only assistant messages make tool calls")
+            raise ChatFormatError(f"{where}.tool_calls", "only assistant messages make tool calls")
         if turn.is_prefix and (turn.role != "assistant" or index != len(turns) - 1):
-            raise ChatFormatError(f"{where}.prefix: only the last message, an assistant one, can be continued")
+            raise ChatFormatError(f"{where}.prefix", "only the last message, an assistant one, can be continued")
         texts = [TextChunk(text=part) for part in turn.content if isinstance(part, str) and part]
         if turn.role == "system":
             messages.append(SystemMessage(content=texts))
@@ -59,7 +59,7 @@ def mistral_messages(turns: Sequence[ChatTurn], image_chunk: ImageChunker | None
             messages.append(UserMessage(content=_user_content(turn.content, image_chunk, where)))
         elif turn.role == "tool":
             if not turn.tool_call_id:
-                raise ChatFormatError(f"{where}.tool_call_id: a tool message answers a call id")
+                raise ChatFormatError(f"{where}.tool_call_id", "a tool message answers a call id")
             messages.append(ToolMessage(content=texts, tool_call_id=prompt_tool_call_id(turn.tool_call_id)))
         else:
             messages.append(_assistant_message(turn, texts, where))
@@ -73,7 +73,7 @@ def _user_content(parts: Sequence[Any], image_chunk: ImageChunker | None, where:
             if part:
                 content.append(TextChunk(text=part))
         elif image_chunk is None:
-            raise ChatFormatError(f"{where}.content[{part_index}]: images are not accepted here")
+            raise ChatFormatError(f"{where}.content[{part_index}]", "images are not accepted here")
         else:
             content.append(image_chunk(part))
     return content
@@ -82,16 +82,16 @@ def _user_content(parts: Sequence[Any], image_chunk: ImageChunker | None, where:
 def _assistant_message(turn: ChatTurn, texts: list[TextChunk], where: str) -> AssistantMessage:
     if turn.tool_calls:
         if turn.is_prefix:
-            raise ChatFormatError(f"{where}.prefix: an answer to continue is text, not tool calls")
+            raise ChatFormatError(f"{where}.prefix", "an answer to continue is text, not tool calls")
         calls = []
         for call_index, call in enumerate(turn.tool_calls):
             if not isinstance(call.arguments, dict):
-                raise ChatFormatError(f"{where}.tool_calls[{call_index}].arguments: must be a JSON object")
+                raise ChatFormatError(f"{where}.tool_calls[{call_index}].arguments", "must be a JSON object")
             calls.append(MistralToolCall(id=prompt_tool_call_id(call.id), function=FunctionCall(
                 name=call.name, arguments=json.dumps(call.arguments, ensure_ascii=False))))
         return AssistantMessage(content=None, tool_calls=calls)
     if not any(chunk.text.strip() for chunk in texts):
-        raise ChatFormatError(f"{where}.content: an assistant message needs text or tool calls")
+        raise ChatFormatError(f"{where}.content", "an assistant message needs text or tool calls")
     return AssistantMessage(content=texts, prefix=turn.is_prefix)
 
 

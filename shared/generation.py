@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.sampling import SamplingParams
+from shared.structured_output import ResponseFormat
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,19 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     images: list[ImageRef]     # in the order of their [IMG] runs in the prompt
     sampling: SamplingParams
+    n: int = 1                 # completions, sharing the prompt's KV blocks
+    seeds: tuple[int, ...] = ()   # one per completion; empty: sampling.seed for each
+    format: ResponseFormat | None = None   # what the output must be (a grammar masks every token)
+
+
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """A generated token's log-probability under the model's distribution, and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: tuple[int, ...] = ()   # most likely first
+    top_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

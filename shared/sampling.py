@@ -39,6 +39,12 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
 
     @property
+    def has_controls(self) -> bool:
+        """Anything beyond temperature and the filters: penalties, biases, a minimum length, logprobs."""
+        return (self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0 or self.logprobs
+                or self.top_logprobs > 0)
+
+    @property
     def needs_filter(self) -> bool:
         """top-k, top-p or min-p remove tokens (only where the row samples)."""
         return not self.is_greedy and (self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0.0)

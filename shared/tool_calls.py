@@ -45,7 +45,12 @@ PLAIN_TEXT = ResponseFormat("regex", r"[\s\S]*")
 
 
 class ChatFormatError(ValueError):
-    """Tools, tool_choice or messages this tokenizer cannot take; the message names the field."""
+    """Tools, tool_choice or messages this tokenizer cannot take: `field` names the field, `problem` says how."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +75,7 @@ class ToolSetup:
         if requested is None:
             return self.response_format
         if self.response_format is not None and self.response_format.kind == "tool_calls":
-            raise ChatFormatError("response_format: cannot be combined with tool_choice required or a named function")
+            raise ChatFormatError("response_format", "cannot be combined with tool_choice required or a named function")
         return requested
 
 
@@ -81,11 +86,11 @@ def setup_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | Ma
     `strict` is not read: its parameters schema binds the arguments whenever a grammar writes the calls."""
     parsed = tuple(_parse_tool(tool, f"tools[{index}]") for index, tool in enumerate(tools or ()))
     if len(parsed) > MAX_TOOLS:
-        raise ChatFormatError(f"tools: {len(parsed)} tools, over the limit of {MAX_TOOLS}")
+        raise ChatFormatError("tools", f"{len(parsed)} tools, over the limit of {MAX_TOOLS}")
     names = [tool.function.name for tool in parsed]
     for index, name in enumerate(names):
         if name in names[:index]:
-            raise ChatFormatError(f"tools[{index}].function.name: {name!r} is the name of an earlier tool too")
+            raise ChatFormatError(f"tools[{index}].function.name", f"{name!r} is the name of an earlier tool too")
     choice = _parse_tool_choice(tool_choice, names)
     if isinstance(choice, NamedToolChoice):
         named = [tool for tool in parsed if tool.function.name == choice.function.name]
@@ -103,31 +108,31 @@ def _calls_format(tools: Sequence[Tool], parallel_tool_calls: bool) -> ResponseF
     try:
         return tool_calls_format(tools, parallel_tool_calls)
     except FormatError as error:
-        raise ChatFormatError(f"tools: {error}") from None
+        raise ChatFormatError("tools", f"{error}") from None
 
 
 def _parse_tool(tool: Any, where: str) -> Tool:
     if not isinstance(tool, Mapping):
-        raise ChatFormatError(f"{where}: must be an object")
+        raise ChatFormatError(f"{where}", "must be an object")
     if tool.get("type", "function") != "function":
-        raise ChatFormatError(f"{where}.type: only function tools are supported, not {tool.get('type')!r}")
+        raise ChatFormatError(f"{where}.type", f"only function tools are supported, not {tool.get('type')!r}")
     function = tool.get("function")
     if not isinstance(function, Mapping):
-        raise ChatFormatError(f"{where}.function: must be an object")
+        raise ChatFormatError(f"{where}.function", "must be an object")
     name = function.get("name")
     if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
-        raise ChatFormatError(f"{where}.function.name: must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -")
+        raise ChatFormatError(f"{where}.function.name", "must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -")
     description = function.get("description") or ""
     if not isinstance(description, str):
-        raise ChatFormatError(f"{where}.function.description: must be a string")
+        raise ChatFormatError(f"{where}.function.description", "must be a string")
     parameters = function.get("parameters")
     parameters = {} if parameters is None else parameters
     if not isinstance(parameters, Mapping):
-        raise ChatFormatError(f"{where}.function.parameters: must be a JSON schema object")
+        raise ChatFormatError(f"{where}.function.parameters", "must be a JSON schema object")
     try:
         validate_json_schema_by_draft7(dict(parameters))
     except ValueError as error:
-        raise ChatFormatError(f"{where}.function.parameters: not a valid JSON schema: {error}") from None
+        raise ChatFormatError(f"{where}.function.parameters", f"not a valid JSON schema: {error}") from None
     return Tool(function=Function(name=name, description=description, parameters=dict(parameters)))
 
 
@@ -138,18 +143,18 @@ def _parse_tool_choice(tool_choice: str | Mapping[str, Any] | None, names: list[
         aliases = {"auto": ToolChoiceEnum.auto, "none": ToolChoiceEnum.none, "required": ToolChoiceEnum.required,
                    "any": ToolChoiceEnum.required}
         if tool_choice not in aliases:
-            raise ChatFormatError("tool_choice: must be auto, none, required or a named function, "
+            raise ChatFormatError("tool_choice", "must be auto, none, required or a named function, "
                                   f"not {tool_choice[:64]!r}")
         choice = aliases[tool_choice]
         if choice is ToolChoiceEnum.required and not names:
-            raise ChatFormatError("tool_choice: required needs tools")
+            raise ChatFormatError("tool_choice", "required needs tools")
         return choice
     function = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str):
-        raise ChatFormatError('tool_choice: a named choice is {"type": "function", "function": {"name": ...}}')
+        raise ChatFormatError('tool_choice', 'a named choice is {"type": "function", "function": {"name": ...}}')
     if name not in names:
-        raise ChatFormatError(f"tool_choice.function.name: {name[:64]!r} is not one of the tools")
+        raise ChatFormatError("tool_choice.function.name", f"{name[:64]!r} is not one of the tools")
     return NamedToolChoice(function=FunctionName(name=name))
 
 

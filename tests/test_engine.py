@@ -329,3 +329,53 @@ def test_a_launch_failing_while_a_step_is_in_flight_ends_both_and_leaves_the_eng
     assert health == [False, True] and engine.failures.is_healthy
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_constrained_sequence_follows_its_format_and_leaves_the_others_unchanged(model, overlap):
+    """A grammar's mask for each token is filled once the token before it is read, also when the step is queued
+    before that read (overlap): the constrained stream follows its format, the others keep their own tokens."""
+    import re
+
+    from shared.structured_output import FormatCompiler, ResponseFormat
+    from shared.tokenizer import load_tokenizer
+    pattern = r"[a-z]{3,12}( [a-z]{2,8}){2,4}\."
+    compiled = FormatCompiler(load_tokenizer()).compile(ResponseFormat("regex", pattern))
+    free = [make_request(80 + i, num_prompt=15 + 9 * i, num_images=i % 2, sampling=SAMPLINGS[i]) for i in range(3)]
+    alone = [run_alone(model, clone(seq)) for seq in free]
+    constrained = make_request(90, num_prompt=18, num_images=1, sampling=SamplingParams(60, temperature=1.0, seed=4))
+    constrained.constraint = compiled.matcher()
+    engine = make_engine(model, overlap=overlap)
+    collector = Collector()
+    for seq in [*free, constrained]:
+        engine.add(seq, collector.sink)
+    for _ in range(200):
+        engine.step()
+        if all(seq.is_finished for seq in [*free, constrained]) and engine.stats().num_running == 0:
+            break
+    for j, seq in enumerate(free):
+        assert collector.tokens(seq.request_id) == alone[j]
+    tokens = collector.tokens(constrained.request_id)
+    assert collector.finish_reason(constrained.request_id) is FinishReason.STOP and tokens[-1] == 2
+    assert re.fullmatch(pattern, load_tokenizer().decode(tokens)), load_tokenizer().decode(tokens)
+    assert (engine.stats().num_overlapped_steps > 0) == overlap
+
+
+def test_n_completions_wait_for_the_first_ones_prompt_and_share_its_blocks(model):
+    engine = make_engine(model)
+    collector = Collector()
+    first = make_request(95, num_prompt=70, num_images=0, sampling=SamplingParams(4, temperature=1.0, seed=1))
+    others = [clone(first) for _ in range(2)]
+    for index, seq in enumerate(others, start=1):
+        seq.request_id, seq.after, seq.choice_index = f"{first.request_id}.{index}", first, index
+        seq.sampling = SamplingParams(4, temperature=1.0, seed=1 + index)
+    for seq in (first, *others):
+        engine.add(seq, collector.sink)
+    engine.step()   # the first one's whole prompt; the others wait for it
+    assert first.is_prompt_computed and all(seq.num_computed_tokens == 0 for seq in others)
+    while not all(seq.is_finished for seq in (first, *others)):
+        engine.step()
+    assert first.num_cached_prompt_tokens == 0
+    assert all(seq.num_cached_prompt_tokens == 64 for seq in others)   # 4 full blocks of the 70-token prompt
+    alone = [run_alone(model, clone(seq)) for seq in others]
+    assert [collector.tokens(seq.request_id) for seq in others] == alone

@@ -7,7 +7,6 @@ import asyncio
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status

@@ -110,6 +110,8 @@ class BlockManager:
         seq.block_table = list(blocks)
         seq.num_cached_blocks = len(blocks)
         seq.num_computed_tokens = len(blocks) * self.block_size
+        if seq.num_output_tokens == 0:   # its first admission (a preempted sequence is admitted again)
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
         self.num_queried_tokens += seq.num_prompt_tokens
         self.num_hit_tokens += seq.num_computed_tokens
 

@@ -31,6 +31,7 @@ from services.decoder.model_runner import LaunchedStep, ModelRunner
 from services.decoder.scheduler import ScheduledBatch, Scheduler
 from services.decoder.sequence import FinishReason, Sequence
 from services.decoder.stats import EngineStats, StepCounters
+from shared.generation import Logprobs
 from shared.sampling import SamplingParams
 
 PROBE_PREFIX = "engine-probe#"
@@ -42,6 +43,8 @@ class EngineOutput:
     token_ids: list[int]                 # new tokens since the previous output
     finish_reason: FinishReason | None   # set on the last output of the request
     error: str = ""                      # with FinishReason.ERROR: what failed
+    logprobs: tuple[Logprobs, ...] = ()  # one per token, where the sequence asked for them
+    num_cached_prompt_tokens: int = 0    # on the last output: prompt tokens the prefix cache supplied
 
 
 Sink = Callable[[EngineOutput], None]
@@ -178,15 +181,16 @@ class Engine:
         else:
             self._read(launched)
 
-    def finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None,
-               error: str = "") -> None:
+    def finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None, error: str = "",
+               logprobs: tuple[Logprobs, ...] = ()) -> None:
         """Ends a sequence (if it has not ended yet) and sends its last output: the one way every request ends."""
         self.scheduler.finish(seq, reason)
         sink = self._sinks.pop(seq.request_id, None)
         if sink is None:
             return   # its last output went out already
         self.admission.release()
-        sink(EngineOutput(seq.request_id, token_ids or [], seq.finish_reason, error))
+        sink(EngineOutput(seq.request_id, token_ids or [], seq.finish_reason, error, logprobs,
+                          seq.num_cached_prompt_tokens))
 
     def _apply(self, item: tuple) -> None:
         kind, payload, sink = item
@@ -204,19 +208,32 @@ class Engine:
         """Reads a launched step's tokens and emits them; False if the step failed (`following`, queued after
         it, fails with it: its inputs are lost)."""
         try:
-            sampled = self.runner.collect(step)
+            sampled, logprobs = self.runner.collect(step)
         except Exception as error:  # noqa: BLE001
             self._fail([step.batch] + ([following.batch] if following is not None else []), error)
             return False
         self.failures.succeeded()
+        logprobs_of = {id(chunk.seq): entry for chunk, entry in zip(step.batch.chunks, logprobs) if entry}
         advanced = self.scheduler.postprocess(step.batch, sampled)
         for seq in advanced:
+            token, entry = seq.token_ids[-1], logprobs_of.get(id(seq))
+            entries = (entry,) if entry is not None else ()
+            if not seq.is_finished and seq.constraint is not None:
+                self._advance_format(seq, token)
             if seq.is_finished:
-                self.finish(seq, seq.finish_reason, seq.token_ids[-1:])
+                self.finish(seq, seq.finish_reason, [token], logprobs=entries)
             else:
-                self._sinks[seq.request_id](EngineOutput(seq.request_id, seq.token_ids[-1:], None))
+                self._sinks[seq.request_id](EngineOutput(seq.request_id, [token], None, logprobs=entries))
         self.counters.count(step.batch, len(advanced))
         return True
+
+    def _advance_format(self, seq: Sequence, token: int) -> None:
+        """The grammar of the sequence's format takes its new token: once the grammar is complete (it took the
+        end-of-sequence token) the sequence ends, even where it ignores the end-of-sequence token."""
+        if not seq.constraint.accept(token):   # the mask allowed it: only a broken grammar gets here
+            self.scheduler.finish(seq, FinishReason.ERROR)
+        elif seq.constraint.is_terminated:
+            self.scheduler.finish(seq, FinishReason.STOP)
 
     def _fail(self, batches: list[ScheduledBatch], error: Exception) -> None:
         # each sequence once; those that ended before (cancelled while the step ran) have had their last output

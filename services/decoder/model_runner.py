@@ -20,11 +20,13 @@ import torch
 from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PrefillSpan
 from services.decoder.model import PixtralDecoder
 from services.decoder.ops import TorchOps, TritonOps
-from services.decoder.sampler import SamplingBatch, sample
+from services.decoder.sampler import sample
+from services.decoder.sampling_batch import SampleOutput, SamplingBatch, SamplingRow
 from services.decoder.scheduler import ScheduledBatch, ScheduledChunk
 from services.decoder.sequence import PENDING_TOKEN
 from services.decoder.staging import ImageRowStaging, to_device
 from services.decoder.step_inputs import StepInputs
+from shared.generation import Logprobs
 from shared.sdpa import warm_up_cudnn
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,14 @@ class LaunchedStep:
     batch: ScheduledBatch
     sampling_chunks: list[ScheduledChunk]   # in the order of the logits' rows
     logits: torch.Tensor | None             # [rows, vocab] float32 on the device; None if no chunk samples
-    tokens: torch.Tensor | None = None      # [rows] int64 on the device, once sampled
-    host: torch.Tensor | None = None        # their copy on the host, filled asynchronously on CUDA
-    done: torch.cuda.Event | None = None    # recorded after that copy (CUDA)
+    sampled: SampleOutput | None = None     # once sampled: the tokens (and logprobs) on the device
+    host: list[torch.Tensor] | None = None  # their copies on the host, filled asynchronously on CUDA
+    done: torch.cuda.Event | None = None    # recorded after those copies (CUDA)
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """[rows] int64 on the device, once sampled."""
+        return None if self.sampled is None else self.sampled.token_ids
 
     def row_of(self) -> dict[int, int]:
         return {id(chunk.seq): row for row, chunk in enumerate(self.sampling_chunks)}
@@ -140,29 +147,62 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, step: LaunchedStep) -> None:
-        """Queues the sampling of a launched step and the copy of its tokens to the host."""
+        """Queues the sampling of a launched step (its grammars' masks filled from what they accepted so far) and
+        the copy of its tokens, and of their logprobs when asked, to the host."""
         if step.logits is None:
             return
-        params = [chunk.seq.sampling for chunk in step.sampling_chunks]
-        if all(p.is_greedy for p in params):
-            step.tokens = step.logits.argmax(dim=-1)   # no parameter tensors to build and copy
+        seqs = [chunk.seq for chunk in step.sampling_chunks]
+        if all(seq.sampling.is_greedy and seq.constraint is None and not seq.sampling.has_controls
+               for seq in seqs):
+            step.sampled = SampleOutput(step.logits.argmax(dim=-1), None, None, None)  # no parameters to copy
         else:
-            steps = [chunk.seq.num_output_tokens for chunk in step.sampling_chunks]
-            step.tokens = sample(step.logits, SamplingBatch.build(params, steps, self.device))
+            rows = [SamplingRow(seq.sampling, seq.token_ids[:seq.num_prompt_tokens]
+                                if seq.sampling.repetition_penalty != 1.0 else (), seq.output_token_ids)
+                    for seq in seqs]
+            batch = SamplingBatch.build(rows, self.model.spec.vocab_size, self.model.spec.eos_token_id,
+                                        self.device)
+            step.sampled = sample(step.logits, batch, self._allowed(seqs))
+        outputs = [t for t in (step.sampled.token_ids, step.sampled.logprobs, step.sampled.top_token_ids,
+                               step.sampled.top_logprobs) if t is not None]
         if self.device.type != "cuda":
-            step.host = step.tokens
+            step.host = outputs
             return
-        step.host = torch.empty(step.tokens.shape, dtype=step.tokens.dtype, pin_memory=True)
-        step.host.copy_(step.tokens, non_blocking=True)
+        step.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in outputs]
+        for host, tensor in zip(step.host, outputs):
+            host.copy_(tensor, non_blocking=True)
         step.done = torch.cuda.Event()
         step.done.record()
 
-    def collect(self, step: LaunchedStep) -> list[int | None]:
-        """Waits for the step and returns one token per chunk of its batch (None for chunks not sampling)."""
-        if step.tokens is None:
-            return [None] * len(step.batch.chunks)
+    def _allowed(self, seqs: list) -> torch.Tensor | None:
+        """The token bitmask of the rows with a grammar (rows without one allow every token), on the device."""
+        matchers = [seq.constraint for seq in seqs]
+        if all(matcher is None for matcher in matchers):
+            return None
+        from shared.structured_output import allocate_bitmask, fill_bitmasks   # only grammars need xgrammar
+        bitmask = allocate_bitmask(len(seqs))
+        fill_bitmasks(matchers, bitmask)
+        return to_device(bitmask, self.device)
+
+    def collect(self, step: LaunchedStep) -> tuple[list[int | None], list[Logprobs | None]]:
+        """Waits for the step -> one token per chunk of its batch (None for chunks not sampling), and the token's
+        logprobs where its sequence asked for them."""
+        if step.sampled is None:
+            return [None] * len(step.batch.chunks), [None] * len(step.batch.chunks)
         if step.done is not None:
             step.done.synchronize()   # waits without holding the GIL
+        tokens, *extra = (t.tolist() for t in step.host)
+        logprobs = [None] * len(tokens)
+        if extra:
+            chosen, *top = extra
+            top_ids, top_values = top if top else ([[]] * len(tokens), [[]] * len(tokens))
+            for row, chunk in enumerate(step.sampling_chunks):
+                wanted = chunk.seq.sampling
+                if wanted.logprobs or wanted.top_logprobs:
+                    count = wanted.top_logprobs
+                    logprobs[row] = Logprobs(tokens[row], chosen[row], tuple(top_ids[row][:count]),
+                                             tuple(top_values[row][:count]))
         # by sequence: a chunk's is_sampling no longer holds once a later step has continued its sequence
-        by_seq = dict(zip((id(chunk.seq) for chunk in step.sampling_chunks), step.host.tolist()))
-        return [by_seq.get(id(chunk.seq)) for chunk in step.batch.chunks]
+        by_seq = {id(chunk.seq): row for row, chunk in enumerate(step.sampling_chunks)}
+        rows = [by_seq.get(id(chunk.seq)) for chunk in step.batch.chunks]
+        return ([None if row is None else tokens[row] for row in rows],
+                [None if row is None else logprobs[row] for row in rows])

@@ -90,10 +90,15 @@ class Scheduler:
             batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
             index += 1
-        # Admit new sequences only when nothing had to be preempted: they would take the blocks just freed.
-        while (self.waiting and budget > 0 and not batch.preempted
+        # Admit new sequences only when nothing had to be preempted: they would take the blocks just freed. A
+        # completion of n > 1 waits for its first one's prompt (its blocks are then shared); the others pass it.
+        position = 0
+        while (position < len(self.waiting) and budget > 0 and not batch.preempted
                and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[position]
+            if seq.after is not None and not (seq.after.is_prompt_computed or seq.after.is_finished):
+                position += 1
+                continue
             blocks = self.block_manager
             shared = blocks.match_prefix(seq)   # leading blocks whose KV is cached already
             num_cached = len(shared) * blocks.block_size
@@ -101,7 +106,7 @@ class Scheduler:
             if blocks.blocks_for(num_cached + num_tokens) - len(shared) > (blocks.num_free_blocks
                                                                           - blocks.num_unused(shared)):
                 break
-            self.waiting.popleft()
+            del self.waiting[position]
             seq.status = SequenceStatus.RUNNING
             blocks.share_prefix(seq, shared)
             blocks.allocate(seq, num_tokens)

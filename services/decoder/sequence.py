@@ -23,7 +23,7 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"            # end-of-sequence token
+    STOP = "stop"            # end-of-sequence token, a stop token id, or the end of the output's format
     LENGTH = "length"        # max_tokens or the context length
     CANCELLED = "cancelled"  # the caller went away or the engine shut down
     ERROR = "error"          # the forward pass failed
@@ -42,6 +42,14 @@ class Sequence:
     # besides its tokens. A sequence with images but no spans is never shared through the prefix cache.
     image_spans: tuple[tuple[int, int, str], ...] = ()
     eos_token_id: int | None = None   # None: the model's, set by the engine when the sequence is added
+    # Opaque to the scheduler: the grammar matcher of the output's format (structured_output.FormatMatcher), which
+    # the engine advances by each token and the runner asks for the next token's mask.
+    constraint: Any = None
+    choice_index: int = 0           # which of its request's completions this is
+    # For a completion of n > 1: the first completion of its request, whose prompt this one waits for, to share
+    # its KV blocks through the prefix cache rather than compute them again.
+    after: Sequence | None = None
+    num_cached_prompt_tokens: int = 0   # prompt tokens whose KV came from the prefix cache at its admission
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0    # tokens whose KV entries are written
     block_table: list[int] = field(default_factory=list)
@@ -67,6 +75,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_prompt_computed(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
 
     @property
     def is_shareable(self) -> bool:

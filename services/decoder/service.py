@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import torch
 
@@ -16,6 +17,8 @@ from services.decoder.sequence import FinishReason, Sequence
 from services.decoder.step_inputs import ImageInputs
 from shared.errors import InvalidRequest, Unavailable
 from shared.generation import DecoderInfo, GenerateRequest, ImageRef
+from shared.sampling import MAX_TOP_LOGPROBS
+from shared.structured_output import FormatCompiler, FormatError
 
 
 class OutputRouter:
@@ -58,7 +61,8 @@ def image_spans(refs: list[ImageRef], images: ImageInputs | None) -> tuple[tuple
 
 class DecoderService:
     def __init__(self, engine: Engine, features: FeatureStore, spec: TextModelSpec, max_model_len: int,
-                 fingerprint: str, prefix_caching: bool) -> None:
+                 fingerprint: str, prefix_caching: bool, formats: FormatCompiler) -> None:
+        self.formats = formats   # compiles the output formats requests name (each once, cached)
         self.engine = engine
         self.features = features
         self.spec = spec
@@ -78,12 +82,12 @@ class DecoderService:
                            num_free_blocks=stats.num_free_blocks)
 
     def _validate(self, request: GenerateRequest) -> None:
-        ids = request.prompt_token_ids
+        ids, sampling = request.prompt_token_ids, request.sampling
         if not ids:
             raise InvalidRequest("prompt_token_ids", "empty")
         if max(ids) >= self.spec.vocab_size:
             raise InvalidRequest("prompt_token_ids", f"id {max(ids)} outside the vocabulary of {self.spec.vocab_size}")
-        max_tokens = request.sampling.max_tokens
+        max_tokens = sampling.max_tokens
         if max_tokens <= 0:
             raise InvalidRequest("sampling.max_tokens", f"must be > 0, got {max_tokens}")
         if len(ids) + max_tokens > self.max_model_len:
@@ -93,6 +97,16 @@ class DecoderService:
         num_rows = sum(image.num_rows for image in request.images)
         if num_image_tokens != num_rows:
             raise InvalidRequest("images", f"{num_rows} embedding rows for {num_image_tokens} [IMG] tokens")
+        if not 1 <= request.n <= self.engine.admission.max_num_seqs:
+            raise InvalidRequest("n", f"must be in [1, {self.engine.admission.max_num_seqs}], got {request.n}")
+        if request.seeds and len(request.seeds) != request.n:
+            raise InvalidRequest("seeds", f"{len(request.seeds)} seeds for {request.n} completions")
+        for name, token_ids in (("sampling.logit_bias", [token for token, _ in sampling.logit_bias]),
+                                ("sampling.stop_token_ids", sampling.stop_token_ids)):
+            if token_ids and max(token_ids) >= self.spec.vocab_size:
+                raise InvalidRequest(name, f"id {max(token_ids)} outside the vocabulary of {self.spec.vocab_size}")
+        if not 0 <= sampling.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest("sampling.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
 
     async def _image_inputs(self, request: GenerateRequest) -> ImageInputs | None:
         if not request.images:
@@ -103,40 +117,79 @@ class DecoderService:
         positions = torch.nonzero(ids == self.spec.image_token_id).flatten()
         return ImageInputs(features=features, positions=positions)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[EngineOutput]:
-        """Streams the engine's outputs; the last one has finish_reason. Cancelling the iteration aborts."""
-        self._validate(request)
-        # Admitted (or refused) before the image features are fetched: a flood must not cost their memory.
-        self.engine.reserve()
+    async def _format(self, request: GenerateRequest):
+        """The output's compiled format (compiled once per format text, off the event loop), or None."""
+        if request.format is None:
+            return None
         try:
+            return await asyncio.to_thread(self.formats.compile, request.format)
+        except FormatError as error:
+            raise InvalidRequest("format", str(error)) from None
+
+    def _sequences(self, request: GenerateRequest, images: ImageInputs | None, compiled) -> list[Sequence]:
+        """The request's n completions: each its own seed and grammar matcher; after the first, each waits for its
+        prompt to share its KV blocks (with the prefix cache)."""
+        arrival = next(self._arrivals)
+        seqs: list[Sequence] = []
+        for index in range(request.n):
+            seed = request.seeds[index] if request.seeds else request.sampling.seed
+            seqs.append(Sequence(
+                request_id=f"{request.request_id}#{arrival}.{index}", token_ids=list(request.prompt_token_ids),
+                num_prompt_tokens=len(request.prompt_token_ids), sampling=replace(request.sampling, seed=seed),
+                max_model_len=self.max_model_len, arrival=arrival, images=images,
+                image_spans=image_spans(request.images, images), eos_token_id=self.spec.eos_token_id,
+                constraint=compiled.matcher() if compiled is not None else None, choice_index=index,
+                after=seqs[0] if seqs and self.prefix_caching else None))
+        return seqs
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[tuple[int, EngineOutput]]:
+        """Streams (completion index, engine output); each completion's last output has finish_reason. Cancelling
+        the iteration aborts every completion."""
+        self._validate(request)
+        compiled = await self._format(request)
+        # Admitted (or refused) before the image features are fetched: a flood must not cost their memory.
+        num_reserved = 0
+        try:
+            for _ in range(request.n):
+                self.engine.reserve()
+                num_reserved += 1
             images = await self._image_inputs(request)
         except BaseException:
-            self.engine.release()
+            for _ in range(num_reserved):
+                self.engine.release()
             raise
-        arrival = next(self._arrivals)
-        seq = Sequence(request_id=f"{request.request_id}#{arrival}", token_ids=list(request.prompt_token_ids),
-                       num_prompt_tokens=len(request.prompt_token_ids), sampling=request.sampling,
-                       max_model_len=self.max_model_len, arrival=arrival, images=images,
-                       image_spans=image_spans(request.images, images), eos_token_id=self.spec.eos_token_id)
+        seqs = self._sequences(request, images, compiled)
+        index_of = {seq.request_id: seq.choice_index for seq in seqs}
         if self._router is None:
             self._router = OutputRouter(asyncio.get_running_loop())
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.engine.add(seq, self._router.sink(outputs), is_reserved=True)
-        finished = False
+        for seq in seqs:
+            self.engine.add(seq, self._router.sink(outputs), is_reserved=True)
+        unfinished = set(index_of)
         try:
-            while not finished:
-                output = await outputs.get()
-                if output.finish_reason is None and not outputs.empty():
-                    # the caller fell behind the engine: send what has piled up as one message
-                    token_ids = list(output.token_ids)
-                    while output.finish_reason is None and not outputs.empty():
-                        output = outputs.get_nowait()
-                        token_ids += output.token_ids
-                    output = EngineOutput(output.request_id, token_ids, output.finish_reason, output.error)
-                finished = output.finish_reason is not None
-                yield output
-                if output.finish_reason is FinishReason.ERROR:
-                    raise Unavailable(f"decoder failed during generation: {output.error}")
+            while unfinished:
+                for output in _coalesced(await outputs.get(), outputs):
+                    if output.finish_reason is not None:
+                        unfinished.discard(output.request_id)
+                    yield index_of[output.request_id], output
+                    if output.finish_reason is FinishReason.ERROR:
+                        raise Unavailable(f"decoder failed during generation: {output.error}")
         finally:
-            if not finished:
-                self.engine.abort(seq.request_id)
+            for request_id in unfinished:
+                self.engine.abort(request_id)
+
+
+def _coalesced(first: EngineOutput, queue: asyncio.Queue) -> list[EngineOutput]:
+    """The outputs that piled up while the caller was behind the engine, each completion's run of them merged into
+    one message (fewer messages: what a slow reader needs)."""
+    merged: list[EngineOutput] = [first]
+    while not queue.empty():
+        output = queue.get_nowait()
+        last = merged[-1]
+        if last.request_id == output.request_id and last.finish_reason is None:
+            merged[-1] = EngineOutput(output.request_id, last.token_ids + output.token_ids, output.finish_reason,
+                                      output.error, last.logprobs + output.logprobs,
+                                      output.num_cached_prompt_tokens)
+        else:
+            merged.append(output)
+    return merged

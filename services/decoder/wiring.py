@@ -13,6 +13,9 @@ from services.decoder.features import FeatureStore
 from services.decoder.server import DecoderServicer
 from services.decoder.service import DecoderService
 from shared.role import RoleBody, RoleContext
+from shared.structured_output import FormatCompiler
+from shared.tiny import resolve_model
+from shared.tokenizer import load_tokenizer, tokenizer_file
 
 
 class DecoderRole(RoleBody):
@@ -41,6 +44,8 @@ async def build(servicer: DecoderServicer, context: RoleContext) -> DecoderRole:
     metrics.register(loaded.engine, config.max_num_seqs)
     features = FeatureStore(context.redis, loaded.fingerprint, loaded.spec.vision_hidden_size,
                             local_capacity_bytes=config.feature_cache_mib << 20)
+    tokenizer = tokenizer_file(resolve_model(config.model))
+    formats = await asyncio.to_thread(lambda: FormatCompiler(load_tokenizer(tokenizer)))
     servicer.service = DecoderService(loaded.engine, features, loaded.spec, loaded.max_model_len, loaded.fingerprint,
-                                      config.enable_prefix_caching)
+                                      config.enable_prefix_caching, formats)
     return DecoderRole(loaded.engine, failed)

@@ -10,8 +10,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from services.gateway import metrics
+from services.gateway.completion import Completion, TokenLogprob, ToolCallOutput
 from services.gateway.decoders import DecodeOutput
-from services.gateway.detokenizer import IncrementalDetokenizer, StopMatcher
 from services.gateway.prompt import PATCH_SIZE, Prompt
 from services.gateway.request import ChatInput, validate_sampling
 from services.gateway.route import Route, give_up_at, remaining
@@ -29,27 +29,6 @@ class Usage:
     cached_images: int
     encoded_images: int
     cached_prompt_tokens: int = 0   # prompt tokens whose KV came from the prefix cache
-
-
-@dataclass(frozen=True, slots=True)
-class TopLogprob:
-    token_id: int
-    logprob: float
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[TopLogprob, ...] = ()   # the most likely tokens at its position, most likely first
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallOutput:
-    id: str
-    name: str
-    arguments: str   # a JSON object, as text
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,44 +92,57 @@ class ChatService:
         give_up = give_up_at(timeout_s)
         sampling = validate_sampling(chat.sampling, self.route.config.max_stop_strings)
         prepared = await self.route.prepare(chat, sampling, give_up)
-        prompt, request, encoded = prepared.prompt, prepared.request, prepared.encoded
-        log.info("prompt of %d tokens with %d images (%d encoded); up to %d new tokens", len(prompt.token_ids),
-                 len(prompt.images), len(encoded), request.sampling.max_tokens)
-        detokenizer = IncrementalDetokenizer(self.route.builder.tokenizer)
-        stops = StopMatcher(sampling.stop)
-        num_completion, finish_reason, last_token_at = 0, None, None
+        prompt, request = prepared.prompt, prepared.request
+        encoded = prepared.encoded
+        log.info("prompt of %d tokens with %d images (%d encoded); %d completions of up to %d new tokens",
+                 len(prompt.token_ids), len(prompt.images), len(encoded), request.n, request.sampling.max_tokens)
+        seeds = request.seeds or (request.sampling.seed,)
+        completions = [Completion.start(index, seed, self.route.builder.tokenizer, sampling.stop,
+                                        prepared.output.parses_tool_calls) for index, seed in enumerate(seeds)]
+        last_token_at = None
 
         def count_reencoded(again: frozenset[str]) -> None:
             nonlocal encoded   # images found in the cache first and then encoded again count as encoded
             encoded = encoded | again
 
+        def usage() -> Usage:
+            return self._usage(prompt, sum(c.num_tokens for c in completions), encoded,
+                               completions[0].cached_prompt_tokens)
+
         try:
             async with aclosing(self._decode(request, prompt, give_up, count_reencoded)) as outputs:
                 async for output in outputs:
-                    now = time.monotonic()
+                    completion = completions[output.index]
+                    if completion.is_finished:
+                        continue   # ended by a stop string: the decoder's further tokens of it are dropped
                     if output.token_ids:
+                        now = time.monotonic()
                         if last_token_at is None:
                             metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
                         else:
                             metrics.TIME_PER_OUTPUT_TOKEN.observe((now - last_token_at) / len(output.token_ids))
                         last_token_at = now
                         metrics.GENERATED_TOKENS.inc(len(output.token_ids))
-                    num_completion += len(output.token_ids)
-                    text, is_stopped = stops.feed(detokenizer.add(output.token_ids))
-                    if is_stopped:
-                        finish_reason = "stop"
-                    elif output.finish_reason is not None:
-                        finish_reason = output.finish_reason
-                        text += stops.feed(detokenizer.flush())[0] + stops.flush()
-                    if text or output.token_ids:
-                        yield ChatDelta(text, output.token_ids)
-                    if finish_reason is not None:
-                        break  # leaving the decoder stream cancels it, which frees its slot at once
+                    delta = completion.feed(output)
+                    if delta.text or delta.token_ids or delta.tool_calls:
+                        yield ChatDelta(delta.text, delta.token_ids, index=completion.index, logprobs=delta.logprobs,
+                                        tool_calls=delta.tool_calls)
+                    if completion.is_finished:
+                        is_last = all(c.is_finished for c in completions)
+                        yield _last_delta(completion, usage() if is_last else None)
+                        if is_last:
+                            return   # leaving the decoder stream cancels it, which frees its slot at once
         except ServiceError:
-            if num_completion:
-                yield ChatDelta("", [], "error", self._usage(prompt, num_completion, encoded))
+            unfinished = [c for c in completions if not c.is_finished]
+            if any(c.num_tokens for c in completions):
+                for completion in unfinished:
+                    completion.finish_reason = "error"
+                    yield _last_delta(completion, usage() if completion is unfinished[-1] else None)
             raise
-        yield ChatDelta("", [], finish_reason or "error", self._usage(prompt, num_completion, encoded))
+        for completion in completions:   # the decoder's stream ended without their last messages
+            if not completion.is_finished:
+                completion.finish_reason = "error"
+                yield _last_delta(completion, usage() if all(c.is_finished for c in completions) else None)
 
     async def _decode(self, request: GenerateRequest, prompt: Prompt, give_up: float | None,
                       on_reencoded: Callable[[frozenset[str]], None]) -> AsyncIterator[DecodeOutput]:
@@ -169,10 +161,17 @@ class ChatService:
                 on_reencoded(await self.route.encode(await self.route.gone(prompt), request.request_id, give_up))
 
     @staticmethod
-    def _usage(prompt: Prompt, num_completion: int, encoded: frozenset[str]) -> Usage:
+    def _usage(prompt: Prompt, num_completion: int, encoded: frozenset[str], cached_prompt_tokens: int) -> Usage:
         num_encoded = len({image.sha256 for image in prompt.images} & encoded)
         num_cached = len(prompt.images) - num_encoded
         metrics.IMAGES.labels("cache").inc(num_cached)
         metrics.IMAGES.labels("encoded").inc(num_encoded)
         return Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=num_completion,
-                     image_tokens=prompt.num_image_tokens, cached_images=num_cached, encoded_images=num_encoded)
+                     image_tokens=prompt.num_image_tokens, cached_images=num_cached, encoded_images=num_encoded,
+                     cached_prompt_tokens=cached_prompt_tokens)
+
+
+def _last_delta(completion: Completion, usage: Usage | None) -> ChatDelta:
+    """A completion's last message: why it ended, its seed; the stream's last one also carries the usage."""
+    return ChatDelta("", [], completion.finish_reason, usage, index=completion.index, seed=completion.seed,
+                     stop_reason=completion.stop_reason)

@@ -29,6 +29,7 @@ class GatewayConfig(RoleOptions):
                                    "model's trained context while none has said)")
     default_max_tokens: int = option(256, "max_tokens when a request sets none (capped by the context left)")
     max_stop_strings: int = option(16, "stop strings per request at most")
+    max_n: int = option(16, "completions per request (n) at most")
     encode_timeout_s: float = option(120.0, "how long a request waits for its images to be encoded")
     lock_ttl_s: float = option(30.0, "expiry of the single-flight lock on an image being encoded")
     embedding_ttl_s: int = option(0, "expiry a cached embedding gets again each time a request uses it (the vision "
@@ -53,8 +54,8 @@ class GatewayConfig(RoleOptions):
             raise ValueError(f"--http-port must be a port or 0, got {self.http_port}")
         if not self.decoder_addresses:
             raise ValueError("--decoder-addresses: at least one decoder address is needed")
-        if min(self.max_images, self.max_image_bytes, self.max_image_pixels, self.default_max_tokens) <= 0:
-            raise ValueError("image limits and --default-max-tokens must be positive")
+        if min(self.max_images, self.max_image_bytes, self.max_image_pixels, self.default_max_tokens, self.max_n) <= 0:
+            raise ValueError("image limits, --default-max-tokens and --max-n must be positive")
         if self.encode_timeout_s <= 0 or self.lock_ttl_s <= 0:
             raise ValueError("--encode-timeout-s and --lock-ttl-s must be positive")
         if self.embedding_ttl_s < 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from shared.auth import bearer_metadata
 from shared.errors import ServiceError, Unavailable
-from shared.generation import DecoderInfo, GenerateRequest
+from shared.generation import DecoderInfo, GenerateRequest, Logprobs
 from shared.retries import attempts, forever
 from shared.rpc_errors import domain_error
 
@@ -42,12 +43,21 @@ FINISH_REASONS = {
 
 def request_to_pb(request: GenerateRequest) -> decoder_pb2.GenerateRequest:
     s = request.sampling
-    sampling = common_pb2.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                         top_k=s.top_k, seed=s.seed)
-    return decoder_pb2.GenerateRequest(
+    sampling = common_pb2.SamplingParams(
+        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+        min_p=s.min_p, repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, logit_bias=dict(s.logit_bias), min_tokens=s.min_tokens,
+        stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, logprobs=s.logprobs, top_logprobs=s.top_logprobs)
+    message = decoder_pb2.GenerateRequest(
         request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, sampling=sampling,
         images=[decoder_pb2.ImageRef(sha256=image.sha256, grid_height=image.grid_height,
-                                     grid_width=image.grid_width) for image in request.images])
+                                     grid_width=image.grid_width) for image in request.images],
+        n=request.n, seeds=request.seeds)
+    if request.format is not None:
+        spec = request.format.spec
+        message.format.kind = request.format.kind
+        message.format.spec = json.dumps(list(spec)) if isinstance(spec, tuple) else spec
+    return message
 
 
 def info_from_pb(response: decoder_pb2.InfoResponse) -> DecoderInfo:
@@ -57,7 +67,18 @@ def info_from_pb(response: decoder_pb2.InfoResponse) -> DecoderInfo:
 @dataclass(frozen=True, slots=True)
 class DecodeOutput:
     token_ids: list[int]
-    finish_reason: str | None   # "stop", "length", "cancelled" or "error" on the last output
+    finish_reason: str | None   # "stop", "length", "cancelled" or "error" on a completion's last output
+    index: int = 0              # the completion
+    logprobs: tuple[Logprobs, ...] = ()   # one per token, when asked
+    cached_prompt_tokens: int = 0         # on a completion's last output
+
+
+def output_from_pb(response: decoder_pb2.GenerateResponse) -> DecodeOutput:
+    return DecodeOutput(
+        list(response.token_ids), FINISH_REASONS.get(response.finish_reason), response.index,
+        tuple(Logprobs(entry.token_id, entry.logprob, tuple(top.token_id for top in entry.top_logprobs),
+                       tuple(top.logprob for top in entry.top_logprobs)) for entry in response.logprobs),
+        response.cached_prompt_tokens)
 
 
 class _FailedBeforeOutput(Exception):
@@ -261,12 +282,14 @@ class DecoderPool:
                         raise
         except _FailedBeforeOutput as failure:
             raise failure.error from None
+        num_unfinished = request.n
         try:
             while response is not grpc.aio.EOF:
                 if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
                     raise Unavailable("decoder failed during generation")
-                output = DecodeOutput(list(response.token_ids), FINISH_REASONS.get(response.finish_reason))
-                if output.finish_reason is not None:
+                output = output_from_pb(response)
+                num_unfinished -= output.finish_reason is not None
+                if num_unfinished == 0:
                     # The decoder's last message: its status follows at once. Wait for it (briefly) before the
                     # caller may leave, as leaving cancels the call and the cancel would race that status.
                     with contextlib.suppress(TimeoutError):

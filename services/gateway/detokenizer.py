@@ -28,6 +28,7 @@ class StopMatcher:
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
+        self.matched: str | None = None   # the stop string that matched, once one has
         self._held = ""
         self._longest = max((len(stop) for stop in stops), default=0)
 
@@ -36,10 +37,11 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buffer = self._held + text
-        matches = [index for index in (buffer.find(stop) for stop in self.stops) if index >= 0]
+        matches = [(index, stop) for index, stop in ((buffer.find(stop), stop) for stop in self.stops) if index >= 0]
         if matches:
             self._held = ""
-            return buffer[:min(matches)], True
+            index, self.matched = min(matches)
+            return buffer[:index], True
         keep = self._longest_partial(buffer)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep], False

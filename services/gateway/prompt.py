@@ -9,21 +9,22 @@ lazily (images.py read its header), nothing decoded.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from mistral_common.exceptions import MistralCommonException
-from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.chunk import ImageChunk
 from mistral_common.tokens.tokenizers.image import ImageEncoder, ImageEncoding
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 from services.gateway.images import ImageFile
-from services.gateway.request import ChatMessage, Role, TextPart
+from services.gateway.request import ChatMessage, ImageSource, TextPart
+from shared.chat_messages import ChatTurn, chat_request
 from shared.errors import InvalidRequest
+from shared.tool_calls import ChatFormatError, ToolCall, ToolSetup
 from shared.tokenizer import TOKENIZER_FILE
 
 PATCH_SIZE = 16
@@ -102,22 +103,17 @@ class PromptBuilder:
         grid_height, grid_width = self.grid(image)
         return PromptImage(file.sha256, file.data, *image.size, grid_height, grid_width, file.field)
 
-    def build(self, messages: list[ChatMessage], files: dict[str, ImageFile],
-              ref_grids: dict[str, tuple[int, int]]) -> Prompt:
-        """`files` maps each image part's field to its resolved file; `ref_grids` has the grids of references."""
-        chat = []
-        for message in messages:
-            if message.role is Role.USER:
-                content = [TextChunk(text=part.text) if isinstance(part, TextPart)
-                           else ImageChunk(image=self._stand_in(files[part.field], ref_grids))
-                           for part in message.parts]
-                chat.append(UserMessage(content=content))
-            elif message.role is Role.SYSTEM:
-                chat.append(SystemMessage(content=_text_of(message)))
-            else:
-                chat.append(AssistantMessage(content=_text_of(message)))
+    def build(self, messages: list[ChatMessage], files: dict[str, ImageFile], ref_grids: dict[str, tuple[int, int]],
+              tools: ToolSetup | None = None) -> Prompt:
+        """`files` maps each image part's field to its resolved file; `ref_grids` has the grids of references;
+        `tools` the request's tools (written into the prompt)."""
+        def image_chunk(part: ImageSource) -> ImageChunk:
+            return ImageChunk(image=self._stand_in(files[part.field], ref_grids))
         try:
-            encoded = self.tokenizer.encode_chat_completion(ChatCompletionRequest(messages=chat))
+            request = chat_request([_turn(message) for message in messages], tools, image_chunk)
+            encoded = self.tokenizer.encode_chat_completion(request)
+        except ChatFormatError as error:
+            raise InvalidRequest(error.field, error.problem) from None
         except (MistralCommonException, ValueError, AssertionError) as error:
             raise InvalidRequest("messages", _first_line(error)) from None
         by_sha = {file.sha256: file for file in files.values()}
@@ -129,8 +125,20 @@ class PromptBuilder:
         return Prompt(list(encoded.tokens), images)
 
 
-def _text_of(message: ChatMessage) -> str:
-    return "".join(part.text for part in message.parts if isinstance(part, TextPart))
+def _turn(message: ChatMessage) -> ChatTurn:
+    """The domain's message as mistral-common's request builder takes it (images stay the request's parts)."""
+    calls = []
+    for call in message.tool_calls:
+        try:
+            arguments = json.loads(call.arguments) if call.arguments.strip() else {}
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise InvalidRequest(f"{call.field}.arguments", "must be a JSON object")
+        calls.append(ToolCall(call.id, call.name, arguments))
+    return ChatTurn(role=message.role.value,
+                    content=tuple(part.text if isinstance(part, TextPart) else part for part in message.parts),
+                    tool_calls=tuple(calls), tool_call_id=message.tool_call_id or None, is_prefix=message.prefix)
 
 
 def _first_line(error: Exception) -> str:

@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 
 from shared.errors import InvalidRequest
-from shared.sampling import SamplingParams
+from shared.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_TOKENS_LIMIT = 1 << 20   # anything above is absurd for this model (context 128K)
 MAX_STOP_LENGTH = 256        # characters per stop string
@@ -126,6 +126,22 @@ class Sampling:
         return replace(self.params, max_tokens=max_tokens)
 
 
+MAX_LOGIT_BIASES = 1024
+MAX_STOP_TOKEN_IDS = 64
+VOCAB_SIZE = 131072    # Tekken's: ids at or above it name no token
+
+
+def _in_range(field: str, value: float, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidRequest(field, f"must be in [{low:g}, {high:g}], got {value}")
+
+
+def _token_ids(field: str, token_ids) -> None:
+    for token_id in token_ids:
+        if not 0 <= token_id < VOCAB_SIZE:
+            raise InvalidRequest(field, f"token id {token_id} outside the vocabulary of {VOCAB_SIZE}")
+
+
 def validate_sampling(sampling: SamplingInput, max_stop_strings: int) -> Sampling:
     """The API's defaults applied (temperature 1.0, a random seed when none is given) and every value checked."""
     temperature = 1.0 if sampling.temperature is None else sampling.temperature
@@ -144,7 +160,35 @@ def validate_sampling(sampling: SamplingInput, max_stop_strings: int) -> Samplin
     for index, stop in enumerate(sampling.stop):
         if not stop or len(stop) > MAX_STOP_LENGTH:
             raise InvalidRequest(f"sampling.stop[{index}]", f"must have 1 to {MAX_STOP_LENGTH} characters")
+    repetition_penalty = 1.0 if sampling.repetition_penalty is None else sampling.repetition_penalty
+    if not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise InvalidRequest("sampling.repetition_penalty", f"must be a finite number > 0, got {repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        _in_range(f"sampling.{name}", getattr(sampling, name) or 0.0, -2.0, 2.0)
+    _in_range("sampling.min_p", sampling.min_p or 0.0, 0.0, 1.0)
+    if len(sampling.logit_bias) > MAX_LOGIT_BIASES:
+        raise InvalidRequest("sampling.logit_bias", f"at most {MAX_LOGIT_BIASES} entries, got "
+                             f"{len(sampling.logit_bias)}")
+    _token_ids("sampling.logit_bias", (token_id for token_id, _ in sampling.logit_bias))
+    for token_id, bias in sampling.logit_bias:
+        _in_range(f"sampling.logit_bias[{token_id}]", bias, -100.0, 100.0)
+    min_tokens = sampling.min_tokens or 0
+    if min_tokens < 0 or (sampling.max_tokens is not None and min_tokens > sampling.max_tokens):
+        raise InvalidRequest("sampling.min_tokens", f"must be in [0, max_tokens], got {min_tokens}")
+    if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got "
+                             f"{len(sampling.stop_token_ids)}")
+    _token_ids("sampling.stop_token_ids", sampling.stop_token_ids)
+    top_logprobs = sampling.top_logprobs or 0
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest("sampling.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
     seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
-    params = SamplingParams(max_tokens=sampling.max_tokens or 0, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed)
+    params = SamplingParams(
+        max_tokens=sampling.max_tokens or 0, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        min_p=sampling.min_p or 0.0, repetition_penalty=repetition_penalty,
+        presence_penalty=sampling.presence_penalty or 0.0, frequency_penalty=sampling.frequency_penalty or 0.0,
+        logit_bias=tuple(sorted(sampling.logit_bias)), min_tokens=min_tokens,
+        stop_token_ids=tuple(dict.fromkeys(sampling.stop_token_ids)), ignore_eos=bool(sampling.ignore_eos),
+        # top alternatives come with the chosen token's own logprob
+        logprobs=bool(sampling.logprobs) or top_logprobs > 0, top_logprobs=top_logprobs)
     return Sampling(params, sampling.max_tokens, tuple(sampling.stop))

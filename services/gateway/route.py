@@ -17,16 +17,20 @@ from services.gateway import metrics
 from services.gateway.config import GatewayConfig
 from services.gateway.decoders import DecoderPool
 from services.gateway.images import ImageFile, ImageResolver
+from services.gateway.outputs import Output, choice_seeds, resolve_output
 from services.gateway.prompt import Prompt, PromptBuilder, PromptImage
 from services.gateway.request import ChatInput, ImageSource, Role, Sampling, TextPart
 from services.gateway.vision_pool import VisionPool
 from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest
 from shared.generation import GenerateRequest, ImageRef
+from shared.structured_output import FormatCompiler
 
 # Prompt tokens a message may add beyond its text and images ([INST] and [/INST], an end of turn, the "\n\n" after
-# a system prompt), and the prompt beyond its messages (BOS): a bound, for the check before tokenization.
-_TOKENS_PER_MESSAGE = 4
-_TOKENS_PER_PROMPT = 1
+# a system prompt, a tool result's markers and JSON), the prompt beyond its messages (BOS, the tools' markers), and
+# a tool beyond its name, description and parameters (its JSON): bounds, for the check before tokenization.
+_TOKENS_PER_MESSAGE = 32
+_TOKENS_PER_PROMPT = 8
+_TOKENS_PER_TOOL = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,7 @@ class Prepared:
     prompt: Prompt
     request: GenerateRequest
     encoded: frozenset[str]   # images encoded for it (the others were cached)
+    output: Output
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +80,9 @@ def _discard(task: asyncio.Task) -> None:
 
 class Route:
     def __init__(self, config: GatewayConfig, builder: PromptBuilder, resolver: ImageResolver, pool: VisionPool,
-                 decoders: DecoderPool, model_context: int) -> None:
+                 decoders: DecoderPool, model_context: int, formats: FormatCompiler) -> None:
         self.config = config
+        self.formats = formats   # output formats compiled here too: one that cannot be is refused before any work
         self.builder = builder
         self.resolver = resolver
         self.pool = pool
@@ -89,28 +95,40 @@ class Route:
         return min(self.decoders.context_length() or self.model_context, self.model_context)
 
     async def prepare(self, chat: ChatInput, sampling: Sampling, give_up: float | None) -> Prepared:
+        num_choices = self._num_choices(chat)
+        output = await resolve_output(chat, self.formats)
         images = await self._images(self._check_messages(chat), give_up)
         context = self.context_length
         encoding = None
-        if images.missing and self._prompt_bound(chat, images) + (sampling.requested_max_tokens or 1) <= context:
+        if images.missing and (self._prompt_bound(chat, images, output) + (sampling.requested_max_tokens or 1)
+                               <= context):
             encoding = asyncio.create_task(self.encode(images.missing, chat.request_id, give_up))
         try:
-            prompt = await self._tokenize(chat, images)
+            prompt = await self._tokenize(chat, images, output)
             max_tokens = self._max_tokens(prompt, sampling, context)
             encoded = await (encoding or self.encode(images.missing, chat.request_id, give_up))
         except BaseException:
             if encoding is not None:
                 _discard(encoding)
             raise
+        params = sampling.resolved(max_tokens)
         request = GenerateRequest(
-            request_id=chat.request_id, prompt_token_ids=prompt.token_ids, sampling=sampling.resolved(max_tokens),
-            images=[ImageRef(image.sha256, image.grid_height, image.grid_width) for image in prompt.images])
-        return Prepared(prompt, request, encoded)
+            request_id=chat.request_id, prompt_token_ids=prompt.token_ids, sampling=params,
+            images=[ImageRef(image.sha256, image.grid_height, image.grid_width) for image in prompt.images],
+            n=num_choices, seeds=choice_seeds(params.seed, num_choices), format=output.format)
+        return Prepared(prompt, request, encoded, output)
 
     async def prompt(self, chat: ChatInput, timeout_s: float | None = None) -> Prompt:
         """The chat's prompt alone (Tokenize): nothing is encoded."""
+        output = await resolve_output(chat, self.formats)
         images = await self._images(self._check_messages(chat), give_up_at(timeout_s))
-        return await self._tokenize(chat, images)
+        return await self._tokenize(chat, images, output)
+
+    def _num_choices(self, chat: ChatInput) -> int:
+        n = 1 if chat.n is None else chat.n
+        if not 1 <= n <= self.config.max_n:
+            raise InvalidRequest("n", f"must be in [1, {self.config.max_n}], got {n}")
+        return n
 
     async def put_images(self, sources: list[ImageSource], request_id: str,
                          timeout_s: float | None) -> list[StoredImage]:
@@ -152,14 +170,16 @@ class Route:
         images = []
         for message in chat.messages:
             if message.role is None:
-                raise InvalidRequest(f"{message.field}.role", "must be system, user or assistant")
+                raise InvalidRequest(f"{message.field}.role", "must be system, user or assistant, or tool")
             for part in message.parts:
                 if isinstance(part, ImageSource):
                     if message.role is not Role.USER:
                         raise InvalidRequest(part.field, "only user messages may hold images")
                     images.append(part)
-        if chat.messages[-1].role is not Role.USER:
-            raise InvalidRequest(f"messages[{len(chat.messages) - 1}].role", "the last message must be the user's")
+        last = chat.messages[-1]
+        if not (last.role in (Role.USER, Role.TOOL) or (last.role is Role.ASSISTANT and last.prefix)):
+            raise InvalidRequest(f"{last.field}.role", "the last message must be the user's (or a tool's result, or "
+                                 "the start of the assistant's answer with prefix)")
         # Counted before anything is decoded or hashed.
         if len(images) > self.config.max_images:
             raise InvalidRequest("messages", f"at most {self.config.max_images} images, got {len(images)}")
@@ -182,14 +202,21 @@ class Route:
         metrics.CACHE_LOOKUPS.labels("hit").inc(len(headers) - len(missing))
         return RequestImages(files, list(missing.values()), ref_grids)
 
-    async def _tokenize(self, chat: ChatInput, images: RequestImages) -> Prompt:
+    async def _tokenize(self, chat: ChatInput, images: RequestImages, output: Output) -> Prompt:
         # mistral-common is CPU work: keep the event loop free for other streams.
-        return await asyncio.to_thread(self.builder.build, chat.messages, images.by_field, images.ref_grids)
+        return await asyncio.to_thread(self.builder.build, chat.messages, images.by_field, images.ref_grids,
+                                       output.tools)
 
-    def _prompt_bound(self, chat: ChatInput, images: RequestImages) -> int:
+    def _prompt_bound(self, chat: ChatInput, images: RequestImages, output: Output) -> int:
         """A bound on the chat's prompt tokens, from its text's bytes (a token is a byte at least) and its images'
         grids, for the check that needs no tokenization."""
         num_tokens = _TOKENS_PER_PROMPT + _TOKENS_PER_MESSAGE * len(chat.messages)
+        if output.tools is not None:
+            num_tokens += sum(_TOKENS_PER_TOOL + len(tool.name.encode()) + len(tool.description.encode())
+                              + len(tool.parameters.encode()) for tool in chat.tools)
+        for message in chat.messages:
+            num_tokens += sum(_TOKENS_PER_TOOL + len(call.name.encode()) + len(call.arguments.encode())
+                              for call in message.tool_calls)
         by_field = images.by_field
         for message in chat.messages:
             for part in message.parts:

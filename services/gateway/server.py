@@ -10,15 +10,17 @@ from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat import ChatDelta, ChatService
 from services.gateway.prompt import PromptImage
 from services.gateway.route import StoredImage
-from services.gateway.request import ChatInput, ChatMessage, ImageSource, Role, SamplingInput, TextPart
+from services.gateway.request import (ChatInput, ChatMessage, FormatInput, ImageSource, Role, SamplingInput, TextPart,
+                                     ToolCallInput, ToolInput)
 from shared.errors import Unavailable
 from shared.grpc_server import map_errors
 from shared.logs import request_id_var
 
 ROLES = {gateway_pb2.ROLE_SYSTEM: Role.SYSTEM, gateway_pb2.ROLE_USER: Role.USER,
-         gateway_pb2.ROLE_ASSISTANT: Role.ASSISTANT}
+         gateway_pb2.ROLE_ASSISTANT: Role.ASSISTANT, gateway_pb2.ROLE_TOOL: Role.TOOL}
 FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-                  "cancelled": common_pb2.FINISH_REASON_CANCELLED, "error": common_pb2.FINISH_REASON_ERROR}
+                  "cancelled": common_pb2.FINISH_REASON_CANCELLED, "error": common_pb2.FINISH_REASON_ERROR,
+                  "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS}
 
 
 def _optional(message, name: str):
@@ -40,35 +42,68 @@ def stored_to_pb(stored: StoredImage) -> gateway_pb2.StoredImage:
     return gateway_pb2.StoredImage(info=image_info_to_pb(stored.image), was_cached=stored.was_cached)
 
 
+_SAMPLING_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty", "min_p", "min_tokens", "ignore_eos", "logprobs",
+                      "top_logprobs")
+TOOL_CHOICE_MODES = {gateway_pb2.TOOL_CHOICE_MODE_AUTO: "auto", gateway_pb2.TOOL_CHOICE_MODE_NONE: "none",
+                     gateway_pb2.TOOL_CHOICE_MODE_REQUIRED: "required"}
+
+
+def message_from_pb(message: gateway_pb2.Message, i: int) -> ChatMessage:
+    parts = []
+    for j, part in enumerate(message.content):
+        kind = part.WhichOneof("part")
+        if kind == "image":
+            parts.append(image_from_pb(part.image, f"messages[{i}].content[{j}].image"))
+        else:
+            parts.append(TextPart(part.text if kind == "text" else ""))
+    calls = tuple(ToolCallInput(call.id, call.name, call.arguments, f"messages[{i}].tool_calls[{k}]")
+                  for k, call in enumerate(message.tool_calls))
+    return ChatMessage(ROLES.get(message.role), parts, f"messages[{i}]", calls, message.tool_call_id, message.prefix)
+
+
+def format_from_pb(request: gateway_pb2.ChatRequest) -> FormatInput | None:
+    kind = request.response_format.WhichOneof("format") if request.HasField("response_format") else None
+    if kind is None:
+        return None
+    if kind == "choice":
+        return FormatInput(kind, tuple(request.response_format.choice.choices))
+    return FormatInput(kind, "" if kind == "json_object" else getattr(request.response_format, kind))
+
+
 def chat_from_pb(request: gateway_pb2.ChatRequest) -> ChatInput:
-    messages = []
-    for i, message in enumerate(request.messages):
-        parts = []
-        for j, part in enumerate(message.content):
-            field = f"messages[{i}].content[{j}]"
-            kind = part.WhichOneof("part")
-            if kind == "text":
-                parts.append(TextPart(part.text))
-            elif kind == "image":
-                parts.append(image_from_pb(part.image, f"{field}.image"))
-            else:
-                parts.append(TextPart(""))
-        messages.append(ChatMessage(ROLES.get(message.role), parts, f"messages[{i}]"))
     sampling = request.sampling
+    choice = request.tool_choice.WhichOneof("choice") if request.HasField("tool_choice") else None
     return ChatInput(
         request_id=request.request_id or uuid.uuid4().hex,
-        messages=messages,
-        sampling=SamplingInput(
-            max_tokens=_optional(sampling, "max_tokens"), temperature=_optional(sampling, "temperature"),
-            top_p=_optional(sampling, "top_p"), top_k=_optional(sampling, "top_k"),
-            seed=_optional(sampling, "seed"), stop=tuple(sampling.stop)))
+        messages=[message_from_pb(message, i) for i, message in enumerate(request.messages)],
+        sampling=SamplingInput(**{name: _optional(sampling, name) for name in _SAMPLING_OPTIONAL},
+                               stop=tuple(sampling.stop), logit_bias=tuple(sampling.logit_bias.items()),
+                               stop_token_ids=tuple(sampling.stop_token_ids)),
+        n=_optional(request, "n"), response_format=format_from_pb(request),
+        tools=tuple(ToolInput(tool.name, tool.description, tool.parameters, f"tools[{i}]")
+                    for i, tool in enumerate(request.tools)),
+        tool_choice=(None if choice is None else request.tool_choice.function if choice == "function"
+                     else TOOL_CHOICE_MODES.get(request.tool_choice.mode, "unspecified")),
+        tool_choice_is_function=choice == "function", parallel_tool_calls=_optional(request, "parallel_tool_calls"))
 
 
 def delta_to_pb(delta: ChatDelta, request_id: str) -> gateway_pb2.ChatResponse:
-    response = gateway_pb2.ChatResponse(text=delta.text, token_ids=delta.token_ids)
+    response = gateway_pb2.ChatResponse(text=delta.text, token_ids=delta.token_ids, index=delta.index)
+    for entry in delta.logprobs:
+        response.logprobs.add(token_id=entry.token_id, logprob=entry.logprob, top_logprobs=[
+            common_pb2.TopLogprob(token_id=top.token_id, logprob=top.logprob, text=top.text) for top in entry.top])
+    for call in delta.tool_calls:
+        response.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
     if delta.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[delta.finish_reason]
         response.request_id = request_id
+        if delta.seed is not None:
+            response.seed = delta.seed
+        if isinstance(delta.stop_reason, str):
+            response.stop_reason.stop = delta.stop_reason
+        elif delta.stop_reason is not None:
+            response.stop_reason.token_id = delta.stop_reason
     if delta.usage is not None:
         response.usage.CopyFrom(common_pb2.Usage(**dataclasses.asdict(delta.usage)))
     return response

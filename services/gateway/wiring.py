@@ -20,6 +20,7 @@ from services.gateway.vision_pool import VisionPool
 from shared import checkpoint, tls
 from shared.grpc_server import GrpcServer
 from shared.role import RoleBody, RoleContext
+from shared.structured_output import FormatCompiler
 from shared.tiny import resolve_model
 from shared.tokenizer import tokenizer_file
 from shared.url_fetch import UrlFetcher, UrlPolicy, parse_networks
@@ -56,7 +57,8 @@ async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
     resolver = ImageResolver(config.max_image_bytes, config.max_image_pixels, url_fetcher(config))
     model_context = min(config.max_model_len or checkpoint.context_length(model_config),
                         checkpoint.context_length(model_config))
-    route = Route(config, builder, resolver, pool, decoders, model_context)
+    formats = await asyncio.to_thread(lambda: FormatCompiler(builder.tokenizer))
+    route = Route(config, builder, resolver, pool, decoders, model_context, formats)
     model_name = config.model_name or ("tiny" if config.model == "tiny" else model_dir.name)
     servicer.service = service = ChatService(route, model_name, fingerprint)
     http = None
