@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import socket
 import ssl
 import threading
+from typing import Literal
 
 import bench.common
 import grpc
@@ -708,3 +710,193 @@ def test_the_load_generator_drives_grpc_and_http_alike(http_stack, monkeypatch, 
         tokens[protocol] = round(run["tokens_per_s"] * run["wall_s"])
     assert tokens["grpc"] == tokens["http"] and 6 <= tokens["http"] <= 18   # the same greedy chats
 
+
+# -- the generation controls, through the SDK's own types -----------------------------------------------------------
+
+def test_n_completions_equal_grpc_by_index(http_stack, client):
+    chat = [("user", ["Three stories, please."])]
+    request = chat_request(chat, max_tokens=6, temperature=1.0, seed=11)
+    request.n = 3
+    expected: dict[int, list[int]] = {}
+    for response in grpc_chat(http_stack.gateway, request):
+        expected.setdefault(response.index, []).extend(response.token_ids)
+    answer = client.chat.completions.create(model=MODEL, messages=openai_messages(chat), n=3, max_tokens=6,
+                                            temperature=1.0, seed=11, extra_body={"return_token_ids": True})
+    assert [choice.index for choice in answer.choices] == [0, 1, 2]
+    assert {choice.index: choice.model_extra["token_ids"] for choice in answer.choices} == expected
+    assert all(choice.finish_reason == "length" for choice in answer.choices)
+    assert answer.usage.completion_tokens == 18
+
+    streamed_ids: dict[int, list[int]] = {}
+    roles: dict[int, list] = {}
+    for chunk in client.chat.completions.create(model=MODEL, messages=openai_messages(chat), n=3, max_tokens=6,
+                                                temperature=1.0, seed=11, stream=True,
+                                                extra_body={"return_token_ids": True}):
+        for choice in chunk.choices:
+            streamed_ids.setdefault(choice.index, []).extend(choice.model_extra["token_ids"])
+            roles.setdefault(choice.index, []).append(choice.delta.role)
+    assert streamed_ids == expected
+    assert all(values[0] == "assistant" and set(values[1:]) <= {None} for values in roles.values())
+
+
+def test_logprobs_equal_grpc_in_openais_shape(http_stack, client):
+    chat = [("user", ["Say something."])]
+    request = chat_request(chat, max_tokens=5, temperature=0.0, logprobs=True, top_logprobs=3)
+    expected = [entry for response in grpc_chat(http_stack.gateway, request) for entry in response.logprobs]
+    answer = client.chat.completions.create(model=MODEL, messages=openai_messages(chat), max_tokens=5,
+                                            temperature=0.0, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == len(expected) == 5
+    for ours, theirs in zip(content, expected):
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-5)
+        assert len(ours.top_logprobs) == 3
+        assert ours.top_logprobs[0].token == ours.token   # greedy: the most likely token is the one chosen
+        assert [top.logprob for top in ours.top_logprobs] == sorted((top.logprob for top in ours.top_logprobs),
+                                                                    reverse=True)
+    assert b"".join(bytes(entry.bytes) for entry in content).decode() == answer.choices[0].message.content
+
+
+def test_json_schema_output_parses_into_the_sdks_model(client):
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+        sure: bool
+
+    completion = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Is it?"}],
+                                               response_format=Verdict, max_tokens=64, temperature=0.0)
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "stop", message.content
+    assert isinstance(message.parsed, Verdict)
+    json_object = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON?"}],
+                                                 response_format={"type": "json_object"}, max_tokens=64,
+                                                 temperature=0.0)
+    if json_object.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(json_object.choices[0].message.content), dict)
+
+
+def test_tool_calls_through_the_sdk_streamed_and_whole_then_answered(client):
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    tools = [openai.pydantic_function_tool(GetWeather, name="get_weather")]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    # One call each: with parallel calls the tiny random model may go on calling until max_tokens.
+    completion = client.chat.completions.parse(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                               parallel_tool_calls=False, max_tokens=64, temperature=0.0)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    (call,) = choice.message.tool_calls
+    assert (call.type, call.function.name) == ("function", "get_weather") and len(call.id) == 9
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+
+    named = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, max_tokens=64, temperature=0.0, stream=True,
+        parallel_tool_calls=False, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls, finishes = [], []
+    for chunk in named:
+        for streamed_choice in chunk.choices:
+            calls += streamed_choice.delta.tool_calls or []
+            finishes.append(streamed_choice.finish_reason)
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather" and calls[0].id
+    assert GetWeather.model_validate_json(calls[0].function.arguments)
+    assert finishes[-1] == "tool_calls"
+
+    answered = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0.0, tools=tools, messages=[
+        *messages, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                             "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'},
+        {"role": "user", "content": "So?"}])
+    assert answered.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    none = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="none",
+                                          max_tokens=8, temperature=0.0)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason in ("length", "stop")
+
+
+def test_sampling_controls_equal_grpc(http_stack):
+    chat = [("user", ["Write a long list of words."])]
+    controls = {"temperature": 0.8, "seed": 77, "top_k": 50, "min_p": 0.01, "presence_penalty": 0.5,
+                "frequency_penalty": 0.3, "repetition_penalty": 1.2, "min_tokens": 3, "max_tokens": 12}
+    expected = grpc_chat(http_stack.gateway, chat_request(chat, **controls, logit_bias={1000: 5.0, 2: -100.0},
+                                                          stop_token_ids=[2]))
+    body = chat_body(chat) | controls | {"logit_bias": {"1000": 5, "2": -100}, "stop_token_ids": [2],
+                                         "return_token_ids": True}
+    url = f"{http_stack.http}/v1/chat/completions"
+    (choice,) = post(url, body).json()["choices"]
+    assert choice["token_ids"] == [t for r in expected for t in r.token_ids]
+    assert choice["message"]["content"] == "".join(r.text for r in expected)
+
+    # A stop token id ends the output (the token returned), and stop_reason names it.
+    first = expected[0].token_ids[0]
+    (stopped,) = post(url, body | {"stop_token_ids": [first], "min_tokens": 0}).json()["choices"]
+    assert (stopped["finish_reason"], stopped["stop_reason"], stopped["token_ids"]) == ("stop", first, [first])
+
+
+def test_structured_outputs_and_continue_final_message_equal_grpc(http_stack, client):
+    chat = [("user", ["Pick one."])]
+    request = chat_request(chat, max_tokens=16, temperature=0.0)
+    request.response_format.choice.choices.extend(["red", "green", "blue"])
+    expected = "".join(r.text for r in grpc_chat(http_stack.gateway, request))
+    assert expected in ("red", "green", "blue")
+    for extra in ({"structured_outputs": {"choice": ["red", "green", "blue"]}},
+                  {"guided_choice": ["red", "green", "blue"]}):
+        answer = client.chat.completions.create(model=MODEL, messages=openai_messages(chat), max_tokens=16,
+                                                temperature=0.0, extra_body=extra)
+        assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "stop"
+    regex = client.chat.completions.create(model=MODEL, messages=openai_messages(chat), max_tokens=16,
+                                           temperature=0.0, extra_body={"structured_outputs": {"regex": "[0-9]{3}"}})
+    assert re.fullmatch("[0-9]{3}", regex.choices[0].message.content)
+
+    history = [("user", ["Hi"]), ("assistant", ["Well, the answer is"])]
+    request = chat_request(history, max_tokens=6, temperature=0.0)
+    request.messages[1].prefix = True
+    expected_ids = [t for r in grpc_chat(http_stack.gateway, request) for t in r.token_ids]
+    messages = openai_messages(history)
+    continued = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0.0,
+                                               extra_body={"continue_final_message": True,
+                                                           "add_generation_prompt": False, "return_token_ids": True})
+    assert continued.choices[0].model_extra["token_ids"] == expected_ids
+    messages[1]["prefix"] = True   # Mistral's way of saying it
+    prefixed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0.0,
+                                              extra_body={"return_token_ids": True})
+    assert prefixed.choices[0].model_extra["token_ids"] == expected_ids
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+CONTROL_ERRORS = {
+    "presence_penalty": ({"presence_penalty": 3}, "presence_penalty", "must be in [-2, 2]"),
+    "repetition_penalty": ({"repetition_penalty": 0}, "repetition_penalty", "must be a finite number > 0"),
+    "min_p": ({"min_p": 2}, "min_p", "must be in [0, 1]"),
+    "logit_bias value": ({"logit_bias": {"5": 200}}, "logit_bias.5", "must be in [-100, 100]"),
+    "logit_bias id": ({"logit_bias": {"999999": 1}}, "logit_bias", "outside the vocabulary"),
+    "stop_token_ids": ({"stop_token_ids": [131072]}, "stop_token_ids", "outside the vocabulary"),
+    "top_logprobs": ({"logprobs": True, "top_logprobs": 50}, "top_logprobs", "must be in [0, 20]"),
+    "min_tokens": ({"min_tokens": 10}, "min_tokens", "must be in [0, max_tokens]"),
+    "n": ({"n": 100}, "n", "must be in [1, 16]"),
+    "json schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "no-such-type"}}}}}},
+        "response_format.json_schema.schema", ""),
+    "regex": ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex", ""),
+    "tool parameters": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
+                        "tools[0].function.parameters", "not a valid JSON schema"),
+    "tool name": ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name",
+                  "must be 1 to 64 characters"),
+    "unknown named tool": ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                           "tool_choice.function.name", ""),
+    "tool call arguments": ({"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "tool_calls": [{"id": "abcDEF123", "type": "function",
+                                              "function": {"name": "f", "arguments": "not json"}}]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "x"}], "tools": [TOOL]},
+        "messages[1].tool_calls[0].function.arguments", "must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTROL_ERRORS))
+def test_generation_control_errors_name_their_json_param(http_stack, name):
+    fields, param, fragment = CONTROL_ERRORS[name]
+    response = post(f"{http_stack.http}/v1/chat/completions", chat_body([("user", ["Hi"])]) | fields)
+    assert_error(response, 400, param, fragment)

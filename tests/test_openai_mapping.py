@@ -9,7 +9,8 @@ import json
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from services.gateway.chat import ChatDelta, TokenLogprob, ToolCallOutput, TopLogprob, Usage
+from services.gateway.chat import ChatDelta, Usage
+from services.gateway.completion import TokenLogprob, ToolCallOutput, TopLogprob
 from services.gateway.http.convert import Params, chat_from_json
 from services.gateway.http.errors import from_service_error, json_path
 from services.gateway.http.render import Rendering, TokenPieces

@@ -17,7 +17,8 @@ from typing import Any
 
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
-from services.gateway.chat import ChatDelta, TokenLogprob, ToolCallOutput, Usage
+from services.gateway.chat import ChatDelta, Usage
+from services.gateway.completion import TokenLogprob, ToolCallOutput
 from shared.errors import Unavailable
 
 FAILED = ("cancelled", "error")
