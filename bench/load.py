@@ -28,7 +28,9 @@ of a running stack) and says whether it stays flat: growth over the second half 
 `--max-growth-mib` per process.
 
 Reports requests/s, tokens/s, images/s, p50/p95/p99 time to first token and time per output token, errors by
-status code, and the cache hit ratio (usage: images served from cache over images of successful requests).
+status code, the cache hit ratio (usage: images served from cache over images of successful requests), and the CPU
+milliseconds each process used per request answered (the stack's when it started it or `--pid` names them, and
+its own).
 Results: printed, and written to $OUT/load-<name>.json.
 """
 
@@ -323,6 +325,23 @@ def summarize(outcomes: list[Outcome], wall_s: float, num_client_dropped: int) -
     return results
 
 
+# -- CPU of the processes ---------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat), None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_used(pids: dict[str, int], before: dict[str, float | None]) -> dict[str, float]:
+    """CPU seconds each process used since `before` (the load generator's own included, as "load")."""
+    now = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    return {name: now[name] - before[name] for name in pids if now[name] is not None and before[name] is not None}
+
+
 # -- memory over a soak -------------------------------------------------------------------------------------------
 
 def rss_mib(pid: int) -> float | None:
@@ -452,6 +471,9 @@ def print_report(results: dict) -> None:
     for name in ("ttft", "tpot", "latency", "error_latency"):
         print(f"{name:>14} p50 {ms(f'{name}_p50_ms')} ms  p95 {ms(f'{name}_p95_ms')} ms  "
               f"p99 {ms(f'{name}_p99_ms')} ms", file=sys.stderr)
+    if results.get("cpu_ms_per_request"):
+        print("CPU ms per request: " + ", ".join(f"{name} {value:.2f}" for name, value in
+                                                 results["cpu_ms_per_request"].items()), file=sys.stderr)
 
 
 def print_memory(report: dict) -> None:
@@ -462,7 +484,7 @@ def print_memory(report: dict) -> None:
               file=sys.stderr)
 
 
-async def measure_protocol(args, protocol: str, target: str) -> dict:
+async def measure_protocol(args, protocol: str, target: str, pids: dict[str, int]) -> dict:
     """One protocol's run: the same request mix for each (the seed's), images new to the cache."""
     rng = random.Random(args.seed)
     load = Load(gateway=target, concurrency=args.concurrency, rate=args.rate, duration_s=args.duration,
@@ -475,8 +497,14 @@ async def measure_protocol(args, protocol: str, target: str) -> dict:
                                                                                 random.Random(-1)),
                     (4, 4), 0.0, args.timeout, 0.0, random.Random(-1), protocol=protocol)
         await warm.run()
+    processes = pids | {"load": os.getpid()}
+    before = {name: cpu_seconds(pid) for name, pid in processes.items()}
     wall = await load.run()
-    return summarize(load.outcomes, wall, load.num_client_dropped)
+    results = summarize(load.outcomes, wall, load.num_client_dropped)
+    # Where the CPU went, per request answered: on a small machine the load generator competes for it too.
+    used = cpu_used(processes, before)
+    results["cpu_ms_per_request"] = {name: 1000 * seconds / max(1, results["ok"]) for name, seconds in used.items()}
+    return results
 
 
 async def measure(args, targets: dict[str, str], pids: dict[str, int]) -> dict:
@@ -484,7 +512,8 @@ async def measure(args, targets: dict[str, str], pids: dict[str, int]) -> dict:
     results; several: their results by protocol."""
     stop, samples = asyncio.Event(), {}
     sampler = asyncio.ensure_future(sample_rss(pids, args.rss_interval_s, samples, stop)) if args.soak else None
-    by_protocol = {protocol: await measure_protocol(args, protocol, target) for protocol, target in targets.items()}
+    by_protocol = {protocol: await measure_protocol(args, protocol, target, pids)
+                   for protocol, target in targets.items()}
     stop.set()
     if sampler is not None:
         await sampler

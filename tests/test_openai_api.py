@@ -707,6 +707,7 @@ def test_the_load_generator_drives_grpc_and_http_alike(http_stack, monkeypatch, 
         assert (run["requests"], run["ok"], run["errors"]) == (6, 6, {}), run
         assert run["images_per_s"] == run["requests_per_s"] and run["ttft_p50_ms"] > 0
         assert run["cache_hit_ratio"] == 0.0   # every image new, to each protocol's run
+        assert run["cpu_ms_per_request"]["load"] > 0   # its own CPU (the stack's processes are not its own here)
         tokens[protocol] = round(run["tokens_per_s"] * run["wall_s"])
     assert tokens["grpc"] == tokens["http"] and 6 <= tokens["http"] <= 18   # the same greedy chats
 
