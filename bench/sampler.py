@@ -36,11 +36,12 @@ BATCH_SIZES = (1, 32, 64)
 BEFORE_REV = "6053d93"   # the last commit with the sorting sampler
 
 
-def load_before(rev: str):
-    """The sampler as it was at `rev`, imported from a temporary file; None where git cannot show it."""
+def load_before(rev: str, file: str = ""):
+    """The sampler as it was at `rev` (or as `file` holds it, where the checkout has no git history), imported from
+    a temporary file; None where git cannot show it."""
     try:
-        source = subprocess.run(["git", "show", f"{rev}:services/decoder/sampler.py"], check=True,
-                                capture_output=True, text=True).stdout
+        source = Path(file).read_text() if file else subprocess.run(
+            ["git", "show", f"{rev}:services/decoder/sampler.py"], check=True, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         print(f"no before figures: git show {rev} failed ({error})", file=sys.stderr)
         return None
@@ -83,9 +84,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--before-rev", default=BEFORE_REV)
+    parser.add_argument("--before-file", default="", help="the old sampler's source file, instead of git show")
     args = parser.parse_args()
     device = torch.device(args.device)
-    before = load_before(args.before_rev)
+    before = load_before(args.before_rev, args.before_file)
     generator = torch.Generator().manual_seed(0)
     results: dict[str, object] = {"device": gpu_name() if device.type == "cuda" else "cpu",
                                   "torch_threads": torch.get_num_threads(), "vocab_size": VOCAB_SIZE}

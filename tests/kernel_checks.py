@@ -374,7 +374,7 @@ def check_fp8_skinny_linear() -> None:
     from services.decoder import matmul_kernels as kernels
     for launch in launches(kernels, "SKINNY_FP8_LAUNCH", [(64, 256, 4, 4), (32, 128, 4, 3)]):
         for dtype, tolerance in DTYPES:
-            for rows, k in ((1, 512), (5, 300), (16, 256)):   # K a multiple of the step or not
+            for rows, k in ((1, 512), (5, 300), (16, 256), (64, 256)):   # K a multiple of the step or not
                 x = torch.randn(rows, k, device=DEVICE).to(dtype)
                 weight = fp8_weight(200, k)                     # 200 columns: a partly filled program
                 out = kernels.skinny_linear_fp8(x, weight.qweight, weight.scale)

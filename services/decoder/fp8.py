@@ -120,12 +120,13 @@ def reference_linear(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     return F.linear(x.to(torch.float32), weight.dequantize(torch.float32)).to(x.dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
-    """x [T, K] @ weight.T -> [T, N] in x's dtype: the reference on CPU, the FP8 kernels on CUDA."""
+def fp8_linear(x: torch.Tensor, weight: Fp8Weight, skinny_max_rows: int | None = None) -> torch.Tensor:
+    """x [T, K] @ weight.T -> [T, N] in x's dtype: the reference on CPU, the FP8 kernels on CUDA (the skinny one up
+    to `skinny_max_rows` rows, default SKINNY_MAX_ROWS; W8A8 above)."""
     if x.device.type != "cuda":
         return reference_linear(x, weight)
     from services.decoder import matmul_kernels
-    if x.shape[0] <= matmul_kernels.SKINNY_MAX_ROWS:
+    if x.shape[0] <= (matmul_kernels.SKINNY_MAX_ROWS if skinny_max_rows is None else skinny_max_rows):
         return matmul_kernels.skinny_linear_fp8(x, weight.qweight, weight.scale)
     return w8a8_linear(x, weight)
 

@@ -14,6 +14,9 @@ import triton.language as tl
 from shared.kernels import graph_time
 
 SKINNY_MAX_ROWS = 16
+# e4m3 weights: the kernel takes up to this many rows (a decode batch of 64), the weights still read once; where it
+# is faster than quantizing the rows for W8A8 is measured at start-up (ops.TritonOps.choose_linear).
+SKINNY_FP8_MAX_ROWS = 64
 # (output columns a program computes, reduction step of bf16 (halved for float32: the same shared memory), warps,
 # pipeline stages): bench/gpu_profile.py's sweep on an H200
 SKINNY_LAUNCH = (64, 256, 4, 4)
@@ -70,11 +73,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def skinny_linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [T, K] (T <= SKINNY_MAX_ROWS) @ (qweight [N, K] e4m3 * scale [N, 1]).T -> [T, N] in x's dtype: each weight
+    """x [T, K] (T <= SKINNY_FP8_MAX_ROWS) @ (qweight [N, K] e4m3 * scale [N, 1]).T -> [T, N] in x's dtype: each weight
     element read once, in e4m3, upcast in the kernel, accumulated in float32, the per-channel scale applied to
     the output."""
-    if x.shape[0] > SKINNY_MAX_ROWS:
-        raise ValueError(f"skinny_linear_fp8 takes at most {SKINNY_MAX_ROWS} rows, got {x.shape[0]}")
+    if x.shape[0] > SKINNY_FP8_MAX_ROWS:
+        raise ValueError(f"skinny_linear_fp8 takes at most {SKINNY_FP8_MAX_ROWS} rows, got {x.shape[0]}")
     return _skinny(x.contiguous(), qweight, scale, SKINNY_FP8_LAUNCH)
 
 
@@ -92,3 +95,17 @@ def faster_on_skinny(weights: list[torch.Tensor]) -> set[tuple[int, int]]:
         if ours < theirs:
             faster.add(tuple(weight.shape))
     return faster
+
+
+def fp8_skinny_rows(weight, dtype: torch.dtype) -> int:
+    """The most rows (SKINNY_MAX_ROWS, then doubling up to SKINNY_FP8_MAX_ROWS) for which skinny_linear_fp8 over this
+    e4m3 weight (an fp8.Fp8Weight) runs at least as fast as W8A8 on this GPU."""
+    from services.decoder.fp8 import w8a8_linear
+    rows = SKINNY_MAX_ROWS
+    while rows * 2 <= SKINNY_FP8_MAX_ROWS:
+        x = torch.zeros(rows * 2, weight.shape[1], dtype=dtype, device=weight.device)
+        ours = graph_time(lambda: skinny_linear_fp8(x, weight.qweight, weight.scale))
+        if ours > graph_time(lambda: w8a8_linear(x, weight)):
+            break
+        rows *= 2
+    return rows

@@ -292,10 +292,12 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device,
 def random_decoder(spec: TextModelSpec, dtype: torch.dtype, device: torch.device, seed: int = 0) -> PixtralDecoder:
     """Random weights at `spec`'s shape, made directly on `device` (benchmarks of the full shape)."""
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device("meta"):
         model = PixtralDecoder(spec).to(dtype)
+    model = model.to_empty(device=device)   # made in its dtype: no float32 copy of the whole model first
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
             continue
         param.data.normal_(0.0, 0.02)
     model.inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, device)

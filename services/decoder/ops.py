@@ -87,20 +87,23 @@ class TritonOps:
         self.rotary_and_cache = kernels.rotary_and_cache
         self.silu_and_mul = shared_kernels.silu_and_mul
         self.skinny_shapes: set[tuple[int, int]] | None = None   # None: every weight (until choose_linear)
+        # FP8 weights: rows up to which the skinny kernel beats W8A8, by weight shape (choose_linear)
+        self.fp8_skinny_rows: dict[tuple[int, int], int] = {}
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
         if isinstance(weight, Fp8Weight):
-            return fp8_linear(x, weight)   # the FP8 skinny kernel up to SKINNY_MAX_ROWS rows, W8A8 above
+            return fp8_linear(x, weight, self.fp8_skinny_rows.get(tuple(weight.shape)))
         if self.skinny_shapes is None or tuple(weight.shape) in self.skinny_shapes:
             return self.kernels.skinny_linear(x, weight)   # cuBLAS itself past SKINNY_MAX_ROWS rows
         return F.linear(x, weight)
 
     def choose_linear(self, weights: list[torch.Tensor | Fp8Weight]) -> None:
-        """Measures, once on this GPU, which weights' small-batch matmuls run on the Triton kernel. FP8 weights
-        always do (nothing else reads them as fast); their kernel's variants are compiled here."""
+        """Measures, once on this GPU, which weights' small-batch matmuls run on the Triton kernel, and for FP8
+        weights up to how many rows the skinny kernel beats W8A8 (at least SKINNY_MAX_ROWS: cuBLAS's FP8 matmul
+        reads a few rows' weights slowly)."""
         plain = [w for w in weights if isinstance(w, torch.Tensor)]
         self.skinny_shapes = self.kernels.faster_on_skinny(plain)
         dtype = plain[0].dtype if plain else torch.bfloat16   # the activations': the LM head's (never FP8)
         for weight in weights:
             if isinstance(weight, Fp8Weight):
-                fp8_linear(torch.zeros(1, weight.shape[1], dtype=dtype, device=weight.device), weight)
+                self.fp8_skinny_rows[tuple(weight.shape)] = self.kernels.fp8_skinny_rows(weight, dtype)
