@@ -1,7 +1,9 @@
 """`pixtral-serve`: every role as its own process on this machine, for development and single-host serving.
 
-Starts Redis if needed, M decoders, N vision workers and the gateway; prints `ready <host:port>` once the gateway
-answers SERVING, and on stderr where each role serves its metrics (`metrics <name> <url>`).
+Starts Redis if needed (two: a cache bounded by --cache-memory-mib that evicts the least recently used embeddings,
+and one for the job protocol that evicts nothing), M decoders, N vision workers and the gateway; prints
+`ready <host:port>` once the gateway answers SERVING, and on stderr where each role serves its metrics
+(`metrics <name> <url>`).
 
 It supervises them: a child that dies is started again after a backoff that doubles with each crash, on the same
 port with the same flags, while the others go on serving (one line on stderr says which child died, how, and when
@@ -50,8 +52,11 @@ class ServeConfig:
     """Run the whole Pixtral service (gateway, vision workers, decoders, Redis) on this machine."""
 
     model: str = option("tiny", "checkpoint directory, or 'tiny' for the built-in tiny model")
-    redis: str = option("auto", f"Redis URL; auto: {LOCAL_REDIS} if it answers, else a private redis-server; "
-                                "private: always a private redis-server")
+    redis: str = option("auto", f"Redis URL (plain, or any node of a Redis Cluster) of the cache and the jobs; auto: "
+                                f"{LOCAL_REDIS} if it answers, else private ones; private: always two private "
+                                "redis-servers, a cache bounded by --cache-memory-mib and one for the jobs")
+    cache_memory_mib: int = option(0, "memory of the private cache Redis, which evicts the least recently used "
+                                      "embeddings once full; 0: an eighth of this machine's memory")
     vision_workers: int = option(1, "vision worker processes")
     decoders: int = option(1, "decoder processes")
     port: int = option(50051, "gateway port")
@@ -79,6 +84,8 @@ class ServeConfig:
             raise ValueError("--vision-workers and --decoders must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.cache_memory_mib < 0:
+            raise ValueError("--cache-memory-mib must not be negative")
         if self.max_restarts < 0 or min(self.drain_grace_s, self.grace_s, self.restart_backoff_s) < 0 or \
                 self.restart_window_s <= 0 or not 0 <= self.metrics_port < 65536:
             raise ValueError("--max-restarts, --drain-grace-s, --grace-s and --restart-backoff-s must not be "
@@ -254,21 +261,36 @@ class Launcher:
 
     # -- start ------------------------------------------------------------------------------------------------------
 
-    def start_redis(self) -> str:
+    def start_redis(self) -> tuple[str, str]:
+        """(cache URL, jobs URL): the Redis given (both), or two private ones. The cache is bounded and evicts the
+        least recently used embeddings; the jobs Redis evicts nothing (the stream, locks and heartbeats must stay).
+        Embeddings then need no expiry."""
         if self.config.redis not in ("auto", "private"):
-            return self.config.redis
+            return self.config.redis, self.config.redis
         if self.config.redis == "auto" and redis_answers(LOCAL_REDIS):
-            return LOCAL_REDIS
+            return LOCAL_REDIS, LOCAL_REDIS
         server = shutil.which("redis-server")
         if server is None:
             raise SystemExit("no Redis answers on 127.0.0.1:6379 and redis-server is not installed")
-        port = free_port()
         self._redis_dir = tempfile.mkdtemp(prefix="pixtral-redis-")
-        self.spawn(ChildSpec("redis", (server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", self._redis_dir, "--logfile", "",
-                                       "--loglevel", "warning"), REDIS_STAGE))
+        jobs = self._start_private_redis("redis_jobs", server, ("--maxmemory-policy", "noeviction"))
+        cache = self._start_private_redis("redis", server, (
+            "--maxmemory", f"{self.cache_memory_mib()}mb", "--maxmemory-policy", "allkeys-lru",
+            "--maxmemory-samples", "10"))
+        return cache, jobs
+
+    def cache_memory_mib(self) -> int:
+        if self.config.cache_memory_mib:
+            return self.config.cache_memory_mib
+        return max(64, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8 >> 20)
+
+    def _start_private_redis(self, name: str, server: str, settings: tuple[str, ...]) -> str:
+        port = free_port()
+        self.spawn(ChildSpec(name, (server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", self._redis_dir, "--logfile", "",
+                                    "--loglevel", "warning", *settings), REDIS_STAGE))
         url = f"redis://127.0.0.1:{port}/0"
-        self.wait_for("redis", lambda: redis_answers(url))
+        self.wait_for(name, lambda: redis_answers(url))
         return url
 
     def metrics_ports(self) -> dict[str, int]:
@@ -289,13 +311,14 @@ class Launcher:
                 raise SystemExit(f"metrics port {port} of {name} is in use (--metrics-port {c.metrics_port} takes "
                                  f"{len(metrics)} ports in a row; 0: none)")
         model = str(resolve_model(c.model))  # made once here, not raced by the children
-        redis_url = self.start_redis()
+        cache_url, jobs_url = self.start_redis()
         if c.metrics_port:
             metrics_host = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
             for name, port in metrics.items():
                 print(f"metrics {name} http://{metrics_host}:{port}/metrics", file=sys.stderr, flush=True)
         python = [sys.executable, "-m"]
-        common = ["--model", model, "--redis", redis_url, "--drain-grace-s", f"{c.drain_grace_s:g}"]
+        cache = ("--cache-redis", cache_url) if cache_url != jobs_url else ()
+        common = ["--model", model, "--redis", jobs_url, *cache, "--drain-grace-s", f"{c.drain_grace_s:g}"]
         # On CPU the model processes share the cores: give each its share of torch threads.
         threads = ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (c.decoders + c.vision_workers)))] \
             if c.device == "cpu" else []

@@ -1,14 +1,14 @@
 """Looking at cached embeddings without reading them: one pipelined round trip for all of a request's images, the
 header of each value and its length, checked as a reader would (shared/embedding_cache.py). The gateway and the
-vision workers both look this way."""
+vision workers both look this way. On a Redis Cluster the images' keys are in many slots: the pipeline is split by
+node (redis-py's cluster pipeline), one round trip to each node at once."""
 
 from __future__ import annotations
 
 import logging
 
-import redis.asyncio as aioredis
-
 from shared.embedding_cache import HEADER_BYTES, CorruptEntry, EntryHeader, cache_key, check_length, parse_header
+from shared.redis_client import AnyClient, Endpoint, endpoint
 from shared.retries import idempotent_redis
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,13 @@ def read_probe(fingerprint: str, sha: str, replies: list, num_columns: int | Non
 
 
 @idempotent_redis
-async def probe_entries(client: aioredis.Redis, fingerprint: str, shas: list[str], *, num_columns: int | None = None,
-                        ttl_s: int = 0) -> dict[str, EntryHeader | None]:
-    """Each distinct image's header (None: missing or invalid), in one round trip."""
+async def probe_entries(cache: Endpoint | AnyClient, fingerprint: str, shas: list[str], *,
+                        num_columns: int | None = None, ttl_s: int = 0) -> dict[str, EntryHeader | None]:
+    """Each distinct image's header (None: missing or invalid), in one round trip (per node of a cluster)."""
     distinct = list(dict.fromkeys(shas))
     if not distinct:
         return {}
+    client = await endpoint(cache).client()
     async with client.pipeline(transaction=False) as pipe:
         for sha in distinct:
             queue_probe(pipe, fingerprint, sha, ttl_s)

@@ -1,15 +1,24 @@
-"""The encode-job protocol between gateways and the vision pool, over Redis.
+"""The encode-job protocol between gateways and the vision pool, over Redis (the jobs Redis: `--jobs-redis`, else
+`--redis`).
 
 - Jobs: stream `pixtral:jobs:encode`, consumer group `vision`. Any number of workers read it; each entry goes
   to one of them. An entry carries the image bytes, so any worker can take it; it is deleted once done.
-- Liveness: each worker keeps `pixtral:vision:alive:<consumer>` alive (a short expiry, refreshed from its event
-  loop). A job whose worker died stays pending; once that worker's key has expired another worker claims the job
-  at once, and any job pending past `claim_idle_ms` is claimed whoever holds it. One delivered more than
-  `max_deliveries` times moves to the dead-letter stream `pixtral:jobs:encode:dead`.
-- Results: the worker publishes an EncodeResult on `pixtral:encoded:<fingerprint>`; a failure is also kept
-  for a minute under `pixtral:encode-error:<fingerprint>:<sha256>` for waiters that subscribed late.
-- Single flight: a gateway enqueues an image only while holding `pixtral:lock:encode:<fingerprint>:<sha256>`
-  (SET NX with an expiry, so a dead holder blocks nobody for long); the worker deletes it when done.
+- Liveness: each worker keeps `pixtral:vision:alive:{pixtral:jobs:encode}:<consumer>` alive (a short expiry,
+  refreshed from its event loop). A job whose worker died stays pending; once that worker's key has expired another
+  worker claims the job at once, and any job pending past `claim_idle_ms` is claimed whoever holds it. One delivered
+  more than `max_deliveries` times moves to the dead-letter stream `pixtral:jobs:encode:dead`.
+- Results: the worker publishes an EncodeResult on `pixtral:encoded:{pixtral:jobs:encode}:<fingerprint>`; a
+  failure is also kept for a minute under `pixtral:encode-error:{pixtral:jobs:encode}:<fingerprint>:<sha256>` for
+  waiters that subscribed late.
+- Single flight: a gateway enqueues an image only while holding
+  `pixtral:lock:encode:{pixtral:jobs:encode}:<fingerprint>:<sha256>` (SET NX with an expiry, so a dead holder blocks
+  nobody for long); the worker deletes it when done.
+
+On a Redis Cluster every key the claim script or the finishing transaction touches together must be in one slot:
+the heartbeats, locks, error markers and the results channel carry the stream's name as their hash tag (`{...}`:
+only that part is hashed), so they live in the stream's slot, on the node that serves it; the stream's own name
+has no tag (its slot is that of its whole name). The results go out by sharded pub/sub there (SPUBLISH, see
+shared/redis_client.py), in the same transaction. The dead-letter stream is written alone and may live anywhere.
 
 Jobs and locks must live where nothing is evicted (see deploy/): only embeddings may be evicted. (Heartbeats
 carry an expiry and are refreshed every second or so: the last keys an LRU picks; one evicted makes a live worker's
@@ -23,6 +32,8 @@ from dataclasses import dataclass
 
 STREAM = "pixtral:jobs:encode"
 GROUP = "vision"
+# The hash tag of every key that must share the stream's slot on a cluster (see the module's docstring).
+SLOT_TAG = "{" + STREAM + "}"
 DEAD_LETTER_STREAM = "pixtral:jobs:encode:dead"
 ERROR_TTL_S = 60
 
@@ -32,20 +43,20 @@ FAILED = "failed"
 
 
 def done_channel(fingerprint: str) -> str:
-    return f"pixtral:encoded:{fingerprint}"
+    return f"pixtral:encoded:{SLOT_TAG}:{fingerprint}"
 
 
 def lock_key(fingerprint: str, sha256: str) -> str:
-    return f"pixtral:lock:encode:{fingerprint}:{sha256}"
+    return f"pixtral:lock:encode:{SLOT_TAG}:{fingerprint}:{sha256}"
 
 
 def error_key(fingerprint: str, sha256: str) -> str:
-    return f"pixtral:encode-error:{fingerprint}:{sha256}"
+    return f"pixtral:encode-error:{SLOT_TAG}:{fingerprint}:{sha256}"
 
 
 def heartbeat_key(consumer: str) -> str:
     """Exists while the worker of consumer `consumer` runs (it refreshes the key's expiry)."""
-    return f"pixtral:vision:alive:{consumer}"
+    return f"pixtral:vision:alive:{SLOT_TAG}:{consumer}"
 
 
 class MalformedJob(ValueError):

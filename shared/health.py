@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
+from shared.redis_client import AnyClient, Endpoint, endpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +28,20 @@ class Readiness:
             await self._set_serving(is_serving)
 
 
-async def watch_redis(client: aioredis.Redis, set_serving: Callable[[bool], Awaitable[None]],
-                      interval_s: float = 1.0) -> None:
-    """SERVING while Redis answers a PING, NOT_SERVING while it does not; runs until cancelled."""
+async def watch_redis(redis: Endpoint | AnyClient, set_serving: Callable[[bool], Awaitable[None]],
+                      interval_s: float = 1.0, name: str = "redis") -> None:
+    """SERVING while Redis answers (a plain Redis a PING; a cluster with every slot served: Endpoint.check),
+    NOT_SERVING while it does not; runs until cancelled. `name` says which Redis, in the log."""
+    redis = endpoint(redis)
     current = None
     while True:
         try:
             async with asyncio.timeout(interval_s):  # not wait_for: it may lose a cancel on Python 3.11
-                is_up = bool(await client.ping())
+                is_up = await redis.check()
         except Exception:  # noqa: BLE001 - any failure means not serving
             is_up = False
         if is_up != current:
-            log.info("redis %s", "reachable" if is_up else "unreachable")
+            log.info("%s %s", name, "reachable" if is_up else "unreachable")
             await set_serving(is_up)
             current = is_up
         await asyncio.sleep(interval_s)

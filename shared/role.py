@@ -2,8 +2,9 @@
 stop: logs, signals, the gRPC server with health (and reflection), the Redis client and readiness, metrics, and the
 drain on SIGTERM. A role's __main__ gives it the role's options and a `build` coroutine that loads the role.
 
-Readiness ("" health) is SERVING while Redis answers and every condition the role adds holds; `startup` turns
-SERVING once `build` returned; `liveness` is SERVING while the process runs.
+Readiness ("" health) is SERVING while Redis answers (the cache's and the jobs', when they are two) and every
+condition the role adds holds; `startup` turns SERVING once `build` returned; `liveness` is SERVING while the process
+runs.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
-from shared import redis_client, tls
+from shared import tls
 from shared.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, install_stop_signals
 from shared.health import Readiness, watch_redis
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics, watch_event_loop
+from shared.redis_client import Endpoint
 from shared.settings import load_config, option
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,13 @@ class RoleOptions:
 
     model: str = option("tiny", "checkpoint directory (Hugging Face or Mistral layout), or 'tiny' for the built-in "
                                 "tiny model")
-    redis: str = option("redis://127.0.0.1:6379/0", "Redis URL of the embedding cache and the job stream")
+    redis: str = option("redis://127.0.0.1:6379/0", "Redis URL of the embedding cache and the job stream (each "
+                                                    "unless --cache-redis or --jobs-redis names another): a plain "
+                                                    "Redis or any node of a Redis Cluster")
+    cache_redis: str = option("", "Redis URL of the embedding cache (plain, or any node of a Redis Cluster); "
+                                  "empty: --redis")
+    jobs_redis: str = option("", "Redis URL of the encode-job stream, its locks and results (plain, or any node "
+                                 "of a Redis Cluster); empty: --redis")
     host: str = option("0.0.0.0", "address the gRPC server and the metrics endpoint listen on")
     port: int = option(0, "gRPC port")
     metrics_port: int = option(0, "port of the Prometheus /metrics endpoint; 0: none")
@@ -54,6 +60,14 @@ class RoleOptions:
     @classmethod
     def load(cls, argv: Sequence[str] | None = None):
         return load_config(cls, argv)
+
+    @property
+    def cache_redis_url(self) -> str:
+        return self.cache_redis or self.redis
+
+    @property
+    def jobs_redis_url(self) -> str:
+        return self.jobs_redis or self.redis
 
 
 @dataclass(frozen=True)
@@ -82,12 +96,14 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class RoleContext:
-    """What a role's build gets: its options, the server (already answering health), readiness, Redis."""
+    """What a role's build gets: its options, the server (already answering health), readiness, and the Redis of
+    the embedding cache and that of the job protocol (one and the same when their URLs are)."""
 
     options: RoleOptions
     server: GrpcServer
     readiness: Readiness
-    redis: aioredis.Redis
+    cache_redis: Endpoint
+    jobs_redis: Endpoint
 
 
 class RoleBody:
@@ -128,12 +144,18 @@ async def _serve(options: RoleOptions, build: Build, services: Sequence[Service]
     await server.start()
     log.info("listening on port %d; loading %s", server.port, options.model)
     readiness = Readiness(server.set_serving)
-    await readiness.set("redis", False)   # until its watcher's first PING answers
-    client = redis_client.connect(options.redis, options.redis_timeout_s, blocking_s=redis_blocking_s)
-    body = await build(RoleContext(options, server, readiness, client))
+    # Only the jobs Redis is read blocking (a vision worker's XREADGROUP BLOCK); one client when the URLs are equal.
+    jobs = Endpoint(options.jobs_redis_url, options.redis_timeout_s, blocking_s=redis_blocking_s)
+    cache = jobs if options.cache_redis_url == options.jobs_redis_url else \
+        Endpoint(options.cache_redis_url, options.redis_timeout_s)
+    redis_names = {"redis": jobs} if cache is jobs else {"cache redis": cache, "jobs redis": jobs}
+    for name in redis_names:
+        await readiness.set(name, False)   # until its watcher's first check answers
+    body = await build(RoleContext(options, server, readiness, cache, jobs))
     serve_metrics(options.metrics_port, options.host)
-    watchers = [asyncio.create_task(watch_redis(client, functools.partial(readiness.set, "redis"))),
-                asyncio.create_task(watch_event_loop())]
+    watchers = [asyncio.create_task(watch_redis(redis, functools.partial(readiness.set, name), name=name))
+                for name, redis in redis_names.items()]
+    watchers.append(asyncio.create_task(watch_event_loop()))
     await server.mark_started()
     log.info("ready on port %d", server.port)
     stopping = asyncio.create_task(stop.wait())
@@ -152,4 +174,5 @@ async def _serve(options: RoleOptions, build: Build, services: Sequence[Service]
         await server.drain(options.drain_grace_s, before_stop=body.drain)
     finally:
         await body.close()
-        await client.aclose()
+        for redis in redis_names.values():
+            await redis.aclose()

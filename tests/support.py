@@ -21,10 +21,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import redis
+import redis.cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from services.launcher import free_port  # noqa: F401 - the tests' ports, as the launcher picks them
+from services.launcher import free_port  # the tests' ports, as the launcher picks them
 
 ROOT = Path(__file__).resolve().parent.parent
 # Embedding expiry of the shared stack (conftest.py), as deployed: written by the vision worker, renewed on use.
@@ -105,12 +106,118 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class LocalRedisCluster:
+    """A Redis Cluster of real redis-servers on free ports: `num_primaries` primaries sharing the 16384 slots, each
+    with `replicas_per_primary` replicas, made by `redis-cli --cluster create`. A node that fails is replaced by its
+    replica within a few seconds (--cluster-node-timeout). Nothing is persisted but each node's nodes.conf, so a
+    node started again rejoins the cluster, empty."""
+
+    def __init__(self, num_primaries: int = 3, replicas_per_primary: int = 0, node_timeout_ms: int = 1000) -> None:
+        self.ports = [free_port() for _ in range(num_primaries * (1 + replicas_per_primary))]
+        self.replicas_per_primary = replicas_per_primary
+        self.node_timeout_ms = node_timeout_ms
+        self.dir = Path(tempfile.mkdtemp(prefix="pixtral-test-cluster-"))
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> LocalRedisCluster:
+        for port in self.ports:
+            self.start_node(port)
+        command = [shutil.which("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                   "--cluster-replicas", str(self.replicas_per_primary), "--cluster-yes"]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+        self.wait_ok()
+        # A replica that never synced with its primary may not take over from it (its data is too old).
+        wait_until(lambda: all(self.node(port).info("replication").get("master_link_status", "up") == "up"
+                               for port in self.running()), 30, "replicas not in sync", interval_s=0.1)
+        return self
+
+    def start_node(self, port: int) -> None:
+        """Starts (or starts again) the node of `port`; it answers once this returns."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
+             "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.node(port)
+        wait_until(lambda: _answers(client), 10, f"cluster node {port} does not answer")
+
+    def node(self, port: int) -> redis.Redis:
+        """A plain client of one node (for what one node says: its role, its view of the cluster)."""
+        return redis.Redis(port=port, socket_timeout=5)
+
+    def client(self) -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster.from_url(self.url, socket_timeout=5)
+
+    def running(self) -> list[int]:
+        return [port for port, process in self.processes.items() if process.poll() is None]
+
+    def primaries(self) -> list[int]:
+        return [port for port in self.running() if self.node(port).info("replication")["role"] == "master"]
+
+    def primary_of(self, key: str) -> int:
+        """The port of the primary that serves `key`'s slot, as the running nodes see it."""
+        slot = redis.cluster.key_slot(key.encode())
+        for port in self.primaries():
+            for start, end in _slot_ranges(self.node(port)):
+                if start <= slot <= end:
+                    return port
+        raise LookupError(f"no running primary serves slot {slot}")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL, as a crashed node or a lost machine."""
+        process = self.processes[port]
+        process.kill()
+        process.wait(timeout=10)
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every running node says the cluster is ok (every slot served)."""
+        def is_ok() -> bool:
+            try:
+                return all(self.node(port).cluster("info")["cluster_state"] == "ok" for port in self.running())
+            except redis.exceptions.RedisError:
+                return False
+        wait_until(is_ok, timeout_s, "the cluster is not ok", interval_s=0.1)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def _slot_ranges(client: redis.Redis) -> list[tuple[int, int]]:
+    """The slot ranges a node serves as primary (from its own line of CLUSTER NODES)."""
+    for node in client.cluster("nodes").values():
+        if "myself" in node["flags"]:
+            return [(int(r[0]), int(r[-1])) for r in node["slots"] if not str(r[0]).startswith("[")]
+    return []
+
+
 @dataclass
 class Stack:
     """The roles as separate processes on loopback, like pixtral-serve starts them."""
 
     model_dir: Path
-    redis_url: str
+    redis_url: str   # plain, or any node of a cluster; the jobs' and (without cache_redis_url) the cache's
     cache_dir: Path
     num_vision: int = 1
     num_decoders: int = 1
@@ -119,12 +226,16 @@ class Stack:
     gateway_args: tuple[str, ...] = ()
     with_metrics: bool = False   # each process gets a metrics port of its own (metrics_ports[name])
     credentials: grpc.ChannelCredentials | None = None   # for the health checks of TLS servers
+    cache_redis_url: str = ""   # the embedding cache's Redis, when it is not redis_url's
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     gateway: str = ""
     decoders: list[str] = field(default_factory=list)
     vision: list[str] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     _commands: dict[str, tuple[str, list[str]]] = field(default_factory=dict, repr=False)
+
+    def _redis(self) -> list[str]:
+        return ["--redis", self.redis_url, *(["--cache-redis", self.cache_redis_url] if self.cache_redis_url else [])]
 
     def _metrics_port(self, name: str) -> str:
         if not self.with_metrics:
@@ -151,7 +262,7 @@ class Stack:
         name = name or f"vision{len(self.vision)}"
         port = free_port()
         process = self._spawn(name, "vision", [
-            "--model", str(self.model_dir), "--redis", self.redis_url, "--host", "127.0.0.1", "--port", str(port),
+            "--model", str(self.model_dir), *self._redis(), "--host", "127.0.0.1", "--port", str(port),
             "--consumer", name, "--metrics-port", self._metrics_port(name), *self.vision_args, *extra_args])
         address = f"127.0.0.1:{port}"
         if wait:
@@ -164,7 +275,7 @@ class Stack:
             port = free_port()
             name = f"decoder{index}"
             self._spawn(name, "decoder", [
-                "--model", str(self.model_dir), "--redis", self.redis_url, "--host", "127.0.0.1", "--port",
+                "--model", str(self.model_dir), *self._redis(), "--host", "127.0.0.1", "--port",
                 str(port), "--metrics-port", self._metrics_port(name), *self.decoder_args])
             self.decoders.append(f"127.0.0.1:{port}")
         for _ in range(self.num_vision):
@@ -178,7 +289,7 @@ class Stack:
         """A gateway over this stack's decoders and Redis (the stack's own, or another one with other flags)."""
         port = free_port()
         process = self._spawn(name, "gateway", [
-            "--model", str(self.model_dir), "--redis", self.redis_url, "--host", "127.0.0.1", "--port", str(port),
+            "--model", str(self.model_dir), *self._redis(), "--host", "127.0.0.1", "--port", str(port),
             "--decoder-addresses", ",".join(self.decoders), "--metrics-port", self._metrics_port(name), *args])
         address = f"127.0.0.1:{port}"
         wait_serving(address, process, credentials=self.credentials)

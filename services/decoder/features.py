@@ -1,5 +1,6 @@
 """Fetches a prompt's image features: from this decoder's own memory when it used the image recently, else from
-the embedding cache in Redis (async).
+the embedding cache in Redis (async): one MGET for the images it lacks (one per node of a Redis Cluster, whose keys
+are in many slots).
 
 The local copy (an LRU bounded in bytes, of the values as read from Redis) spares a hot image the Redis round trip
 and the validation: 8 MiB for a 1024x1024 image. A key names what made the features (model fingerprint + image
@@ -12,19 +13,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import redis.asyncio as aioredis
-import redis.exceptions
 import torch
 
 from shared.embedding_cache import CorruptEntry, cache_key, decode_entry
 from shared.errors import ImageNotCached, Unavailable
+from shared.redis_client import REDIS_ERRORS, AnyClient, Endpoint, endpoint, read_values
 from shared.retries import idempotent_redis
 
 
 class FeatureStore:
-    def __init__(self, client: aioredis.Redis, fingerprint: str, num_columns: int,
+    def __init__(self, client: Endpoint | AnyClient, fingerprint: str, num_columns: int,
                  local_capacity_bytes: int = 0) -> None:
-        self.client = client
+        self.cache = endpoint(client)
         self.fingerprint = fingerprint
         self.num_columns = num_columns
         self.local_capacity_bytes = local_capacity_bytes
@@ -44,7 +44,7 @@ class FeatureStore:
 
     @idempotent_redis
     async def _read(self, keys: list[str]) -> list[bytes | None]:
-        return await self.client.mget(keys)
+        return await read_values(await self.cache.client(), keys)
 
     async def fetch(self, images: list[tuple[str, tuple[int, int]]]) -> torch.Tensor:
         """[(sha256, (grid_h, grid_w)), ...] in prompt order -> [sum of grid_h * grid_w, columns] features."""
@@ -58,7 +58,7 @@ class FeatureStore:
         if missing:
             try:
                 values = await self._read([cache_key(self.fingerprint, sha) for sha in missing])
-            except redis.exceptions.RedisError as error:
+            except REDIS_ERRORS as error:
                 raise Unavailable(f"embedding cache unreachable: {type(error).__name__}") from error
             fetched = dict(zip(missing, values))
         parts = []

@@ -42,7 +42,7 @@ async def build(servicer: DecoderServicer, context: RoleContext) -> DecoderRole:
     loaded.engine.failures.on_fatal = lambda: loop.call_soon_threadsafe(failed.set)
     loaded.engine.start()
     metrics.register(loaded.engine, config.max_num_seqs)
-    features = FeatureStore(context.redis, loaded.fingerprint, loaded.spec.vision_hidden_size,
+    features = FeatureStore(context.cache_redis, loaded.fingerprint, loaded.spec.vision_hidden_size,
                             local_capacity_bytes=config.feature_cache_mib << 20)
     tokenizer = tokenizer_file(resolve_model(config.model))
     formats = await asyncio.to_thread(lambda: FormatCompiler(load_tokenizer(tokenizer)))

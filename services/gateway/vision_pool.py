@@ -5,6 +5,10 @@ gateways the first to take the image's lock (SET NX with an expiry) enqueues the
 result on the pub/sub channel (with a slow poll of the cache in case a message is missed). If the lock expires
 without a result (its holder died), the next waiter takes it and enqueues again.
 
+The lock, the job and the result are the jobs Redis's; the embeddings the cache's (the same Redis by default). On a
+Redis Cluster the result comes by sharded pub/sub from the node that serves the job stream's slot
+(shared/redis_client.py); a subscription lost in a failover is made again, and the poll covers the gap.
+
 With `embedding_ttl_s`, every look at a cached embedding (a request using it) gives it that expiry again: an image
 in use stays cached, one nobody asks for expires that long after its last use.
 """
@@ -16,8 +20,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-import redis.exceptions
 from tenacity import AsyncRetrying, retry_if_result, stop_never
 
 from services.gateway import metrics
@@ -27,6 +29,7 @@ from shared.cache_probe import probe_entries, queue_probe, read_probe
 from shared.embedding_cache import EntryHeader, cache_key
 from shared.encode_jobs import EncodeJob, EncodeResult
 from shared.errors import DeadlineExceeded, EncodeFailed, InvalidRequest, Unavailable
+from shared.redis_client import REDIS_ERRORS, AnyClient, Endpoint, endpoint, messages
 from shared.retries import forever, idempotent_redis
 
 log = logging.getLogger(__name__)
@@ -39,14 +42,17 @@ class _Flight:
     num_waiters: int = 0
 
 
-def _unavailable(error: redis.exceptions.RedisError) -> Unavailable:
+def _unavailable(error: Exception) -> Unavailable:
     return Unavailable(f"embedding cache unreachable: {type(error).__name__}")
 
 
 class VisionPool:
-    def __init__(self, client: aioredis.Redis, fingerprint: str, lock_ttl_s: float, poll_s: float = 0.5,
-                 embedding_ttl_s: int = 0) -> None:
+    def __init__(self, client: Endpoint | AnyClient | None, fingerprint: str, lock_ttl_s: float, poll_s: float = 0.5,
+                 embedding_ttl_s: int = 0, cache: Endpoint | AnyClient | None = None) -> None:
+        """`client`: the jobs Redis; `cache`: the embeddings' Redis (default: the same)."""
         self.client = client
+        self.jobs = endpoint(client)
+        self.cache = self.jobs if cache is None else endpoint(cache)
         self.fingerprint = fingerprint
         self.lock_ttl_s = lock_ttl_s
         self.poll_s = poll_s
@@ -61,37 +67,32 @@ class VisionPool:
         if self._listener:
             self._listener.cancel()
 
-    @forever((redis.exceptions.RedisError, OSError), first_wait_s=0.5, max_wait_s=5.0)
+    @forever((*REDIS_ERRORS, OSError), first_wait_s=0.5, max_wait_s=5.0)
     async def _listen(self) -> None:
         """Delivers published results to the local waiters; subscribes again after a connection loss (waiters
         poll the cache meanwhile)."""
         channel = encode_jobs.done_channel(self.fingerprint)
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(channel)
-            async for message in pubsub.listen():
-                try:
-                    result = EncodeResult.from_json(message["data"])
-                except (ValueError, KeyError, TypeError):
-                    log.warning("ignored a malformed message on %s", channel)
-                    continue
-                flight = self._flights.get(result.sha256)
-                if flight is not None and not flight.future.done():
-                    flight.future.set_result(result)
-        finally:
-            await pubsub.aclose()
+        async for data in messages(await self.jobs.client(), channel):
+            try:
+                result = EncodeResult.from_json(data)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignored a malformed message on %s", channel)
+                continue
+            flight = self._flights.get(result.sha256)
+            if flight is not None and not flight.future.done():
+                flight.future.set_result(result)
 
     async def probe(self, shas: list[str]) -> dict[str, EntryHeader | None]:
         """The header of each image's valid cached embedding (None: missing or invalid), in one round trip."""
         try:
-            return await probe_entries(self.client, self.fingerprint, shas, ttl_s=self.embedding_ttl_s)
-        except redis.exceptions.RedisError as error:
+            return await probe_entries(self.cache, self.fingerprint, shas, ttl_s=self.embedding_ttl_s)
+        except REDIS_ERRORS as error:
             raise _unavailable(error) from error
 
     async def invalidate(self, sha: str) -> None:
         try:
-            await self.client.delete(cache_key(self.fingerprint, sha))
-        except redis.exceptions.RedisError as error:
+            await (await self.cache.client()).delete(cache_key(self.fingerprint, sha))
+        except REDIS_ERRORS as error:
             raise _unavailable(error) from error
 
     async def encode(self, images: list[ImageFile], request_id: str, timeout_s: float) -> frozenset[str]:
@@ -150,7 +151,7 @@ class VisionPool:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every waiter gets an answer, whatever went wrong
-            if isinstance(error, redis.exceptions.RedisError):
+            if isinstance(error, REDIS_ERRORS):
                 error = _unavailable(error)
             if not future.done():
                 future.set_exception(error)
@@ -161,25 +162,34 @@ class VisionPool:
         sha = image.sha256
         lock = encode_jobs.lock_key(self.fingerprint, sha)
         has_lock, result = await self._lock_and_look(lock, sha, request_id)
+        jobs = await self.jobs.client()
         if result is not None:
             if has_lock:
-                await self.client.delete(lock)
+                await jobs.delete(lock)
             return result
         if has_lock:
             job = EncodeJob(sha, self.fingerprint, image.data, request_id)
-            await self.client.xadd(encode_jobs.STREAM, job.to_fields())
+            await jobs.xadd(encode_jobs.STREAM, job.to_fields())
         return await self._wait(sha, future)
 
     async def _lock_and_look(self, lock: str, sha: str, request_id: str) -> tuple[bool, EncodeResult | None]:
-        """Takes the lock if it is free, then looks at the cache and at a recent failure, in that order in one
-        round trip: a worker writes the embedding before it frees the lock, so an encode that ends before we take
-        the lock is seen here and not enqueued again. -> (whether we hold the lock, the result if there is one)"""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(lock, request_id, nx=True, px=int(self.lock_ttl_s * 1000))
-            queue_probe(pipe, self.fingerprint, sha, self.embedding_ttl_s)
-            pipe.get(encode_jobs.error_key(self.fingerprint, sha))
-            has_lock, *probed, failure = await pipe.execute()
-        return bool(has_lock), self._result(sha, probed, failure)
+        """Takes the lock if it is free, then looks at the cache and at a recent failure, in that order: a worker
+        writes the embedding (or the failure) before it frees the lock, so an encode that ends before we take the
+        lock is seen here and not enqueued again. -> (whether we hold the lock, the result if there is one)
+
+        On one plain Redis the two go in one round trip, in order. Elsewhere the look waits for the lock's answer:
+        a cluster's pipeline runs its nodes' parts at once, and two Redis servers keep no order between them."""
+        jobs, cache = await self.jobs.client(), await self.cache.client()
+        set_lock = {"nx": True, "px": int(self.lock_ttl_s * 1000)}
+        if cache is jobs and not self.jobs.is_cluster:
+            async with jobs.pipeline(transaction=False) as pipe:
+                pipe.set(lock, request_id, **set_lock)
+                queue_probe(pipe, self.fingerprint, sha, self.embedding_ttl_s)
+                pipe.get(encode_jobs.error_key(self.fingerprint, sha))
+                has_lock, *probed, failure = await pipe.execute()
+            return bool(has_lock), self._result(sha, probed, failure)
+        has_lock = await jobs.set(lock, request_id, **set_lock)
+        return bool(has_lock), await self._look(sha)
 
     def _result(self, sha: str, probed: list, failure: bytes | None) -> EncodeResult | None:
         """The image's result if there is one yet: a valid cached embedding, or a recent failure."""
@@ -187,13 +197,27 @@ class VisionPool:
             return EncodeResult(sha)
         return None if failure is None else EncodeResult.from_json(failure)
 
+    async def _look(self, sha: str) -> EncodeResult | None:
+        """The image's result if there is one yet (see _result): one round trip, or one to each Redis at once."""
+        jobs, cache = await self.jobs.client(), await self.cache.client()
+        failure_key = encode_jobs.error_key(self.fingerprint, sha)
+        if cache is jobs:   # a cluster's pipeline splits it by node
+            async with cache.pipeline(transaction=False) as pipe:
+                queue_probe(pipe, self.fingerprint, sha, self.embedding_ttl_s)
+                pipe.get(failure_key)
+                *probed, failure = await pipe.execute()
+            return self._result(sha, probed, failure)
+
+        async def probe() -> list:
+            async with cache.pipeline(transaction=False) as pipe:
+                queue_probe(pipe, self.fingerprint, sha, self.embedding_ttl_s)
+                return await pipe.execute()
+        probed, failure = await asyncio.gather(probe(), jobs.get(failure_key))
+        return self._result(sha, probed, failure)
+
     @idempotent_redis
     async def _outcome(self, sha: str) -> EncodeResult | None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            queue_probe(pipe, self.fingerprint, sha, self.embedding_ttl_s)
-            pipe.get(encode_jobs.error_key(self.fingerprint, sha))
-            *probed, failure = await pipe.execute()
-        return self._result(sha, probed, failure)
+        return await self._look(sha)
 
     async def _wait(self, sha: str, future: asyncio.Future) -> EncodeResult | None:
         """Until the result is published (or found by polling, in case the message was missed), at most one lock

@@ -47,7 +47,8 @@ async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
     model_config = await asyncio.to_thread(checkpoint.load_config, model_dir)
     fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
     builder = await asyncio.to_thread(PromptBuilder, tokenizer_file(model_dir))
-    pool = VisionPool(context.redis, fingerprint, config.lock_ttl_s, embedding_ttl_s=config.embedding_ttl_s)
+    pool = VisionPool(context.jobs_redis, fingerprint, config.lock_ttl_s, embedding_ttl_s=config.embedding_ttl_s,
+                      cache=context.cache_redis)
     await pool.start()
     decoders = DecoderPool(
         config.decoder_addresses,

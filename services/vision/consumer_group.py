@@ -10,7 +10,12 @@
 - Taking: new jobs (XREADGROUP), the jobs this consumer name held when its previous process died (at start), the
   jobs of dead consumers, and any job idle past `claim_idle_ms` (XAUTOCLAIM). Each delivery counts: the worker
   sends a job delivered more than `max_deliveries` times to the dead-letter stream.
-- Retiring: a finished job's embedding, its waiters' message, its lock and its entry go in one transaction.
+- Retiring: a finished job's waiters' message, its lock and its entry go in one transaction on the jobs Redis.
+  Its embedding goes in the same transaction when the cache is the same plain Redis; when the cache is another
+  Redis, or a cluster (where the embedding's slot is not the stream's), it is written first, on its own: a worker
+  that dies between the two steps leaves its job pending, with the embedding written and the lock held; the job is
+  reclaimed (heartbeat gone), the worker that takes it finds the embedding (it looks at the cache before it
+  encodes) and finishes the job without a second encode. Waiters polling the cache meanwhile find the embedding.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import logging
 import os
 import socket
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from services.vision.config import VisionConfig
 from shared import encode_jobs
 from shared.encode_jobs import EncodeJob, EncodeResult
+from shared.redis_client import REDIS_ERRORS, AnyClient, Endpoint, endpoint, is_cluster_client, publish
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ HEARTBEATS_PER_EXPIRY = 3
 Entry = tuple[bytes, dict]   # (stream entry id, fields)
 
 # Takes the pending jobs of one consumer, all in one step: two workers that both find it dead never take the same
-# job, and a consumer whose heartbeat came back in the meantime keeps its jobs.
+# job, and a consumer whose heartbeat came back in the meantime keeps its jobs. (Its two keys share a slot.)
 # KEYS: stream, heartbeat key of the owner. ARGV: group, owner, taker, count, 1 to take only if the heartbeat is gone.
 _CLAIM_PENDING_OF = """
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {} end
@@ -64,21 +69,24 @@ def _name(value: bytes | str) -> str:
 
 
 class ConsumerGroup:
-    def __init__(self, client: aioredis.Redis, consumer: str, config: VisionConfig) -> None:
+    """`jobs`: the Redis of the job stream; `cache`: that of the embeddings (default: the same)."""
+
+    def __init__(self, jobs: Endpoint | AnyClient, consumer: str, config: VisionConfig,
+                 cache: Endpoint | AnyClient | None = None) -> None:
         if config.heartbeat_interval_ms <= 0:
             raise ValueError("--heartbeat-interval-ms must be positive")
-        self.client = client
+        self.jobs = endpoint(jobs)
+        self.cache = self.jobs if cache is None else endpoint(cache)
         self.consumer = consumer
         self.config = config
         self.heartbeat_interval_s = config.heartbeat_interval_ms / 1000
         self._heartbeat_key = encode_jobs.heartbeat_key(consumer)
-        self._claim_pending_of = client.register_script(_CLAIM_PENDING_OF)
 
     # -- membership ---------------------------------------------------------------------------------------------
 
     async def ensure(self) -> None:
         try:
-            await self.client.xgroup_create(encode_jobs.STREAM, encode_jobs.GROUP, id="0", mkstream=True)
+            await (await self.jobs.client()).xgroup_create(encode_jobs.STREAM, encode_jobs.GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
@@ -86,49 +94,54 @@ class ConsumerGroup:
     async def leave(self) -> None:
         """Ends this worker's heartbeat (any job it still holds is taken by another worker at once) and removes it
         from the group, unless it still holds a job (deleting it would drop the job from the pending list)."""
-        await self.client.delete(self._heartbeat_key)
+        client = await self.jobs.client()
+        await client.delete(self._heartbeat_key)
         if not await self._holds_jobs(self.consumer):
-            await self.client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, self.consumer)
+            await client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, self.consumer)
             log.info("left the consumer group")
 
     async def remove_gone_consumers(self) -> list[str]:
         """Removes the consumers of workers that are gone: idle past consumer_expiry_s (a live worker reads every
         read_block_ms) and holding no job. Returns their names."""
         removed = []
-        for consumer in await self.client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP):
+        client = await self.jobs.client()
+        for consumer in await client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP):
             name = _name(consumer["name"])
             if name == self.consumer or consumer["idle"] < self.config.consumer_expiry_s * 1000 or consumer["pending"]:
                 continue
-            await self.client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, name)
+            await client.xgroup_delconsumer(encode_jobs.STREAM, encode_jobs.GROUP, name)
             removed.append(name)
         if removed:
             log.info("removed consumers of workers that are gone: %s", ", ".join(removed))
         return removed
 
     async def _holds_jobs(self, consumer: str) -> bool:
-        return bool(await self.client.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, min="-", max="+",
-                                                     count=1, consumername=consumer))
+        client = await self.jobs.client()
+        return bool(await client.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, min="-", max="+", count=1,
+                                                consumername=consumer))
 
     # -- liveness -----------------------------------------------------------------------------------------------
 
     async def beat(self) -> None:
         expiry_ms = HEARTBEATS_PER_EXPIRY * self.config.heartbeat_interval_ms
-        await self.client.set(self._heartbeat_key, f"{socket.gethostname()}:{os.getpid()}", px=expiry_ms)
+        await (await self.jobs.client()).set(self._heartbeat_key, f"{socket.gethostname()}:{os.getpid()}",
+                                             px=expiry_ms)
 
     async def keep_alive(self) -> None:
         """Refreshes the heartbeat until cancelled; a Redis that does not answer is tried again next time."""
         while True:
             try:
                 await self.beat()
-            except redis.exceptions.RedisError as error:
+            except REDIS_ERRORS as error:
                 log.debug("heartbeat not refreshed (%s)", type(error).__name__)
             await asyncio.sleep(self.heartbeat_interval_s)
 
     # -- taking jobs --------------------------------------------------------------------------------------------
 
     async def read(self) -> list[Entry]:
-        response = await self.client.xreadgroup(encode_jobs.GROUP, self.consumer, {encode_jobs.STREAM: ">"},
-                                                count=self.config.max_batch_images, block=self.config.read_block_ms)
+        client = await self.jobs.client()
+        response = await client.xreadgroup(encode_jobs.GROUP, self.consumer, {encode_jobs.STREAM: ">"},
+                                           count=self.config.max_batch_images, block=self.config.read_block_ms)
         return [entry for _, entries in response or [] for entry in entries if entry[1]]
 
     async def claim_own(self) -> list[Entry]:
@@ -141,11 +154,12 @@ class ConsumerGroup:
 
     async def claim_of_dead(self) -> list[Entry]:
         """Jobs held by consumers whose heartbeat is gone (their workers died), up to max_batch_images."""
-        summary = await self.client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)
+        client = await self.jobs.client()
+        summary = await client.xpending(encode_jobs.STREAM, encode_jobs.GROUP)
         holders = [_name(c["name"]) for c in summary.get("consumers") or () if _name(c["name"]) != self.consumer]
         if not holders:
             return []
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with client.pipeline(transaction=False) as pipe:
             for name in holders:
                 pipe.exists(encode_jobs.heartbeat_key(name))
             alive = await pipe.execute()
@@ -162,13 +176,14 @@ class ConsumerGroup:
 
     async def claim_idle(self) -> list[Entry]:
         """Jobs pending for longer than claim_idle_ms, whoever holds them."""
-        _, entries, _ = await self.client.xautoclaim(
+        _, entries, _ = await (await self.jobs.client()).xautoclaim(
             encode_jobs.STREAM, encode_jobs.GROUP, self.consumer, min_idle_time=self.config.claim_idle_ms,
             start_id="0-0", count=self.config.max_batch_images)
         return [entry for entry in entries if entry[1]]
 
     async def _claim_of(self, owner: str, only_if_dead: bool, count: int | None = None) -> list[Entry]:
-        reply = await self._claim_pending_of(
+        client = await self.jobs.client()
+        reply = await client.register_script(_CLAIM_PENDING_OF)(
             keys=[encode_jobs.STREAM, encode_jobs.heartbeat_key(owner)],
             args=[encode_jobs.GROUP, owner, self.consumer, count or self.config.max_batch_images,
                   1 if only_if_dead else 0])
@@ -179,7 +194,7 @@ class ConsumerGroup:
         """(entries delivered at most max_deliveries times, the others) of entries this consumer holds."""
         if not entries:
             return [], []
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with (await self.jobs.client()).pipeline(transaction=False) as pipe:
             for entry_id, _ in entries:
                 pipe.xpending_range(encode_jobs.STREAM, encode_jobs.GROUP, min=entry_id, max=entry_id, count=1,
                                     consumername=self.consumer)
@@ -195,15 +210,26 @@ class ConsumerGroup:
     async def finish(self, entry_id: bytes, fingerprint: str, result: EncodeResult,
                      embedding: tuple[str, bytes] | None = None) -> None:
         """Writes the embedding (key, value) if given, tells the waiters (who listen under the job's fingerprint),
-        releases the lock and retires the job: one round trip, all or nothing (a write Redis refuses, out of
-        memory, leaves the job pending for a retry and tells nobody it is done)."""
-        async with self.client.pipeline(transaction=True) as pipe:
+        releases the lock and retires the job, all or nothing: a write Redis refuses (out of memory) leaves the job
+        pending for a retry and tells nobody it is done. With the cache elsewhere (another Redis, or a cluster's
+        other slots) the embedding is written first, and only once it is the rest follows (module docstring)."""
+        jobs, cache = await self.jobs.client(), await self.cache.client()
+        if embedding is not None and (cache is not jobs or is_cluster_client(jobs)):
+            await cache.set(*embedding, ex=self.config.embedding_ttl_s or None)
+            embedding = None
+        await self._retire_done(jobs, entry_id, fingerprint, result, embedding)
+
+    async def _retire_done(self, jobs: AnyClient, entry_id: bytes, fingerprint: str, result: EncodeResult,
+                           embedding: tuple[str, bytes] | None) -> None:
+        """The transaction of `finish` on the jobs Redis (with the embedding when it goes there too)."""
+        is_cluster = is_cluster_client(jobs)
+        async with jobs.pipeline(transaction=True) as pipe:
             if embedding is not None:
                 pipe.set(*embedding, ex=self.config.embedding_ttl_s or None)
             if not result.ok:
                 pipe.set(encode_jobs.error_key(fingerprint, result.sha256), result.to_json(),
                          ex=encode_jobs.ERROR_TTL_S)
-            pipe.publish(encode_jobs.done_channel(fingerprint), result.to_json())
+            publish(pipe, encode_jobs.done_channel(fingerprint), result.to_json(), is_cluster)
             pipe.delete(encode_jobs.lock_key(fingerprint, result.sha256))
             retire(pipe, entry_id)
             await pipe.execute()
@@ -214,19 +240,20 @@ class ConsumerGroup:
         log.error("job %s (image %s) to the dead-letter stream: %s", entry_id.decode(), sha, reason)
         record = {k: v for k, v in fields.items() if k != b"image"}
         record.update({b"entry_id": entry_id, b"reason": reason.encode()})
-        await self.client.xadd(encode_jobs.DEAD_LETTER_STREAM, record, maxlen=10000, approximate=True)
+        client = await self.jobs.client()
+        await client.xadd(encode_jobs.DEAD_LETTER_STREAM, record, maxlen=10000, approximate=True)
         fingerprint = fields.get(b"fingerprint", b"").decode(errors="replace")
         if sha and fingerprint:
             await self.finish(entry_id, fingerprint,
                               EncodeResult(sha, encode_jobs.FAILED, f"encoding failed: {reason}"))
         else:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 await retire(pipe, entry_id).execute()
 
     async def give_back(self, jobs: list[tuple[bytes, EncodeJob]]) -> None:
         """Jobs taken but not started go back to the stream for the other workers: a copy at its end, this delivery
         retired (left pending, they would wait to be reclaimed)."""
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with (await self.jobs.client()).pipeline(transaction=True) as pipe:
             for entry_id, job in jobs:
                 pipe.xadd(encode_jobs.STREAM, job.to_fields())
                 retire(pipe, entry_id)

@@ -7,7 +7,6 @@ import asyncio
 import logging
 
 import cv2
-import redis.exceptions
 import torch
 
 from services.vision import metrics
@@ -15,6 +14,7 @@ from services.vision.encoder import load_vision_encoder
 from services.vision.worker import VisionWorker
 from shared import checkpoint
 from shared.images import warm_up_preprocessing
+from shared.redis_client import REDIS_ERRORS
 from shared.role import RoleBody, RoleContext
 from shared.tiny import resolve_model
 from shared.tokenizer import tokenizer_file
@@ -39,7 +39,7 @@ class VisionRole(RoleBody):
             await self.worker.leave()
         except asyncio.TimeoutError:
             log.warning("job still running after the grace period; it will be reclaimed by another worker")
-        except redis.exceptions.RedisError as error:
+        except REDIS_ERRORS as error:
             log.warning("could not leave the consumer group (%s); the other workers will remove it",
                         type(error).__name__)
 
@@ -61,9 +61,9 @@ async def build(context: RoleContext) -> VisionRole:
     if config.fault_encode_delay_s or config.fault_encode_fail_sha256:
         log.warning("fault injection on: encode delay %.1f s, failing images %s", config.fault_encode_delay_s,
                     ",".join(config.fault_encode_fail_sha256) or "none")
-    worker = VisionWorker(context.redis, encoder, fingerprint, config, on_encoded=metrics.observe_batch,
-                          tokenizer_path=tokenizer_path)
-    metrics.register(worker, config.redis)
+    worker = VisionWorker(context.jobs_redis, encoder, fingerprint, config, on_encoded=metrics.observe_batch,
+                          tokenizer_path=tokenizer_path, cache=context.cache_redis)
+    metrics.register(worker, config.jobs_redis_url)
     stop = asyncio.Event()
     log.info("consumer %s, model fingerprint %s", worker.consumer, fingerprint)
     return VisionRole(worker, stop, asyncio.create_task(worker.run(stop)), config.read_block_ms / 1000)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from services.vision.config import VisionConfig
@@ -36,6 +35,7 @@ from shared.cache_probe import probe_entries
 from shared.embedding_cache import cache_key, encode_entry
 from shared.encode_jobs import EncodeJob, EncodeResult, MalformedJob
 from shared.images import InvalidImage, preprocess
+from shared.redis_client import AnyClient, Endpoint, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,17 @@ class WorkerStats:
 
 
 class VisionWorker:
-    def __init__(self, client: aioredis.Redis, encoder: VisionEncoder, fingerprint: str, config: VisionConfig,
+    def __init__(self, jobs: Endpoint | AnyClient, encoder: VisionEncoder, fingerprint: str, config: VisionConfig,
                  on_encoded: Callable[[int, float], None] = lambda num_images, seconds: None,
-                 tokenizer_path: Path | None = None) -> None:
-        self.client = client
+                 tokenizer_path: Path | None = None, cache: Endpoint | AnyClient | None = None) -> None:
+        """`jobs`: the Redis of the job stream; `cache`: that of the embeddings (default: the same)."""
         self.on_encoded = on_encoded  # (images in the batch, seconds of the forward pass)
         self.encoder = encoder
         self.fingerprint = fingerprint
         self.config = config
         self.tokenizer_path = tokenizer_path   # whose image settings preprocess (shared.tokenizer.tokenizer_file)
         self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.group = ConsumerGroup(client, self.consumer, config)
+        self.group = ConsumerGroup(jobs, self.consumer, config, cache)
         self.stats = WorkerStats()
 
     async def ensure_group(self) -> None:
@@ -131,14 +131,16 @@ class VisionWorker:
                             await self.group.give_back([(entry_id, job) for entry_id, job, _ in todo[0]])
                         else:
                             encoding = asyncio.create_task(self._encode_and_write(*todo))
-                except redis.exceptions.ResponseError as error:
-                    if not group_is_gone(error):
+                except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as error:
+                    # A cluster that is down or moving a slot answers with an error too: unavailable, not refused.
+                    if is_unavailable(error):
+                        log.warning("redis unavailable (%s: %s); retrying", type(error).__name__, error)
+                        await asyncio.sleep(1.0)
+                    elif isinstance(error, redis.exceptions.ResponseError) and group_is_gone(error):
+                        log.warning("consumer group missing (Redis restarted?): recreating it")
+                        has_group = False
+                    else:
                         raise
-                    log.warning("consumer group missing (Redis restarted?): recreating it")
-                    has_group = False
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-                    log.warning("redis unavailable (%s); retrying", type(error).__name__)
-                    await asyncio.sleep(1.0)
             if encoding is not None:
                 await encoding   # the batch in hand is finished before the worker stops
         finally:
@@ -237,7 +239,7 @@ class VisionWorker:
         One round trip for all of them, the gateway's look (shared/cache_probe.py)."""
         if not jobs:
             return jobs
-        headers = await probe_entries(self.client, self.fingerprint, [item[1].sha256 for item in jobs],
+        headers = await probe_entries(self.group.cache, self.fingerprint, [item[1].sha256 for item in jobs],
                                       num_columns=self.encoder.num_columns)
         left = []
         for item in jobs:
