@@ -4,6 +4,7 @@
     python -m bench.load --gateway host:50051 --duration 60 --rate 20 --images 1    # a running gateway
     python -m bench.load --images 1 --image-sizes 256x256 --repeat 0.8 --max-tokens 1 --vision-workers 2
     python -m bench.load --soak --duration 180 --concurrency 8 --images 1 --repeat 0.5
+    python -m bench.load --protocol both --concurrency 16 --requests 96 --max-tokens 128 --temperature 0
 
 Load: `--concurrency N` callers sending back to back (closed loop; a caller waits `--error-backoff-ms` after a
 failed call, as a client with backoff does), or `--rate R` arrivals per second (open loop, Poisson; at most
@@ -11,6 +12,12 @@ failed call, as a client with backoff does), or `--rate R` arrivals per second (
 `--requests` requests. Each request is one user message: `--images` images (sizes drawn from `--image-sizes`; a
 share `--repeat` of them repeat an image sent before in the run, the others are new) and a text; `--max-tokens`
 new tokens (`A` or a range `A-B`), temperature `--temperature`.
+
+`--protocol http` sends the same chats to the gateway's OpenAI-compatible HTTP API instead (`POST
+/v1/chat/completions`, streamed as server-sent events, images as data: URLs; `--http URL` of a running gateway's
+API, e.g. http://host:8000/v1); `--protocol grpc,http` (or `both`; `http,grpc` for the other order) measures each on
+the same stack in the same run, one after the other, each with the same request mix and images of its own, and
+reports them by protocol.
 
 Without `--gateway` it starts the stack (pixtral-serve's launcher: tiny model on the CPU, its own Redis) with
 `--vision-workers` and `--decoders`; `--set name=value` passes a role setting (PIXTRAL_NAME) to every role, e.g.
@@ -21,7 +28,9 @@ of a running stack) and says whether it stays flat: growth over the second half 
 `--max-growth-mib` per process.
 
 Reports requests/s, tokens/s, images/s, p50/p95/p99 time to first token and time per output token, errors by
-status code, and the cache hit ratio (usage: images served from cache over images of successful requests).
+status code, the cache hit ratio (usage: images served from cache over images of successful requests), and the CPU
+milliseconds each process used per request answered (the stack's when it started it or `--pid` names them, and
+its own).
 Results: printed, and written to $OUT/load-<name>.json.
 """
 
@@ -29,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import itertools
+import json
 import os
 import random
 import statistics
@@ -42,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 
 from bench.common import noise_png, percentile, save
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -94,6 +106,16 @@ class Outcome:
     num_encoded: int = 0
 
 
+@dataclass(frozen=True)
+class ChatSpec:
+    """One request of the load, whatever the protocol: `images` then a text, in one user message."""
+
+    index: int
+    images: list[bytes]
+    max_tokens: int
+    temperature: float
+
+
 def build_request(index: int, images: list[bytes], max_tokens: int, temperature: float):
     content = [gateway_pb2.ContentPart(image=gateway_pb2.ImagePart(data=image)) for image in images]
     content.append(gateway_pb2.ContentPart(text=TEXT.format(index=index)))
@@ -130,9 +152,87 @@ async def timed_chat(stub, request, timeout_s: float) -> Outcome:
     return outcome
 
 
+def http_body(spec: ChatSpec) -> dict:
+    """The chat as the HTTP API takes it: streamed, with usage at the end and each chunk's token ids."""
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}}
+               for image in spec.images]
+    content.append({"type": "text", "text": TEXT.format(index=spec.index)})
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": spec.max_tokens,
+            "temperature": spec.temperature, "seed": spec.index, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}
+
+
+async def timed_http_chat(client: httpx.AsyncClient, spec: ChatSpec, timeout_s: float) -> Outcome:
+    started = time.monotonic()
+    first = last = None
+    num_tokens, usage, code = 0, None, "OK"
+    try:
+        async with asyncio.timeout(timeout_s), client.stream("POST", "chat/completions", json=http_body(spec)) as \
+                response:
+            if response.status_code != 200:
+                await response.aread()
+                code = f"HTTP_{response.status_code}"
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue   # blank separators and the final [DONE]
+                    event = json.loads(line.removeprefix("data: "))
+                    if "error" in event:   # the stream's last event
+                        code = f"STREAM_{event['error'].get('code')}"
+                        break
+                    for choice in event["choices"]:
+                        if choice.get("token_ids"):
+                            last = time.monotonic()
+                            first = first or last
+                            num_tokens += len(choice["token_ids"])
+                    usage = event.get("usage") or usage
+    except TimeoutError:
+        code = "DEADLINE_EXCEEDED"
+    except httpx.HTTPError as error:
+        code = type(error).__name__
+    outcome = Outcome(code, started, time.monotonic() - started, num_tokens=num_tokens, num_images=len(spec.images))
+    if first is not None:
+        outcome.ttft = first - started
+        if num_tokens > 1:
+            outcome.tpot = (last - first) / (num_tokens - 1)
+    if usage is not None:
+        outcome.num_cached, outcome.num_encoded = usage["cached_images"], usage["encoded_images"]
+    return outcome
+
+
+class GrpcCalls:
+    """Chats through the gateway's gRPC Chat stream."""
+
+    def __init__(self, address: str) -> None:
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    async def chat(self, spec: ChatSpec, timeout_s: float) -> Outcome:
+        return await timed_chat(self.stub, build_request(spec.index, spec.images, spec.max_tokens, spec.temperature),
+                                timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class HttpCalls:
+    """Chats through the gateway's OpenAI-compatible HTTP API, one keep-alive connection per caller."""
+
+    def __init__(self, base_url: str, concurrency: int) -> None:
+        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/") + "/", timeout=None, limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=concurrency))
+
+    async def chat(self, spec: ChatSpec, timeout_s: float) -> Outcome:
+        return await timed_http_chat(self.client, spec, timeout_s)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
 @dataclass
 class Load:
-    gateway: str
+    gateway: str                  # host:port of gRPC, or the HTTP API's base URL (http://host:port/v1)
     concurrency: int
     rate: float
     duration_s: float
@@ -144,44 +244,46 @@ class Load:
     timeout_s: float
     error_backoff_s: float
     rng: random.Random
+    protocol: str = "grpc"
     outcomes: list[Outcome] = field(default_factory=list)
     num_client_dropped: int = 0
     _issued: int = 0
 
-    def _next_request(self):
+    def _next_request(self) -> ChatSpec | None:
         if self.num_requests and self._issued >= self.num_requests:
             return None
         index = self._issued
         self._issued += 1
         images = [self.images.next() for _ in range(self.num_images)]
-        return build_request(index, images, self.rng.randint(*self.max_tokens), self.temperature)
+        return ChatSpec(index, images, self.rng.randint(*self.max_tokens), self.temperature)
 
     def _is_over(self, started: float) -> bool:
         return bool(self.duration_s) and time.monotonic() - started >= self.duration_s
 
     async def run(self) -> float:
         """Runs the load; returns its wall-clock seconds (from the first request to the last answer)."""
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(self.gateway, options=options) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
+        calls = HttpCalls(self.gateway, self.concurrency) if self.protocol == "http" else GrpcCalls(self.gateway)
+        try:
             started = time.monotonic()
             if self.rate:
-                await self._open_loop(stub, started)
+                await self._open_loop(calls, started)
             else:
-                await asyncio.gather(*(self._caller(stub, started) for _ in range(self.concurrency)))
+                await asyncio.gather(*(self._caller(calls, started) for _ in range(self.concurrency)))
             return time.monotonic() - started
+        finally:
+            await calls.close()
 
-    async def _caller(self, stub, started: float) -> None:
+    async def _caller(self, calls, started: float) -> None:
         while not self._is_over(started):
             request = self._next_request()
             if request is None:
                 return
-            outcome = await timed_chat(stub, request, self.timeout_s)
+            outcome = await calls.chat(request, self.timeout_s)
             self.outcomes.append(outcome)
             if outcome.code != "OK" and self.error_backoff_s:
                 await asyncio.sleep(self.error_backoff_s)
 
-    async def _open_loop(self, stub, started: float) -> None:
+    async def _open_loop(self, calls, started: float) -> None:
         outstanding: set[asyncio.Task] = set()
         next_at = started
         while not self._is_over(started):
@@ -193,7 +295,7 @@ class Load:
             if len(outstanding) >= self.concurrency:
                 self.num_client_dropped += 1
                 continue
-            task = asyncio.ensure_future(timed_chat(stub, request, self.timeout_s))
+            task = asyncio.ensure_future(calls.chat(request, self.timeout_s))
             task.add_done_callback(lambda done: (outstanding.discard(done), self.outcomes.append(done.result())))
             outstanding.add(task)
         if outstanding:
@@ -221,6 +323,23 @@ def summarize(outcomes: list[Outcome], wall_s: float, num_client_dropped: int) -
             value = percentile(values, q)
             results[f"{name}_p{int(q * 100)}_ms"] = None if value is None else 1000 * value
     return results
+
+
+# -- CPU of the processes ---------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat), None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_used(pids: dict[str, int], before: dict[str, float | None]) -> dict[str, float]:
+    """CPU seconds each process used since `before` (the load generator's own included, as "load")."""
+    now = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    return {name: now[name] - before[name] for name in pids if now[name] is not None and before[name] is not None}
 
 
 # -- memory over a soak -------------------------------------------------------------------------------------------
@@ -306,8 +425,9 @@ def engine_only(args) -> dict:
 
 # -- the stack ----------------------------------------------------------------------------------------------------
 
-def start_stack(args) -> tuple[object, object, str, dict[str, int]]:
-    """(launcher, redis server, gateway address, {process name: pid}) of the stack started for the run."""
+def start_stack(args) -> tuple[object, object, str, str, dict[str, int]]:
+    """(launcher, redis server, gateway address, its HTTP API's URL, {process name: pid}) of the stack started for
+    the run."""
     from services.launcher import Launcher, ServeConfig, free_port
     from tests.support import RedisServer
     for setting in args.set:
@@ -320,12 +440,13 @@ def start_stack(args) -> tuple[object, object, str, dict[str, int]]:
     if cap:
         os.environ["PIXTRAL_EMBEDDING_TTL_S"] = "86400"
     redis_server = RedisServer(cap).start()
+    http_port = free_port()
     launcher = Launcher(ServeConfig(model="tiny", redis=redis_server.url, vision_workers=args.vision_workers,
-                                    decoders=args.decoders, port=free_port()))
+                                    decoders=args.decoders, port=free_port(), http_port=http_port))
     gateway = launcher.start()
     pids = {name.replace(" ", ""): process.pid for name, process in launcher.children}
     pids["redis"] = redis_server.process.pid
-    return launcher, redis_server, gateway, pids
+    return launcher, redis_server, gateway, f"http://127.0.0.1:{http_port}/v1", pids
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -350,32 +471,53 @@ def print_report(results: dict) -> None:
     for name in ("ttft", "tpot", "latency", "error_latency"):
         print(f"{name:>14} p50 {ms(f'{name}_p50_ms')} ms  p95 {ms(f'{name}_p95_ms')} ms  "
               f"p99 {ms(f'{name}_p99_ms')} ms", file=sys.stderr)
-    for name, memory in results.get("memory", {}).items():
+    if results.get("cpu_ms_per_request"):
+        print("CPU ms per request: " + ", ".join(f"{name} {value:.2f}" for name, value in
+                                                 results["cpu_ms_per_request"].items()), file=sys.stderr)
+
+
+def print_memory(report: dict) -> None:
+    for name, memory in report.items():
         print(f"{name:>14} RSS start {memory['start_mib']:.0f} MiB, middle {memory['middle_mib']:.0f}, end "
               f"{memory['end_mib']:.0f}, peak {memory['peak_mib']:.0f}; growth over the second half "
               f"{memory['growth_second_half_mib']:+.1f} MiB: {'flat' if memory['is_flat'] else 'GROWING'}",
               file=sys.stderr)
 
 
-async def measure(args, gateway: str, pids: dict[str, int]) -> dict:
+async def measure_protocol(args, protocol: str, target: str, pids: dict[str, int]) -> dict:
+    """One protocol's run: the same request mix for each (the seed's), images new to the cache."""
     rng = random.Random(args.seed)
-    load = Load(gateway=gateway, concurrency=args.concurrency, rate=args.rate, duration_s=args.duration,
+    load = Load(gateway=target, concurrency=args.concurrency, rate=args.rate, duration_s=args.duration,
                 num_requests=args.requests, num_images=args.images,
                 images=ImageSource(parse_sizes(args.image_sizes), args.repeat, rng),
                 max_tokens=parse_range(args.max_tokens), temperature=args.temperature, timeout_s=args.timeout,
-                error_backoff_s=args.error_backoff_ms / 1000, rng=rng)
+                error_backoff_s=args.error_backoff_ms / 1000, rng=rng, protocol=protocol)
     if args.warmup:
-        warm = Load(gateway, 1, 0.0, 0.0, args.warmup, args.images, ImageSource(parse_sizes(args.image_sizes), 0.0,
-                                                                                 random.Random(-1)),
-                    (4, 4), 0.0, args.timeout, 0.0, random.Random(-1))
+        warm = Load(target, 1, 0.0, 0.0, args.warmup, args.images, ImageSource(parse_sizes(args.image_sizes), 0.0,
+                                                                                random.Random(-1)),
+                    (4, 4), 0.0, args.timeout, 0.0, random.Random(-1), protocol=protocol)
         await warm.run()
+    processes = pids | {"load": os.getpid()}
+    before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+    wall = await load.run()
+    results = summarize(load.outcomes, wall, load.num_client_dropped)
+    # Where the CPU went, per request answered: on a small machine the load generator competes for it too.
+    used = cpu_used(processes, before)
+    results["cpu_ms_per_request"] = {name: 1000 * seconds / max(1, results["ok"]) for name, seconds in used.items()}
+    return results
+
+
+async def measure(args, targets: dict[str, str], pids: dict[str, int]) -> dict:
+    """`targets`: protocol -> the gateway's address for it, measured one after the other. One protocol: its
+    results; several: their results by protocol."""
     stop, samples = asyncio.Event(), {}
     sampler = asyncio.ensure_future(sample_rss(pids, args.rss_interval_s, samples, stop)) if args.soak else None
-    wall = await load.run()
+    by_protocol = {protocol: await measure_protocol(args, protocol, target, pids)
+                   for protocol, target in targets.items()}
     stop.set()
     if sampler is not None:
         await sampler
-    results = summarize(load.outcomes, wall, load.num_client_dropped)
+    results = next(iter(by_protocol.values())) if len(by_protocol) == 1 else dict(by_protocol)
     if args.soak:
         results["memory"] = memory_report(samples, args.max_growth_mib)
         results["memory_is_flat"] = all(memory["is_flat"] for memory in results["memory"].values())
@@ -385,6 +527,10 @@ async def measure(args, gateway: str, pids: dict[str, int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gateway", help="a running gateway host:port; default: start the tiny stack")
+    parser.add_argument("--protocol", default="grpc",
+                        help="grpc, http (the gateway's OpenAI-compatible API), or several one after the other in "
+                             "the order given, comma-separated; both: grpc,http")
+    parser.add_argument("--http", help="with --gateway: the running gateway's HTTP API, e.g. http://host:8000/v1")
     parser.add_argument("--concurrency", type=int, default=8, help="callers (closed loop) or outstanding cap")
     parser.add_argument("--rate", type=float, default=0.0, help="arrivals per second (open loop); 0: closed loop")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds of load")
@@ -418,14 +564,20 @@ def main(argv: list[str] | None = None) -> int:
         results = engine_only(args)
         save(f"load-{args.name}", results)
         return 0
+    protocols = tuple(("grpc", "http") if args.protocol == "both" else args.protocol.split(","))
+    if len(set(protocols)) != len(protocols) or not set(protocols) <= {"grpc", "http"}:
+        parser.error(f"--protocol: grpc, http, both or a comma-separated list of them, got {args.protocol!r}")
+    if args.gateway and "http" in protocols and not args.http:
+        parser.error("--protocol http with --gateway needs --http (the gateway's HTTP API URL)")
     launcher = redis_server = None
     try:
         if args.gateway:
-            gateway, pids = args.gateway, {}
+            gateway, http, pids = args.gateway, args.http, {}
         else:
-            launcher, redis_server, gateway, pids = start_stack(args)
+            launcher, redis_server, gateway, http, pids = start_stack(args)
         pids.update({f"pid{pid}": pid for pid in args.pid})
-        results = asyncio.run(measure(args, gateway, pids))
+        targets = {protocol: gateway if protocol == "grpc" else http for protocol in protocols}
+        results = asyncio.run(measure(args, targets, pids))
     finally:
         if launcher is not None:
             launcher.stop()
@@ -433,7 +585,11 @@ def main(argv: list[str] | None = None) -> int:
             redis_server.stop()
     results["cpus"] = os.cpu_count()
     results["args"] = vars(args)
-    print_report(results)
+    for protocol in protocols:
+        if len(protocols) > 1:
+            print(f"== {protocol}", file=sys.stderr)
+        print_report(results[protocol] if len(protocols) > 1 else results)
+    print_memory(results.get("memory", {}))
     save(f"load-{args.name}", results)
     return 0 if not args.soak or results["memory_is_flat"] else 1
 

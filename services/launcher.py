@@ -60,6 +60,8 @@ class ServeConfig:
     vision_workers: int = option(1, "vision worker processes")
     decoders: int = option(1, "decoder processes")
     port: int = option(50051, "gateway port")
+    http_port: int = option(8000, "port of the gateway's OpenAI-compatible HTTP API (printed as `http <url>` after "
+                                  "`ready`); 0: none")
     device: str = option("cpu", "cpu or cuda")
     host: str = option("127.0.0.1", "address the gateway listens on and `ready` prints")
     startup_timeout_s: float = option(900.0, "how long the roles may take to load")
@@ -76,6 +78,8 @@ class ServeConfig:
                                  "prefer the environment to the flag; empty: none", secret=True)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"--http-port must be a port or 0, got {self.http_port}")
         if self.vision_workers < 1 or self.decoders < 1:
             raise ValueError("--vision-workers and --decoders must be at least 1")
         if self.device not in ("cpu", "cuda"):
@@ -300,6 +304,8 @@ class Launcher:
     def start(self) -> str:
         c = self.config
         metrics = self.metrics_ports()
+        if c.http_port and not is_bindable(c.http_port):
+            raise SystemExit(f"HTTP port {c.http_port} is in use (--http-port; 0: none)")
         for name, port in metrics.items():
             if port and not is_bindable(port):
                 raise SystemExit(f"metrics port {port} of {name} is in use (--metrics-port {c.metrics_port} takes "
@@ -337,7 +343,8 @@ class Launcher:
             self.wait_for(address, lambda address=address: is_serving(address))
         self.spawn(ChildSpec("gateway", (*python, "services.gateway", *common, "--port", str(c.port), "--host",
                                          c.host, "--decoder-addresses", ",".join(decoder_addresses),
-                                         "--metrics-port", str(metrics["gateway"])), GATEWAY_STAGE))
+                                         "--metrics-port", str(metrics["gateway"]), "--http-port", str(c.http_port)),
+                             GATEWAY_STAGE))
         gateway = f"{c.host}:{c.port}"
         self.wait_for("gateway", lambda: is_serving(gateway))
         return gateway
@@ -378,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gateway = launcher.start()
         print(f"ready {gateway}", flush=True)
+        if config.http_port:
+            http_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+            print(f"http http://{http_host}:{config.http_port}/v1", flush=True)
         launcher.serve_forever()
     except StopRequested:
         return 0

@@ -56,6 +56,7 @@ class Serve:
     def __init__(self, tmp_path: Path, tiny_model: Path, *args: str, **env: str) -> None:
         self.port = free_port()
         self.gateway = f"127.0.0.1:{self.port}"
+        self.http_port = free_port()   # not the default 8000: the module's launchers run side by side
         self.stderr_path = tmp_path / "serve.stderr"
         # Every process it starts carries this variable: what is left of them can be found, however deep.
         self.marker = uuid.uuid4().hex
@@ -63,10 +64,11 @@ class Serve:
         with self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.launcher", "--model", str(tiny_model), "--port", str(self.port),
-                 *args], cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                 "--http-port", str(self.http_port), *args], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                stderr=stderr, text=True)
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        line = self.process.stdout.readline()   # the launcher's stdout carries `ready` alone
+        line = self.process.stdout.readline()   # the launcher's stdout carries `ready` first, then `http <url>`
         assert line.strip() == f"ready {self.gateway}", f"{line!r}: {self.stderr()[-3000:]}"
         self.redis_url = re.search(r"--redis (\S+)", " ".join(self.cmdline(self.children()["gateway"]))).group(1)
 

@@ -12,10 +12,13 @@ from shared.url_fetch import parse_networks
 
 @dataclass(frozen=True)
 class GatewayConfig(RoleOptions):
-    """Pixtral gateway: the public gRPC API (Chat, Tokenize, PutImages, GetModelInfo)."""
+    """Pixtral gateway: the public gRPC API (Chat, Tokenize, PutImages, GetModelInfo) and, with --http-port, the
+    OpenAI-compatible HTTP API."""
 
     port: int = option(50051, "gRPC port")
     metrics_port: int = option(9100, "port of the Prometheus /metrics endpoint; 0: none")
+    http_port: int = option(0, "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /tokenize, "
+                               "/health) on --host, with the gRPC port's token and TLS; 0: none")
     model_name: str = option("", "name of the model served, as GetModelInfo reports it; empty: the checkpoint "
                                  "directory's name ('tiny' for the built-in model)")
     decoder_addresses: tuple[str, ...] = option(("127.0.0.1:50061",), "decoder addresses host:port, comma-separated")
@@ -47,6 +50,8 @@ class GatewayConfig(RoleOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"--http-port must be a port or 0, got {self.http_port}")
         if not self.decoder_addresses:
             raise ValueError("--decoder-addresses: at least one decoder address is needed")
         if min(self.max_images, self.max_image_bytes, self.max_image_pixels, self.default_max_tokens, self.max_n) <= 0:

@@ -1,18 +1,24 @@
-"""The gateway process put together: its model's facts, the vision pool, the decoders and the request route."""
+"""The gateway process put together: its model's facts, the vision pool, the decoders, the request route, and the
+HTTP API beside the gRPC one (with --http-port)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+
+from grpc_health.v1 import health_pb2
 
 from services.gateway.chat import ChatService
 from services.gateway.config import GatewayConfig
 from services.gateway.decoders import DecoderPool
+from services.gateway.http.server import HttpServer
 from services.gateway.images import ImageResolver
 from services.gateway.prompt import PromptBuilder
 from services.gateway.route import Route
 from services.gateway.server import GatewayServicer
 from services.gateway.vision_pool import VisionPool
 from shared import checkpoint, tls
+from shared.grpc_server import GrpcServer
 from shared.role import RoleBody, RoleContext
 from shared.structured_output import FormatCompiler
 from shared.tiny import resolve_model
@@ -21,10 +27,16 @@ from shared.url_fetch import UrlFetcher, UrlPolicy, parse_networks
 
 
 class GatewayRole(RoleBody):
-    def __init__(self, pool: VisionPool, decoders: DecoderPool) -> None:
-        self.pool, self.decoders = pool, decoders
+    def __init__(self, pool: VisionPool, decoders: DecoderPool, http: HttpServer | None = None) -> None:
+        self.pool, self.decoders, self.http = pool, decoders, http
+
+    async def drain(self, grace_s: float) -> None:
+        if self.http is not None:
+            await self.http.drain(grace_s)
 
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.pool.close()
         await self.decoders.close()
 
@@ -49,8 +61,19 @@ async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
     formats = await asyncio.to_thread(lambda: FormatCompiler(builder.tokenizer))
     route = Route(config, builder, resolver, pool, decoders, model_context, formats)
     model_name = config.model_name or ("tiny" if config.model == "tiny" else model_dir.name)
-    servicer.service = ChatService(route, model_name, fingerprint)
-    return GatewayRole(pool, decoders)
+    servicer.service = service = ChatService(route, model_name, fingerprint)
+    http = None
+    if config.http_port:
+        http = HttpServer(service, config, is_ready=functools.partial(is_serving, context.server),
+                          is_draining=lambda: context.server.drainer.is_draining)
+        await http.start()
+    return GatewayRole(pool, decoders, http)
+
+
+async def is_serving(server: GrpcServer) -> bool:
+    """The gateway's readiness, as its gRPC health answers it (the overall service, "", which always exists)."""
+    response = await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    return response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def url_fetcher(config: GatewayConfig) -> UrlFetcher | None:
