@@ -428,7 +428,8 @@ def engine_only(args) -> dict:
 def start_stack(args) -> tuple[object, object, str, str, dict[str, int]]:
     """(launcher, redis server, gateway address, its HTTP API's URL, {process name: pid}) of the stack started for
     the run."""
-    from services.launcher import Launcher, ServeConfig, free_port
+    from services.launcher import Launcher, ServeConfig
+    from services.local_processes import free_port
     from tests.support import RedisServer
     for setting in args.set:
         name, _, value = setting.partition("=")

@@ -25,7 +25,7 @@ import redis.cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from services.launcher import free_port  # the tests' ports, as the launcher picks them
+from services.local_processes import free_port  # the tests' ports, as the launcher picks them
 
 ROOT = Path(__file__).resolve().parent.parent
 # Embedding expiry of the shared stack (conftest.py), as deployed: written by the vision worker, renewed on use.

@@ -28,7 +28,7 @@ import redis
 from grpc_health.v1 import health_pb2
 
 from pixtral.v1 import common_pb2
-from services.launcher import _given_ports, is_bindable, redis_answers
+from services.local_processes import _given_ports, is_bindable, redis_answers
 from tests.reference import chat_request
 from tests.support import (ROOT, BackgroundChat, call_chat, child_env, free_port, health_status, image_bytes,
                            metric_value, noise_image, pending_jobs, wait_until)
