@@ -59,6 +59,8 @@ class ServeConfig:
     http_port: int = option(8000, "port of the gateway's OpenAI-compatible HTTP API (printed as `http <url>` after "
                                   "`ready`); 0: none")
     device: str = option("cpu", "cpu or cuda")
+    quantization: str = option("", "the decoders' --quantization: empty (the checkpoint's weights) or fp8")
+    kv_cache_dtype: str = option("auto", "the decoders' --kv-cache-dtype: auto (the model's dtype) or fp8")
     host: str = option("127.0.0.1", "address the gateway listens on and `ready` prints")
     startup_timeout_s: float = option(900.0, "how long the roles may take to load")
     drain_grace_s: float = option(30.0, "on stop, seconds each role gives its calls and jobs in flight to finish "
@@ -255,12 +257,13 @@ class Launcher:
             if c.device == "cpu" else []
         # On one GPU the decoders split the memory their KV caches are sized from (vision workers use little).
         memory = ["--gpu-memory-utilization", f"{0.85 / c.decoders:.3f}"] if c.device == "cuda" else []
+        precision = ["--quantization", c.quantization, "--kv-cache-dtype", c.kv_cache_dtype]
         decoder_addresses, worker_addresses = [], []
         for index in range(c.decoders):
             name, port = f"decoder{index}", free_port()
             self.spawn(ChildSpec(name, (*python, "services.decoder", *common, "--port", str(port), "--host",
                                         "127.0.0.1", "--device", c.device, "--metrics-port", str(metrics[name]),
-                                        *threads, *memory), WORKER_STAGE))
+                                        *threads, *memory, *precision), WORKER_STAGE))
             decoder_addresses.append(f"127.0.0.1:{port}")
         for index in range(c.vision_workers):
             name, port = f"vision{index}", free_port()

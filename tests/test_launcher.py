@@ -287,3 +287,17 @@ def test_sigterm_drains_the_gateway_first_then_the_workers_then_redis(tiny_model
     assert gateway_last <= decoder_draining and gateway_last <= vision_left
     # The vision worker left the group (a Redis command) after its drain: Redis was still up then.
     assert set(children) == {"gateway", "decoder0", "vision0", "redis"}
+
+
+def test_the_decoders_take_the_precision_flags_and_serve_an_image_chat(tiny_model, tmp_path):
+    serve = Serve(tmp_path, tiny_model, "--redis", "private", "--metrics-port", "0", "--quantization", "fp8",
+                  "--kv-cache-dtype", "fp8")
+    try:
+        serve.wait_ready()
+        argv = serve.cmdline(serve.children()["decoder0"])
+        assert argv[argv.index("--quantization") + 1] == "fp8" and argv[argv.index("--kv-cache-dtype") + 1] == "fp8"
+        outcome = call_chat(serve.gateway, image_chat(max_tokens=4))
+        assert outcome.code == grpc.StatusCode.OK and len(outcome.token_ids) == 4, outcome.details
+    finally:
+        serve.stop()
+    assert not serve.left_running()
