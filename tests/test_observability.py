@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pixtral.v1 import gateway_pb2_grpc
 from tests.reference import chat_request
-from tests.support import assert_status, health_status, image_bytes, metric_value, noise_image
+from tests.support import assert_status, health_status, image_bytes, metric_value, noise_image, wait_until
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -68,11 +68,14 @@ def traced(observed_stack):
 
 
 def test_request_id_follows_the_request_through_every_role(observed_stack, traced):
-    time.sleep(0.2)   # the last log lines of the stream
     for role in ("gateway", "decoder0"):
-        lines = [entry["msg"] for entry in observed_stack.log_entries(role) if entry.get("request_id") == "trace-7f3a"]
-        assert lines, f"no {role} log line carries the request id"
-        assert any(line.startswith(("Chat OK", "Generate OK")) for line in lines), lines
+        def lines() -> list[str]:
+            return [entry["msg"] for entry in observed_stack.log_entries(role)
+                    if entry.get("request_id") == "trace-7f3a"]
+
+        # a call's last log line may be written after its stream has ended
+        wait_until(lambda: any(line.startswith(("Chat OK", "Generate OK")) for line in lines()), 30,
+                   f"no {role} log line of the call's end carries the request id: {lines()}")
     gateway_lines = [entry["msg"] for entry in observed_stack.log_entries("gateway")
                      if entry.get("request_id") == "trace-7f3a"]
     assert any(line.startswith("prompt of ") for line in gateway_lines), gateway_lines

@@ -14,7 +14,7 @@ from services.vision.config import VisionConfig
 from services.vision.worker import VisionWorker
 from shared import encode_jobs
 from shared.encode_jobs import EncodeJob
-from tests.support import RedisServer
+from tests.support import RedisServer, wait_until
 
 
 @pytest.fixture
@@ -34,13 +34,15 @@ def test_consumers_of_gone_workers_are_removed_unless_they_hold_a_job(redis_serv
     client.xgroup_createconsumer(encode_jobs.STREAM, encode_jobs.GROUP, "gone-idle")
     client.xadd(encode_jobs.STREAM, EncodeJob("ab" * 32, "f" * 64, b"image", "r1").to_fields())
     client.xreadgroup(encode_jobs.GROUP, "gone-holding", {encode_jobs.STREAM: ">"}, count=1)   # dies with a job
-    time.sleep(1.2)
-    client.xgroup_createconsumer(encode_jobs.STREAM, encode_jobs.GROUP, "alive")   # idle for less than expiry
+    # gone: idle past the expiry (3 s); "alive", made then, has those 3 s for the clean-up to see it as alive
+    wait_until(lambda: min(c["idle"] for c in client.xinfo_consumers(encode_jobs.STREAM, encode_jobs.GROUP)) > 3000,
+               30, "the consumers never went idle")
+    client.xgroup_createconsumer(encode_jobs.STREAM, encode_jobs.GROUP, "alive")
 
     async def clean() -> tuple[list[str], list[str]]:
         connection = aioredis.from_url(redis_server.url)
         worker = VisionWorker(connection, encoder=None, fingerprint="f" * 64,
-                              config=VisionConfig.load(["--consumer", "cleaner", "--consumer-expiry-s", "1"]))
+                              config=VisionConfig.load(["--consumer", "cleaner", "--consumer-expiry-s", "3"]))
         try:
             await worker.ensure_group()
             first = await worker.remove_gone_consumers()
