@@ -323,6 +323,8 @@ def test_a_stopped_worker_finishes_its_job_and_leaves_the_queued_ones_to_others(
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         replies = [pool.submit(call_chat, stack.gateway, image_chat(image), 60) for image in images]
         wait_until(lambda: job_holder(client) == first, 20, "the worker never took a job")
+        # its batch is under way (a job read but not yet started is given back by a stopping worker)
+        wait_until(lambda: "injected delay: a batch of 1 images" in stack.logs(first), 20, "no batch started")
         stack.processes[first].send_signal(signal.SIGTERM)
         address = workers.addresses[first]
         wait_until(lambda: health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING, 3,

@@ -229,6 +229,8 @@ class VisionWorker:
     async def _inject_faults(self, todo: list[tuple[bytes, EncodeJob, np.ndarray]]) -> None:
         """Test-only faults (VisionConfig.fault_*, off by default): a slow encode, and images that never encode."""
         if self.config.fault_encode_delay_s:
+            log.info("injected delay: a batch of %d images waits %.1f s before its encode", len(todo),
+                     self.config.fault_encode_delay_s)
             await asyncio.sleep(self.config.fault_encode_delay_s)
         for _, job, _ in todo:
             if job.sha256 in self.config.fault_encode_fail_sha256:
