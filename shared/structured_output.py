@@ -20,12 +20,9 @@ and a Tekken tokenizer of v11 or later; Pixtral's is v3.)
 from __future__ import annotations
 
 import functools
-import json
 import os
-import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -34,6 +31,7 @@ import xgrammar as xgr
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from shared.format_checks import FormatError, check_repeats, check_schema, library_message
 from shared.tokenizer import load_tokenizer
 
 VOCAB_SIZE = 131072
@@ -44,7 +42,6 @@ KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "tool_calls
 
 MAX_SPEC_CHARS = 1 << 16       # a schema, regex or grammar's text; the choices together
 MAX_CHOICES = 1024
-MAX_REPEAT = 10_000            # largest count in a repetition ({m,n}) or a length/size keyword of a schema
 MAX_COMPILED_BYTES = 64 << 20  # what xgrammar's compiled form of one format may hold
 # Whitespace between JSON elements, per gap: enough for indented output, and a model that falls into a loop
 # of whitespace has to write the next element rather than fill max_tokens with blanks.
@@ -52,13 +49,9 @@ MAX_JSON_WHITESPACE = 32
 # The tool-call grammar writes the calls as mistral-common writes them in the history (json.dumps defaults).
 TOOL_CALL_SEPARATORS = (", ", ": ")
 
-_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
-_SIZE_KEYWORDS = ("maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties")
-_LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed: .*? is false: )?")
-
-
-class FormatError(ValueError):
-    """A response format that cannot be compiled (or is over the limits); the message says why."""
+# Bitmask row that allows EOS alone: bit 2 of the first 32-bit word.
+EOS_ONLY_ROW = torch.zeros(xgr.get_bitmask_shape(1, VOCAB_SIZE)[1], dtype=xgr.bitmask_dtype)
+EOS_ONLY_ROW[EOS_ID // 32] = 1 << (EOS_ID % 32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +113,11 @@ class FormatMatcher:
         self.compiled = compiled
         self._matcher = xgr.GrammarMatcher(compiled.grammar)
 
+    @property
+    def xgrammar_matcher(self) -> xgr.GrammarMatcher:
+        """The library's matcher, for filling many rows at once (format_bitmasks.fill_bitmasks)."""
+        return self._matcher
+
     def accept(self, token_id: int) -> bool:
         """Advances by one sampled token; False (and no change) if the format does not allow it."""
         return self._matcher.accept_token(token_id)
@@ -127,7 +125,7 @@ class FormatMatcher:
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Writes the tokens allowed next into `bitmask[row]` (CPU int32, from `allocate_bitmask`)."""
         if self._matcher.is_terminated():
-            bitmask[row] = _EOS_ONLY_ROW
+            bitmask[row] = EOS_ONLY_ROW
         else:
             self._matcher.fill_next_token_bitmask(bitmask, row)
 
@@ -224,13 +222,13 @@ class FormatCompiler:
 
     def _compile(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:
         if fmt.kind in ("json_schema", "tool_calls"):
-            _check_schema(fmt.spec, fmt.kind)
+            check_schema(fmt.spec, fmt.kind)
         elif fmt.kind in ("regex", "grammar"):
-            _check_repeats(fmt.spec, fmt.kind)
+            check_repeats(fmt.spec, fmt.kind)
         try:
             grammar = self._build(fmt.kind, fmt.spec)
         except (RuntimeError, ValueError, TypeError) as error:
-            raise FormatError(f"{fmt.kind}: {_library_message(error)}") from None
+            raise FormatError(f"{fmt.kind}: {library_message(error)}") from None
         if grammar.memory_size_bytes > MAX_COMPILED_BYTES:
             raise FormatError(f"{fmt.kind}: compiles to {grammar.memory_size_bytes >> 20} MiB, over the limit of "
                               f"{MAX_COMPILED_BYTES >> 20} MiB")
@@ -258,99 +256,6 @@ class FormatCompiler:
 
 def _num_bytes(entry: CompiledFormat | str) -> int:
     return 0 if isinstance(entry, str) else entry.memory_size_bytes
-
-
-def _check_schema(text: str, kind: str) -> None:
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise FormatError(f"{kind}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") \
-            from None
-    if not isinstance(schema, (dict, bool)):
-        raise FormatError(f"{kind}: a JSON schema is an object (or true/false), not {type(schema).__name__}")
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in _SIZE_KEYWORDS and isinstance(value, (int, float)) and value > MAX_REPEAT:
-                    raise FormatError(f"{kind}: {key} {value} is over the limit of {MAX_REPEAT}")
-                if key == "pattern" and isinstance(value, str):
-                    _check_repeats(value, kind)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
-def _check_repeats(text: str, kind: str) -> None:
-    """Counts in {m,n} repetitions bound how much xgrammar builds (and how long it takes): {1,1000} nested in
-    {1,1000} already takes seconds. A literal brace in a quoted string may be counted too, erring on refusal."""
-    for match in _REPEAT.finditer(text):
-        for count in match.groups():
-            if count and int(count) > MAX_REPEAT:
-                raise FormatError(f"{kind}: repetition count {count} is over the limit of {MAX_REPEAT}")
-
-
-def _library_message(error: Exception) -> str:
-    """xgrammar's message without its log prefix (time, source file and line) nor an echo of the input."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    text = _LOG_PREFIX.sub("", lines[0]) if lines else type(error).__name__
-    text = text.split(" The JSON string is:", 1)[0]
-    return text[:300]
-
-
-# Bitmask row that allows EOS alone: bit 2 of the first 32-bit word.
-_EOS_ONLY_ROW = torch.zeros(xgr.get_bitmask_shape(1, VOCAB_SIZE)[1], dtype=xgr.bitmask_dtype)
-_EOS_ONLY_ROW[EOS_ID // 32] = 1 << (EOS_ID % 32)
-
-
-def allocate_bitmask(batch_size: int, pin_memory: bool = False) -> torch.Tensor:
-    """[batch_size, 4096] int32 on the CPU, every token allowed. Pinned memory lets the copy to the GPU run
-    without waiting for the device's queued work."""
-    bitmask = xgr.allocate_token_bitmask(batch_size, VOCAB_SIZE)
-    return bitmask.pin_memory() if pin_memory else bitmask
-
-
-_BATCH_FILLER_LOCK = threading.Lock()
-
-
-@functools.cache
-def _batch_filler() -> xgr.BatchGrammarMatcher:
-    return xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
-
-
-def fill_bitmasks(matchers: Sequence[FormatMatcher | None], bitmask: torch.Tensor) -> list[int]:
-    """Fills row i for each matchers[i] that is not None (several threads for many rows); returns those rows.
-    Rows without a matcher are left as they are."""
-    rows, active = [], []
-    for row, matcher in enumerate(matchers):
-        if matcher is None:
-            continue
-        rows.append(row)
-        if matcher.is_terminated:
-            bitmask[row] = _EOS_ONLY_ROW
-        else:
-            active.append((row, matcher._matcher))
-    if len(active) == 1:
-        row, matcher = active[0]
-        matcher.fill_next_token_bitmask(bitmask, row)
-    elif active:
-        with _BATCH_FILLER_LOCK:  # one pool of threads, one batch at a time
-            _batch_filler().batch_fill_next_token_bitmask([matcher for _, matcher in active], bitmask,
-                                                          [row for row, _ in active])
-    return rows
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
-    """Sets to -inf, in place, the logits [B, V] of the tokens that `bitmask` [B, 4096] forbids, in `rows` only:
-    the other rows (sequences without a format) are left alone. Runs on the logits' device (CPU or CUDA); a
-    CPU bitmask is copied there (from pinned memory, without waiting: refill it only once this step's tokens
-    have been read back, which orders the refill after the copy)."""
-    if not rows:
-        return
-    if bitmask.device != logits.device:
-        bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=VOCAB_SIZE, indices=list(rows))
 
 
 _DEFAULT_LOCK = threading.Lock()

@@ -15,9 +15,10 @@ import torch
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
 from services.gateway.detokenizer import IncrementalDetokenizer
-from shared.structured_output import (EOS_ID, MAX_REPEAT, MAX_SPEC_CHARS, NUM_CONTROL_TOKENS, TOOL_CALLS_ID,
-                                      VOCAB_SIZE, FormatCompiler, FormatError, ResponseFormat, allocate_bitmask,
-                                      apply_bitmask, fill_bitmasks)
+from shared.format_bitmasks import allocate_bitmask, apply_bitmask, fill_bitmasks
+from shared.format_checks import MAX_REPEAT
+from shared.structured_output import (EOS_ID, MAX_SPEC_CHARS, NUM_CONTROL_TOKENS, TOOL_CALLS_ID,
+                                      VOCAB_SIZE, FormatCompiler, FormatError, ResponseFormat)
 from shared.tokenizer import load_tokenizer
 
 NUM_SEEDS = 12

@@ -21,8 +21,8 @@ from PIL import Image
 from shared.chat_messages import ChatTurn, chat_request
 from shared.structured_output import EOS_ID, TOOL_CALLS_ID, FormatCompiler, FormatError, ResponseFormat
 from shared.tokenizer import load_tokenizer
-from shared.tool_calls import (PLAIN_TEXT, ChatFormatError, ToolCall, ToolCallParser, prompt_tool_call_id,
-                               setup_tools)
+from shared.tool_call_parser import ToolCallParser
+from shared.tool_calls import PLAIN_TEXT, ChatFormatError, ToolCall, prompt_tool_call_id, setup_tools
 from tests.test_structured_output import decode, make_closing_bias, sample
 
 AVAILABLE_TOOLS, END_AVAILABLE_TOOLS, TOOL_RESULTS, END_TOOL_RESULTS, INST = 5, 6, 7, 8, 3

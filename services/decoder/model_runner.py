@@ -181,7 +181,7 @@ class ModelRunner:
         matchers = [seq.constraint for seq in seqs]
         if all(matcher is None for matcher in matchers):
             return None
-        from shared.structured_output import allocate_bitmask, fill_bitmasks   # only grammars need xgrammar
+        from shared.format_bitmasks import allocate_bitmask, fill_bitmasks   # only grammars need xgrammar
         bitmask = allocate_bitmask(len(seqs))
         fill_bitmasks(matchers, bitmask)
         return to_device(bitmask, self.device)

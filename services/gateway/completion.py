@@ -13,7 +13,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from services.gateway.decoders import DecodeOutput
 from services.gateway.detokenizer import IncrementalDetokenizer, StopMatcher
 from shared.generation import Logprobs
-from shared.tool_calls import ToolCallParser
+from shared.tool_call_parser import ToolCallParser
 
 
 @dataclass(frozen=True, slots=True)
