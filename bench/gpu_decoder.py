@@ -108,6 +108,27 @@ def run_until(engine: Engine, condition) -> None:
         engine.step()
 
 
+def decode_rate(engine: Engine, num_rows: int, num_steps: int) -> float:
+    """Tokens/s of `num_steps` steps of the `num_rows` sequences running (their prefill done)."""
+    sync()
+    started = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    return num_rows * num_steps / (time.perf_counter() - started)
+
+
+def start_streams(engine: Engine, first_index: int, prompts, features: torch.Tensor) -> tuple[list[Sequence], float]:
+    """One long sequence per prompt, added at once and run until each has its first token -> (the sequences,
+    seconds their prefill took)."""
+    seqs = [sequence(first_index + i, prompt, 10_000, features) for i, prompt in enumerate(prompts)]
+    for seq in seqs:
+        engine.add(seq, lambda output: None)
+    sync()
+    started = time.perf_counter()
+    run_until(engine, lambda: all(seq.num_output_tokens >= 1 for seq in seqs))
+    return seqs, time.perf_counter() - started
+
+
 @torch.inference_mode()
 def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
     results = {}
@@ -149,35 +170,20 @@ def ours(model, prompt_1024, prompts_512, features_1024: torch.Tensor) -> dict:
     run_until(engine, lambda: seq.num_output_tokens >= 1)
     run_until(engine, lambda: seq.num_output_tokens >= 16)
     results["greedy_1024"] = seq.output_token_ids[:16]
-    steps = 128
     for overlap, name in SCHEDULING_MODES:
         engine.overlap = overlap
         engine.step()
-        sync()
-        started = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        results[f"decode_b1{name}_tok_s"] = steps / (time.perf_counter() - started)
+        results[f"decode_b1{name}_tok_s"] = decode_rate(engine, 1, 128)
     engine.abort(seq.request_id)
     engine.step()
 
     for batch in (32, 64):
-        seqs = [sequence(100 * batch + i, prompts_512[i], 10_000, features) for i in range(batch)]
-        for s in seqs:
-            engine.add(s, lambda output: None)
-        sync()
-        started = time.perf_counter()
-        run_until(engine, lambda: all(s.num_output_tokens >= 1 for s in seqs))
-        results[f"prefill_{batch}x{len(prompts_512[0][0])}_s"] = time.perf_counter() - started
-        steps = 64
+        seqs, results[f"prefill_{batch}x{len(prompts_512[0][0])}_s"] = start_streams(
+            engine, 100 * batch, prompts_512[:batch], features)
         for overlap, name in SCHEDULING_MODES:
             engine.overlap = overlap
             engine.step()
-            sync()
-            started = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            results[f"decode_b{batch}{name}_tok_s"] = batch * steps / (time.perf_counter() - started)
+            results[f"decode_b{batch}{name}_tok_s"] = decode_rate(engine, batch, 64)
         for s in seqs:
             engine.abort(s.request_id)
         engine.step()

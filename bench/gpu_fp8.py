@@ -22,7 +22,7 @@ import time
 import torch
 
 from bench.common import gpu_name, image_prompt, save, sync, timed
-from bench.gpu_decoder import convert, hf_model, pixel_batch, run_until, sequence
+from bench.gpu_decoder import convert, decode_rate, hf_model, pixel_batch, run_until, sequence, start_streams
 from services.decoder.config import DecoderConfig
 from services.decoder.factory import GIB, build_engine_for
 from services.decoder.model import TextModelSpec, quantize_decoder, random_decoder
@@ -79,29 +79,16 @@ def engine_figures(model, config, prompt_1024, prompts_512, features, device, de
     seq = sequence(0, prompt_1024, 10_000, features)
     engine.add(seq, lambda output: None)
     run_until(engine, lambda: seq.num_output_tokens >= 4)
-    sync()
-    started = time.perf_counter()
-    for _ in range(decode_steps):
-        engine.step()
-    results["decode_b1_tok_s"] = decode_steps / (time.perf_counter() - started)
+    results["decode_b1_tok_s"] = decode_rate(engine, 1, decode_steps)
     engine.abort(seq.request_id)
     engine.step()
 
     for batch in (32, 64):
-        seqs = [sequence(100 * batch + i, prompts_512[i], 10_000, features) for i in range(batch)]
-        for s in seqs:
-            engine.add(s, lambda output: None)
-        sync()
-        started = time.perf_counter()
-        run_until(engine, lambda: all(s.num_output_tokens >= 1 for s in seqs))
+        seqs, prefill_s = start_streams(engine, 100 * batch, prompts_512[:batch], features)
         if batch == 32:
-            results["prefill_32x1079_first_s"] = time.perf_counter() - started
+            results["prefill_32x1079_first_s"] = prefill_s
         run_until(engine, lambda: all(s.num_output_tokens >= 3 for s in seqs))
-        sync()
-        started = time.perf_counter()
-        for _ in range(decode_steps // 2):
-            engine.step()
-        results[f"decode_b{batch}_tok_s"] = batch * (decode_steps // 2) / (time.perf_counter() - started)
+        results[f"decode_b{batch}_tok_s"] = decode_rate(engine, batch, decode_steps // 2)
         for s in seqs:
             engine.abort(s.request_id)
         engine.step()
