@@ -69,6 +69,9 @@ def test_logprobs_are_the_log_softmax_of_transformers_logits_with_alternatives_i
         assert [alt.token_id for alt in entry.top_logprobs] == top.indices.tolist()
         assert max(abs(alt.logprob - value) for alt, value in zip(entry.top_logprobs, top.values.tolist())) < 1e-4
         assert all(alt.text for alt in entry.top_logprobs if alt.token_id >= 1000)
+        # the token's own text: its alternative's, and (greedy, one token a message) the message's text
+        assert entry.text == entry.top_logprobs[0].text
+    assert "".join(entry.text for entry in entries) == "".join(r.text for r in responses)
 
 
 def test_greedy_with_repetition_penalty_equals_transformers_generate(stack, tiny_model):

@@ -28,6 +28,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[TopLogprob, ...] = ()   # the most likely tokens at its position, most likely first
+    text: str = ""                     # the token's own text
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,8 @@ class Completion:
     def _logprobs(self, entries: tuple[Logprobs, ...]) -> tuple[TokenLogprob, ...]:
         return tuple(TokenLogprob(entry.token_id, entry.logprob, tuple(
             TopLogprob(token_id, logprob, self._piece(token_id))
-            for token_id, logprob in zip(entry.top_token_ids, entry.top_logprobs))) for entry in entries)
+            for token_id, logprob in zip(entry.top_token_ids, entry.top_logprobs)), self._piece(entry.token_id))
+            for entry in entries)
 
     def _piece(self, token_id: int) -> str:
         """A token's own text (an incomplete UTF-8 character as U+FFFD)."""

@@ -91,7 +91,7 @@ def chat_from_pb(request: gateway_pb2.ChatRequest) -> ChatInput:
 def delta_to_pb(delta: ChatDelta, request_id: str) -> gateway_pb2.ChatResponse:
     response = gateway_pb2.ChatResponse(text=delta.text, token_ids=delta.token_ids, index=delta.index)
     for entry in delta.logprobs:
-        response.logprobs.add(token_id=entry.token_id, logprob=entry.logprob, top_logprobs=[
+        response.logprobs.add(token_id=entry.token_id, logprob=entry.logprob, text=entry.text, top_logprobs=[
             common_pb2.TopLogprob(token_id=top.token_id, logprob=top.logprob, text=top.text) for top in entry.top])
     for call in delta.tool_calls:
         response.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
