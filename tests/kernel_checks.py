@@ -406,10 +406,78 @@ def check_fp8_skinny_linear() -> None:
         ops.choose_linear([weight])
         plan = ops.fp8_skinny[(320, 1536)]
         assert set(plan.launches) <= {16, 32, 64} and 16 in plan.launches and plan.max_rows >= 16, plan
+        assert {kind for kind, _ in plan.launches.values()} <= set(kernels.SKINNY_FP8_KINDS), plan
         for rows in (1, 16, plan.max_rows):
             x = torch.randn(rows, 1536, device=DEVICE, dtype=torch.bfloat16)
             assert torch.equal(ops.linear(x, weight),
-                               kernels.skinny_linear_fp8(x, weight.qweight, weight.scale, plan.launch_for(rows)))
+                               kernels.skinny_fp8(x, weight.qweight, weight.scale, *plan.launch_for(rows)))
+
+
+def check_fp8_skinny_w8a8() -> None:
+    """The W8A8 kernel of few rows (rows quantized per token, e4m3 x e4m3 with the weight tile as the left operand)
+    against float32 arithmetic over the same codes, and a plan that chooses it."""
+    from services.decoder import fp8_kernels
+    from services.decoder import matmul_kernels as kernels
+    for launch in launches(kernels, "SKINNY_W8A8_LAUNCH", [(64, 128, 4, 4), (128, 256, 8, 3)]):
+        for dtype, tolerance in DTYPES:
+            # Hopper's e4m3 tensor cores sum a tile's products in fewer bits than float32's
+            tolerance = max(tolerance, 1e-3) if DEVICE.type == "cuda" else tolerance
+            # K a multiple of both steps (128, 256), of one, of neither, shorter than one step
+            for rows, k in ((1, 512), (5, 300), (16, 256), (33, 384), (64, 200)):
+                x = torch.randn(rows, k, device=DEVICE).to(dtype)
+                zero_rows = [rows // 2] if rows > 1 else []
+                x[zero_rows] = 0                                # an all-zero row: its scale is MIN_AMAX's
+                weight = fp8_weight(200, k)                     # 200 columns: a partly filled program of 64, 128
+                out = kernels.skinny_linear_w8a8(x, weight.qweight, weight.scale)
+                assert out.shape == (rows, 200) and out.dtype == dtype
+                codes, scales = fp8_kernels.quantize_rows(x)
+                exact = (codes.float() * scales) @ weight.dequantize().T
+                error = relative_error(out, exact)
+                assert error < tolerance, (launch, dtype, rows, k, error)
+                unquantized = x.float() @ weight.dequantize().T
+                assert relative_error(out, unquantized) < E4M3_ROUNDING, relative_error(out, unquantized)
+                assert not out[:, 3].any() and not out[zero_rows].any(), "an all-zero channel or row"
+    weight = fp8_weight(48, 64)
+    x = torch.randn(4, 128, device=DEVICE)[:, ::2]   # not contiguous
+    codes, scales = fp8_kernels.quantize_rows(x)
+    assert relative_error(kernels.skinny_fp8(x, weight.qweight, weight.scale, "w8a8"),
+                          (codes.float() * scales) @ weight.dequantize().T) < DTYPES[0][1]
+    assert kernels.Fp8SkinnyPlan(16, {}, {}).launch_for(5) == ("upcast", None)
+    try:
+        kernels.skinny_fp8(x, weight.qweight, weight.scale, "bf16")
+        raise AssertionError("an unknown kind ran")
+    except ValueError:
+        pass
+    if DEVICE.type != "cuda":
+        return
+    import triton
+
+    from services.decoder.ops import TritonOps
+    from shared.cuda_graphs import capture
+    # every launch the start-up measurement may choose computes the same product, at every row block
+    weight = fp8_weight(320, 1536)
+    for launch in kernels.SKINNY_W8A8_LAUNCHES:
+        for rows in (1, 16, 32, 64):
+            x = torch.randn(rows, 1536, device=DEVICE, dtype=torch.bfloat16)
+            try:
+                out = kernels.skinny_linear_w8a8(x, weight.qweight, weight.scale, launch)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            codes, scales = fp8_kernels.quantize_rows(x)
+            error = relative_error(out, (codes.float() * scales) @ weight.dequantize().T)
+            assert error < DTYPES[-1][1], (launch, rows, error)
+    x = torch.randn(24, 1536, device=DEVICE, dtype=torch.bfloat16)
+    graph, captured = capture(lambda: kernels.skinny_linear_w8a8(x, weight.qweight, weight.scale))
+    x.copy_(torch.randn_like(x))   # new inputs, one replay
+    graph.replay()
+    assert torch.equal(captured, kernels.skinny_linear_w8a8(x, weight.qweight, weight.scale))
+    # the model's call with a plan that chose this kernel
+    launch = kernels.SKINNY_W8A8_LAUNCHES[0]
+    ops = TritonOps()
+    ops.fp8_skinny[(320, 1536)] = kernels.Fp8SkinnyPlan(64, {rows: ("w8a8", launch) for rows in (16, 32, 64)}, {})
+    for rows in (1, 5, 33, 64):
+        x = torch.randn(rows, 1536, device=DEVICE, dtype=torch.bfloat16)
+        assert torch.equal(ops.linear(x, weight), kernels.skinny_linear_w8a8(x, weight.qweight, weight.scale, launch))
 
 
 def check_fp8_quantize_rows() -> None:
@@ -644,8 +712,9 @@ CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attenti
           check_prefill_chunk_attention_matches_a_mask, check_image_row_staging_keeps_rows_in_flight,
           check_vision_graphs_match_eager, check_gumbel_noise]
 # Run by tests/test_fp8.py; `python -m tests.kernel_checks all` runs both lists
-FP8_CHECKS = [check_fp8_skinny_linear, check_fp8_quantize_rows, check_fp8_wide_linear, check_fp8_kv_cache_write,
-              check_fp8_paged_decode_attention, check_fp8_attention_backend, check_fp8_cuda_graph_decode_matches_eager]
+FP8_CHECKS = [check_fp8_skinny_linear, check_fp8_skinny_w8a8, check_fp8_quantize_rows, check_fp8_wide_linear,
+              check_fp8_kv_cache_write, check_fp8_paged_decode_attention, check_fp8_attention_backend,
+              check_fp8_cuda_graph_decode_matches_eager]
 GROUPS = {"default": CHECKS, "fp8": FP8_CHECKS, "all": CHECKS + FP8_CHECKS}
 
 

@@ -172,7 +172,7 @@ def test_fp8_kernels_match_their_references_under_the_interpreter():
     result = subprocess.run([sys.executable, "-m", "tests.kernel_checks", "fp8"], cwd=ROOT,
                             env=child_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
-    for name in ("check_fp8_skinny_linear", "check_fp8_quantize_rows", "check_fp8_wide_linear",
+    for name in ("check_fp8_skinny_linear", "check_fp8_skinny_w8a8", "check_fp8_quantize_rows", "check_fp8_wide_linear",
                  "check_fp8_kv_cache_write", "check_fp8_paged_decode_attention", "check_fp8_attention_backend"):
         assert f"ok   {name}\n" in result.stdout, result.stdout
     assert "n/a  check_fp8_cuda_graph_decode_matches_eager" in result.stdout   # CUDA machines only

@@ -7,9 +7,13 @@ magnitude over 448, the largest e4m3 value, so the row's largest element is repr
 `fp8_linear` is the one matmul over an Fp8Weight:
 - on CPU, the reference: the weight dequantized to float32 for each matmul, the activations as they are (what
   the tests compare everything else against);
-- on CUDA, steps of at most SKINNY_MAX_ROWS rows read the e4m3 weights in matmul_kernels.skinny_linear_fp8 (upcast in the
-  kernel, the scale in its epilogue): their time is that of reading the weights, half the bf16 bytes. cuBLAS's
-  FP8 path reads those shapes more slowly than its bf16 one, so it does not serve them;
+- on CUDA, steps of few rows (up to the rows an Fp8SkinnyPlan measured at start-up, SKINNY_MAX_ROWS without one)
+  read the e4m3 weights once in one of matmul_kernels' skinny kernels: their time is that of reading the weights,
+  half the bf16 bytes. The plan picks, per weight and row block, the faster of the kernel that upcasts the
+  weight tile to the activations' dtype (the product of the dequantized weight and the activations as they are)
+  and the one that quantizes the activations per token and multiplies e4m3 by e4m3 (W8A8's numerics, as wide
+  steps have them), so a few-row step's output may carry the activations' e4m3 rounding or not, by shape and GPU.
+  cuBLAS's FP8 path reads those shapes more slowly than its bf16 one, so it does not serve them;
 - wider steps (prompt chunks, large decode batches) quantize their activations per token and run an e4m3 x e4m3
   matmul with both scales in the epilogue: `torch._scaled_mm` (rowwise scales) or this project's Triton kernel,
   chosen by WIDE_MATMUL.
@@ -121,9 +125,9 @@ def reference_linear(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, weight: Fp8Weight, skinny=None) -> torch.Tensor:
-    """x [T, K] @ weight.T -> [T, N] in x's dtype: the reference on CPU, the FP8 kernels on CUDA (the skinny one up
-    to `skinny.max_rows` rows, a matmul_kernels.Fp8SkinnyPlan measured at start-up, else SKINNY_MAX_ROWS and its
-    default launch; W8A8 above)."""
+    """x [T, K] @ weight.T -> [T, N] in x's dtype: the reference on CPU, the FP8 kernels on CUDA (a skinny one up
+    to `skinny.max_rows` rows, of the kind and launch of a matmul_kernels.Fp8SkinnyPlan measured at start-up, else
+    the upcast kernel's default launch up to SKINNY_MAX_ROWS; W8A8 above)."""
     if x.device.type != "cuda":
         return reference_linear(x, weight)
     from services.decoder import matmul_kernels
@@ -131,7 +135,7 @@ def fp8_linear(x: torch.Tensor, weight: Fp8Weight, skinny=None) -> torch.Tensor:
         if x.shape[0] <= matmul_kernels.SKINNY_MAX_ROWS:
             return matmul_kernels.skinny_linear_fp8(x, weight.qweight, weight.scale)
     elif x.shape[0] <= skinny.max_rows:
-        return matmul_kernels.skinny_linear_fp8(x, weight.qweight, weight.scale, skinny.launch_for(x.shape[0]))
+        return matmul_kernels.skinny_fp8(x, weight.qweight, weight.scale, *skinny.launch_for(x.shape[0]))
     return w8a8_linear(x, weight)
 
 
