@@ -87,7 +87,8 @@ class ImageSource:
         if self.sent and self.rng.random() < self.repeat_share:
             return self.rng.choice(self.sent)
         image = with_text_chunk(self.rng.choice(self.bases), f"{self._nonce}-{next(self._numbers)}")
-        self.sent.append(image)
+        if self.repeat_share:   # kept only to be sent again: a long run of large new images would hold them all
+            self.sent.append(image)
         return image
 
 
@@ -425,9 +426,11 @@ def engine_only(args) -> dict:
 
 # -- the stack ----------------------------------------------------------------------------------------------------
 
-def start_stack(args) -> tuple[object, object, str, str, dict[str, int]]:
+def start_stack(args, model: str = "tiny", device: str = "cpu", metrics_port: int | None = None,
+                log_dir: Path | None = None) -> tuple[object, object, str, str, dict[str, int]]:
     """(launcher, redis server, gateway address, its HTTP API's URL, {process name: pid}) of the stack started for
-    the run."""
+    the run: `model` (a checkpoint directory or tiny) on `device`; `metrics_port`: the launcher's --metrics-port
+    (None: its default)."""
     from services.launcher import Launcher, ServeConfig
     from services.local_processes import free_port
     from tests.support import RedisServer
@@ -442,8 +445,10 @@ def start_stack(args) -> tuple[object, object, str, str, dict[str, int]]:
         os.environ["PIXTRAL_EMBEDDING_TTL_S"] = "86400"
     redis_server = RedisServer(cap).start()
     http_port = free_port()
-    launcher = Launcher(ServeConfig(model="tiny", redis=redis_server.url, vision_workers=args.vision_workers,
-                                    decoders=args.decoders, port=free_port(), http_port=http_port))
+    metrics = {} if metrics_port is None else {"metrics_port": metrics_port}
+    launcher = Launcher(ServeConfig(model=model, device=device, redis=redis_server.url,
+                                    vision_workers=args.vision_workers, decoders=args.decoders, port=free_port(),
+                                    http_port=http_port, **metrics), log_dir=log_dir)
     gateway = launcher.start()
     pids = {name.replace(" ", ""): process.pid for name, process in launcher.children}
     pids["redis"] = redis_server.process.pid
@@ -485,18 +490,46 @@ def print_memory(report: dict) -> None:
               file=sys.stderr)
 
 
-async def measure_protocol(args, protocol: str, target: str, pids: dict[str, int]) -> dict:
-    """One protocol's run: the same request mix for each (the seed's), images new to the cache."""
-    rng = random.Random(args.seed)
-    load = Load(gateway=target, concurrency=args.concurrency, rate=args.rate, duration_s=args.duration,
-                num_requests=args.requests, num_images=args.images,
-                images=ImageSource(parse_sizes(args.image_sizes), args.repeat, rng),
-                max_tokens=parse_range(args.max_tokens), temperature=args.temperature, timeout_s=args.timeout,
-                error_backoff_s=args.error_backoff_ms / 1000, rng=rng, protocol=protocol)
-    if args.warmup:
-        warm = Load(target, 1, 0.0, 0.0, args.warmup, args.images, ImageSource(parse_sizes(args.image_sizes), 0.0,
-                                                                                random.Random(-1)),
-                    (4, 4), 0.0, args.timeout, 0.0, random.Random(-1), protocol=protocol)
+@dataclass(frozen=True)
+class LoadSpec:
+    """One load's shape, whatever drives it: load.py's flags or another benchmark's workloads."""
+
+    concurrency: int              # callers (closed loop), or the most requests outstanding (open loop)
+    rate: float = 0.0             # arrivals per second; 0: closed loop
+    duration_s: float = 0.0
+    num_requests: int = 0
+    num_images: int = 0
+    image_sizes: tuple[tuple[int, int], ...] = ((256, 256),)
+    repeat_share: float = 0.0
+    max_tokens: tuple[int, int] = (32, 32)
+    temperature: float = 1.0
+    timeout_s: float = 120.0
+    error_backoff_s: float = 0.1
+    num_warmup: int = 4
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> LoadSpec:
+        return cls(concurrency=args.concurrency, rate=args.rate, duration_s=args.duration,
+                   num_requests=args.requests, num_images=args.images,
+                   image_sizes=tuple(parse_sizes(args.image_sizes)), repeat_share=args.repeat,
+                   max_tokens=parse_range(args.max_tokens), temperature=args.temperature, timeout_s=args.timeout,
+                   error_backoff_s=args.error_backoff_ms / 1000, num_warmup=args.warmup, seed=args.seed)
+
+
+async def run_load(spec: LoadSpec, protocol: str, target: str, pids: dict[str, int]) -> dict:
+    """One load's results (summarize's, and the CPU each process used per request answered): the same request
+    mix for the same seed, images new to the cache."""
+    rng = random.Random(spec.seed)
+    load = Load(gateway=target, concurrency=spec.concurrency, rate=spec.rate, duration_s=spec.duration_s,
+                num_requests=spec.num_requests, num_images=spec.num_images,
+                images=ImageSource(list(spec.image_sizes), spec.repeat_share, rng), max_tokens=spec.max_tokens,
+                temperature=spec.temperature, timeout_s=spec.timeout_s, error_backoff_s=spec.error_backoff_s,
+                rng=rng, protocol=protocol)
+    if spec.num_warmup:
+        warm = Load(target, 1, 0.0, 0.0, spec.num_warmup, spec.num_images,
+                    ImageSource(list(spec.image_sizes), 0.0, random.Random(-1)), (4, 4), 0.0, spec.timeout_s, 0.0,
+                    random.Random(-1), protocol=protocol)
         await warm.run()
     processes = pids | {"load": os.getpid()}
     before = {name: cpu_seconds(pid) for name, pid in processes.items()}
@@ -506,6 +539,11 @@ async def measure_protocol(args, protocol: str, target: str, pids: dict[str, int
     used = cpu_used(processes, before)
     results["cpu_ms_per_request"] = {name: 1000 * seconds / max(1, results["ok"]) for name, seconds in used.items()}
     return results
+
+
+async def measure_protocol(args, protocol: str, target: str, pids: dict[str, int]) -> dict:
+    """One protocol's run: the same request mix for each (the seed's), images new to the cache."""
+    return await run_load(LoadSpec.from_args(args), protocol, target, pids)
 
 
 async def measure(args, targets: dict[str, str], pids: dict[str, int]) -> dict:
