@@ -53,7 +53,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import gpu_name, save
-from bench.load import LoadSpec, parse_range, parse_sizes, run_load, start_stack
+from bench.load import LoadSpec, run_load, start_stack
+from bench.load_calls import parse_range, parse_sizes
 
 WORKLOADS = ("new-images", "repeats-90", "text-256", "rate-sweep")
 ENCODE_WAIT = "pixtral_gateway_encode_wait_seconds"

@@ -38,197 +38,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import itertools
-import json
 import os
 import random
-import statistics
-import struct
 import sys
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-import httpx
-
-from bench.common import noise_png, percentile, save
-from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-
-TEXT = "Describe everything you can see, including colours, shapes and textures. Request {index}."
-
-
-# -- images -------------------------------------------------------------------------------------------------------
-
-def with_text_chunk(png: bytes, text: str) -> bytes:
-    """The same picture with a tEXt chunk after IHDR: other bytes (another sha256: a new image to the cache) and
-    the same pixels (the same encoding work), without encoding the PNG again."""
-    data = b"Comment\0" + text.encode()
-    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
-    end_of_ihdr = 8 + 8 + 13 + 4
-    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
-
-
-class ImageSource:
-    """New images (a base picture per size made unique by a text chunk) and repeats of images sent before."""
-
-    def __init__(self, sizes: list[tuple[int, int]], repeat_share: float, rng: random.Random) -> None:
-        self.bases = [noise_png(w, h, seed=index) for index, (w, h) in enumerate(sizes)]
-        self.repeat_share = repeat_share
-        self.rng = rng
-        self.sent: list[bytes] = []
-        self._nonce = time.time_ns()   # never an image that a previous run left in a shared Redis
-        self._numbers = itertools.count()
-
-    def next(self) -> bytes:
-        if self.sent and self.rng.random() < self.repeat_share:
-            return self.rng.choice(self.sent)
-        image = with_text_chunk(self.rng.choice(self.bases), f"{self._nonce}-{next(self._numbers)}")
-        if self.repeat_share:   # kept only to be sent again: a long run of large new images would hold them all
-            self.sent.append(image)
-        return image
-
-
-# -- requests -----------------------------------------------------------------------------------------------------
-
-@dataclass
-class Outcome:
-    code: str                     # gRPC status name
-    started: float                # monotonic seconds
-    seconds: float                # whole call
-    ttft: float | None = None     # seconds to the first token
-    tpot: float | None = None     # seconds per output token after the first
-    num_tokens: int = 0
-    num_images: int = 0
-    num_cached: int = 0
-    num_encoded: int = 0
-
-
-@dataclass(frozen=True)
-class ChatSpec:
-    """One request of the load, whatever the protocol: `images` then a text, in one user message."""
-
-    index: int
-    images: list[bytes]
-    max_tokens: int
-    temperature: float
-
-
-def build_request(index: int, images: list[bytes], max_tokens: int, temperature: float):
-    content = [gateway_pb2.ContentPart(image=gateway_pb2.ImagePart(data=image)) for image in images]
-    content.append(gateway_pb2.ContentPart(text=TEXT.format(index=index)))
-    return gateway_pb2.ChatRequest(messages=[gateway_pb2.Message(role=gateway_pb2.ROLE_USER, content=content)],
-                                   sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                                      seed=index))
-
-
-async def timed_chat(stub, request, timeout_s: float) -> Outcome:
-    started = time.monotonic()
-    first = last = None
-    num_tokens = 0
-    usage = None
-    try:
-        async for response in stub.Chat(request, timeout=timeout_s):
-            if response.token_ids:
-                last = time.monotonic()
-                first = first or last
-                num_tokens += len(response.token_ids)
-            if response.HasField("usage"):
-                usage = response.usage
-        code = "OK"
-    except grpc.aio.AioRpcError as error:
-        code = error.code().name
-    seconds = time.monotonic() - started
-    outcome = Outcome(code, started, seconds, num_tokens=num_tokens,
-                      num_images=sum(1 for part in request.messages[0].content if part.HasField("image")))
-    if first is not None:
-        outcome.ttft = first - started
-        if num_tokens > 1:
-            outcome.tpot = (last - first) / (num_tokens - 1)
-    if usage is not None:
-        outcome.num_cached, outcome.num_encoded = usage.cached_images, usage.encoded_images
-    return outcome
-
-
-def http_body(spec: ChatSpec) -> dict:
-    """The chat as the HTTP API takes it: streamed, with usage at the end and each chunk's token ids."""
-    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}}
-               for image in spec.images]
-    content.append({"type": "text", "text": TEXT.format(index=spec.index)})
-    return {"messages": [{"role": "user", "content": content}], "max_tokens": spec.max_tokens,
-            "temperature": spec.temperature, "seed": spec.index, "stream": True,
-            "stream_options": {"include_usage": True}, "return_token_ids": True}
-
-
-async def timed_http_chat(client: httpx.AsyncClient, spec: ChatSpec, timeout_s: float) -> Outcome:
-    started = time.monotonic()
-    first = last = None
-    num_tokens, usage, code = 0, None, "OK"
-    try:
-        async with asyncio.timeout(timeout_s), client.stream("POST", "chat/completions", json=http_body(spec)) as \
-                response:
-            if response.status_code != 200:
-                await response.aread()
-                code = f"HTTP_{response.status_code}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue   # blank separators and the final [DONE]
-                    event = json.loads(line.removeprefix("data: "))
-                    if "error" in event:   # the stream's last event
-                        code = f"STREAM_{event['error'].get('code')}"
-                        break
-                    for choice in event["choices"]:
-                        if choice.get("token_ids"):
-                            last = time.monotonic()
-                            first = first or last
-                            num_tokens += len(choice["token_ids"])
-                    usage = event.get("usage") or usage
-    except TimeoutError:
-        code = "DEADLINE_EXCEEDED"
-    except httpx.HTTPError as error:
-        code = type(error).__name__
-    outcome = Outcome(code, started, time.monotonic() - started, num_tokens=num_tokens, num_images=len(spec.images))
-    if first is not None:
-        outcome.ttft = first - started
-        if num_tokens > 1:
-            outcome.tpot = (last - first) / (num_tokens - 1)
-    if usage is not None:
-        outcome.num_cached, outcome.num_encoded = usage["cached_images"], usage["encoded_images"]
-    return outcome
-
-
-class GrpcCalls:
-    """Chats through the gateway's gRPC Chat stream."""
-
-    def __init__(self, address: str) -> None:
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        self.channel = grpc.aio.insecure_channel(address, options=options)
-        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
-
-    async def chat(self, spec: ChatSpec, timeout_s: float) -> Outcome:
-        return await timed_chat(self.stub, build_request(spec.index, spec.images, spec.max_tokens, spec.temperature),
-                                timeout_s)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-class HttpCalls:
-    """Chats through the gateway's OpenAI-compatible HTTP API, one keep-alive connection per caller."""
-
-    def __init__(self, base_url: str, concurrency: int) -> None:
-        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/") + "/", timeout=None, limits=httpx.Limits(
-            max_connections=concurrency, max_keepalive_connections=concurrency))
-
-    async def chat(self, spec: ChatSpec, timeout_s: float) -> Outcome:
-        return await timed_http_chat(self.client, spec, timeout_s)
-
-    async def close(self) -> None:
-        await self.client.aclose()
+from bench.common import percentile, save
+from bench.load_calls import (
+    ChatSpec,
+    GrpcCalls,
+    HttpCalls,
+    ImageSource,
+    Outcome,
+    parse_range,
+    parse_sizes,
+)
+from bench.load_engine import engine_only
+from bench.load_processes import cpu_seconds, cpu_used, memory_report, sample_rss
 
 
 @dataclass
@@ -328,104 +157,6 @@ def summarize(outcomes: list[Outcome], wall_s: float, num_client_dropped: int) -
 
 # -- CPU of the processes ---------------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used so far (/proc/<pid>/stat), None when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_used(pids: dict[str, int], before: dict[str, float | None]) -> dict[str, float]:
-    """CPU seconds each process used since `before` (the load generator's own included, as "load")."""
-    now = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    return {name: now[name] - before[name] for name in pids if now[name] is not None and before[name] is not None}
-
-
-# -- memory over a soak -------------------------------------------------------------------------------------------
-
-def rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-async def sample_rss(pids: dict[str, int], interval_s: float, samples: dict[str, list[tuple[float, float]]],
-                     stop: asyncio.Event) -> None:
-    started = time.monotonic()
-    while not stop.is_set():
-        for name, pid in pids.items():
-            value = rss_mib(pid)
-            if value is not None:
-                samples.setdefault(name, []).append((time.monotonic() - started, value))
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
-        except asyncio.TimeoutError:
-            pass
-
-
-def memory_report(samples: dict[str, list[tuple[float, float]]], max_growth_mib: float) -> dict:
-    """Per process: RSS at the start, the middle and the end of the run, its peak, and its growth over the second
-    half (median of the last tenth of the samples minus the median of the tenth around the middle)."""
-    report = {}
-    for name, points in samples.items():
-        values = [value for _, value in points]
-        n = len(values)
-        tenth = max(1, n // 10)
-        middle = statistics.median(values[max(0, n // 2 - tenth // 2): n // 2 + tenth // 2 + 1])
-        end = statistics.median(values[-tenth:])
-        report[name] = {"start_mib": values[0], "middle_mib": middle, "end_mib": end, "peak_mib": max(values),
-                        "growth_second_half_mib": end - middle, "is_flat": end - middle < max_growth_mib,
-                        "samples": n}
-    return report
-
-
-# -- the engine alone ---------------------------------------------------------------------------------------------
-
-def engine_only(args) -> dict:
-    """Waves of `--concurrency` text-only sequences through the tiny decoder's engine in this process, with one torch
-    thread (what the launcher gives a model process on a 2-core machine): tokens/s and seconds per step."""
-    import torch
-
-    from services.decoder.config import DecoderConfig
-    from services.decoder.factory import build_engine_for
-    from services.decoder.model import load_decoder
-    from services.decoder.sequence import SamplingParams, Sequence
-    from shared.tiny import resolve_model
-
-    torch.set_num_threads(args.engine_threads)
-    device = torch.device("cpu")
-    model = load_decoder(resolve_model("tiny"), torch.float32, device)
-    engine, max_model_len = build_engine_for(model, DecoderConfig.load([]), device)
-    rng = random.Random(args.seed)
-    num_tokens = parse_range(args.max_tokens)[1]
-    rates, step_times = [], []
-    for wave in range(1 + max(1, args.requests // max(1, args.concurrency))):
-        sampling = [SamplingParams(max_tokens=num_tokens, temperature=args.temperature, seed=i)
-                    for i in range(args.concurrency)]
-        seqs = [Sequence(f"w{wave}-{i}", [1] + [rng.randrange(1000, 100000) for _ in range(31)], 32, sampling[i],
-                         max_model_len, i) for i in range(args.concurrency)]
-        for seq in seqs:
-            engine.add(seq, lambda output: None)
-        started, steps = time.perf_counter(), 0
-        while not all(seq.is_finished for seq in seqs):
-            engine.step()
-            steps += 1
-        seconds = time.perf_counter() - started
-        if wave:   # the first wave warms up
-            rates.append(sum(seq.num_output_tokens for seq in seqs) / seconds)
-            step_times.append(seconds / steps)
-    return {"engine_tokens_per_s": statistics.median(rates), "engine_step_ms": 1000 * statistics.median(step_times),
-            "concurrency": args.concurrency, "max_tokens": num_tokens, "temperature": args.temperature}
-
-
-# -- the stack ----------------------------------------------------------------------------------------------------
-
 def start_stack(args, model: str = "tiny", device: str = "cpu", metrics_port: int | None = None,
                 log_dir: Path | None = None) -> tuple[object, object, str, str, dict[str, int]]:
     """(launcher, redis server, gateway address, its HTTP API's URL, {process name: pid}) of the stack started for
@@ -453,15 +184,6 @@ def start_stack(args, model: str = "tiny", device: str = "cpu", metrics_port: in
     pids = {name.replace(" ", ""): process.pid for name, process in launcher.children}
     pids["redis"] = redis_server.process.pid
     return launcher, redis_server, gateway, f"http://127.0.0.1:{http_port}/v1", pids
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(side) for side in size.split("x")) for size in text.split(",")]
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
-    return int(low), int(high or low)
 
 
 def print_report(results: dict) -> None:
