@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 
+from services.gpu_placement import VISION_PLACEMENTS, place, visible_gpus
 from services.local_processes import exit_status, free_port, is_bindable, is_serving, redis_answers
 from shared.settings import env_name, load_config, option
 from shared.tiny import resolve_model
@@ -59,6 +60,10 @@ class ServeConfig:
     http_port: int = option(8000, "port of the gateway's OpenAI-compatible HTTP API (printed as `http <url>` after "
                                   "`ready`); 0: none")
     device: str = option("cpu", "cpu or cuda")
+    gpus: str = option("", "with --device cuda: the GPUs the roles are placed on, as CUDA_VISIBLE_DEVICES names "
+                           "them (e.g. 0,1); empty: every GPU visible. One decoder per GPU while there are enough")
+    vision_gpus: str = option("shared", "with --device cuda: shared (vision workers on the decoders' GPUs, in turn) "
+                                        "or own (on the GPUs no decoder uses)")
     quantization: str = option("", "the decoders' --quantization: empty (the checkpoint's weights) or fp8")
     kv_cache_dtype: str = option("auto", "the decoders' --kv-cache-dtype: auto (the model's dtype) or fp8")
     host: str = option("127.0.0.1", "address the gateway listens on and `ready` prints")
@@ -82,6 +87,8 @@ class ServeConfig:
             raise ValueError("--vision-workers and --decoders must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.vision_gpus not in VISION_PLACEMENTS:
+            raise ValueError(f"--vision-gpus must be one of {', '.join(VISION_PLACEMENTS)}, got {self.vision_gpus!r}")
         if self.cache_memory_mib < 0:
             raise ValueError("--cache-memory-mib must not be negative")
         if self.max_restarts < 0 or min(self.drain_grace_s, self.grace_s, self.restart_backoff_s) < 0 or \
@@ -95,6 +102,7 @@ class ChildSpec:
     name: str                # gateway, decoder0, vision1, redis: also its log file's name
     argv: tuple[str, ...]
     stage: int               # when it is stopped (GATEWAY_STAGE first)
+    env: tuple[tuple[str, str], ...] = ()   # added to the environment (its GPU)
 
 
 @dataclass
@@ -127,8 +135,10 @@ class Launcher:
 
     def _popen(self, spec: ChildSpec) -> subprocess.Popen:
         env = None
+        if self.config.auth_token or spec.env:
+            env = {**os.environ, **dict(spec.env)}
         if self.config.auth_token:  # through the environment: argv is visible to every user of the machine
-            env = {**os.environ, env_name("auth_token"): self.config.auth_token}
+            env[env_name("auth_token")] = self.config.auth_token
         output = None
         if self.log_dir is not None:   # a restarted child's output follows its first run's
             previous = self._logs.pop(spec.name, None)
@@ -255,15 +265,24 @@ class Launcher:
         # On CPU the model processes share the cores: give each its share of torch threads.
         threads = ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (c.decoders + c.vision_workers)))] \
             if c.device == "cpu" else []
-        # On one GPU the decoders split the memory their KV caches are sized from (vision workers use little).
-        memory = ["--gpu-memory-utilization", f"{0.85 / c.decoders:.3f}"] if c.device == "cuda" else []
+        # On CUDA each model process sees one GPU; decoders sharing one split the memory their KV caches are sized
+        # from (vision workers use little).
+        try:
+            placement = place(visible_gpus(c.gpus), c.decoders, c.vision_workers, c.vision_gpus) \
+                if c.device == "cuda" else None
+        except ValueError as error:
+            raise SystemExit(f"pixtral-serve: {error}") from None
         precision = ["--quantization", c.quantization, "--kv-cache-dtype", c.kv_cache_dtype]
         decoder_addresses, worker_addresses = [], []
         for index in range(c.decoders):
             name, port = f"decoder{index}", free_port()
+            memory, env = [], ()
+            if placement is not None:
+                gpu, share = placement.decoders[index]
+                memory, env = ["--gpu-memory-utilization", f"{share:g}"], (("CUDA_VISIBLE_DEVICES", gpu),)
             self.spawn(ChildSpec(name, (*python, "services.decoder", *common, "--port", str(port), "--host",
                                         "127.0.0.1", "--device", c.device, "--metrics-port", str(metrics[name]),
-                                        *threads, *memory, *precision), WORKER_STAGE))
+                                        *threads, *memory, *precision), WORKER_STAGE, env))
             decoder_addresses.append(f"127.0.0.1:{port}")
         for index in range(c.vision_workers):
             name, port = f"vision{index}", free_port()
@@ -271,7 +290,8 @@ class Launcher:
             self.spawn(ChildSpec(name, (*python, "services.vision", *common, "--port", str(port), "--host",
                                         "127.0.0.1", "--device", c.device, "--consumer",
                                         f"vision-{index}-{os.getpid()}", "--metrics-port", str(metrics[name]),
-                                        *threads), WORKER_STAGE))
+                                        *threads), WORKER_STAGE,
+                                 () if placement is None else (("CUDA_VISIBLE_DEVICES", placement.vision[index]),)))
             worker_addresses.append(f"127.0.0.1:{port}")
         for address in decoder_addresses + worker_addresses:
             self.wait_for(address, lambda address=address: is_serving(address))
