@@ -57,6 +57,11 @@ class DecoderInfo:
     num_unfinished: int      # admitted and not finished, now
     num_blocks: int
     num_free_blocks: int
+    num_running: int = 0                # sequences holding KV blocks, now
+    num_waiting: int = 0                # sequences waiting for a slot or KV blocks, now
+    num_prefix_cached_blocks: int = 0   # KV blocks registered in the prefix cache (in use or kept for reuse)
+    num_prefix_queried_tokens: int = 0  # prompt tokens of the sequences admitted so far
+    num_prefix_hit_tokens: int = 0      # of those, tokens whose KV came from the prefix cache
 
     @property
     def capacity(self) -> int:

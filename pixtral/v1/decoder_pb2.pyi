@@ -62,7 +62,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("max_model_len", "vocab_size", "block_size", "model_fingerprint", "prefix_caching", "max_num_seqs", "max_queued", "num_unfinished", "num_blocks", "num_free_blocks")
+    __slots__ = ("max_model_len", "vocab_size", "block_size", "model_fingerprint", "prefix_caching", "max_num_seqs", "max_queued", "num_unfinished", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_prefix_cached_blocks", "num_prefix_queried_tokens", "num_prefix_hit_tokens")
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,11 @@ class InfoResponse(_message.Message):
     NUM_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_model_len: int
     vocab_size: int
     block_size: int
@@ -83,4 +88,9 @@ class InfoResponse(_message.Message):
     num_unfinished: int
     num_blocks: int
     num_free_blocks: int
-    def __init__(self, max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., max_queued: _Optional[int] = ..., num_unfinished: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ...) -> None: ...
+    num_running: int
+    num_waiting: int
+    num_prefix_cached_blocks: int
+    num_prefix_queried_tokens: int
+    num_prefix_hit_tokens: int
+    def __init__(self, max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., max_queued: _Optional[int] = ..., num_unfinished: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_prefix_cached_blocks: _Optional[int] = ..., num_prefix_queried_tokens: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ...) -> None: ...

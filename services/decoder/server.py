@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import aclosing
 
@@ -90,6 +91,5 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     @map_errors
     async def Info(self, request, context):
         info = self._ready().info()
-        return decoder_pb2.InfoResponse(**{name: getattr(info, name) for name in (
-            "max_model_len", "vocab_size", "block_size", "model_fingerprint", "prefix_caching", "max_num_seqs",
-            "max_queued", "num_unfinished", "num_blocks", "num_free_blocks")})
+        return decoder_pb2.InfoResponse(**{field.name: getattr(info, field.name)
+                                           for field in dataclasses.fields(info)})

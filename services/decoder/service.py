@@ -79,7 +79,10 @@ class DecoderService:
                            model_fingerprint=self.fingerprint, prefix_caching=self.prefix_caching,
                            max_num_seqs=admission.max_num_seqs, max_queued=admission.max_queued,
                            num_unfinished=admission.num_unfinished, num_blocks=stats.num_blocks,
-                           num_free_blocks=stats.num_free_blocks)
+                           num_free_blocks=stats.num_free_blocks, num_running=stats.num_running,
+                           num_waiting=stats.num_waiting, num_prefix_cached_blocks=stats.num_prefix_cached_blocks,
+                           num_prefix_queried_tokens=stats.num_prefix_queried_tokens,
+                           num_prefix_hit_tokens=stats.num_prefix_hit_tokens)
 
     def _validate(self, request: GenerateRequest) -> None:
         ids, sampling = request.prompt_token_ids, request.sampling

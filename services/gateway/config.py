@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.gateway.routing import POLICIES
 from shared import tls
 from shared.role import RoleOptions
 from shared.settings import option
@@ -43,6 +44,13 @@ class GatewayConfig(RoleOptions):
     image_url_timeout_s: float = option(10.0, "time limit of one image URL fetch, redirects included")
     image_url_max_redirects: int = option(3, "redirects followed per image URL (each target checked again)")
     health_check_interval_s: float = option(1.0, "retry interval of a decoder's health watch after it failed")
+    routing: str = option("affinity", "how a request's decoder is chosen: affinity (prompts that start with the same "
+                                      "image or the same tokens go to the same decoder, whose prefix cache holds "
+                                      "them, unless it is overloaded) or least-busy (the fewest requests in flight)")
+    routing_load_factor: float = option(1.25, "affinity: a decoder takes a request while its load stays within this "
+                                              "factor of the decoders' average, else the next one does")
+    decoder_info_interval_s: float = option(1.0, "how often each decoder's load and prefix-cache state is read "
+                                                 "(its Info), for routing")
     decoder_auth_token: str = option("", "bearer token sent to the decoders; empty: --auth-token", secret=True)
     decoder_tls_ca: str = option("", "PEM CA to verify the decoders with; set: TLS to the decoders")
     decoder_tls_cert: str = option("", "PEM client certificate for the decoders (mutual TLS)")
@@ -65,6 +73,10 @@ class GatewayConfig(RoleOptions):
         if self.image_url_timeout_s <= 0 or self.image_url_max_redirects < 0 or self.health_check_interval_s <= 0:
             raise ValueError("--image-url-timeout-s and --health-check-interval-s must be positive, "
                              "--image-url-max-redirects not negative")
+        if self.routing not in POLICIES:
+            raise ValueError(f"--routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
+        if self.routing_load_factor <= 1.0 or self.decoder_info_interval_s <= 0:
+            raise ValueError("--routing-load-factor must be above 1, --decoder-info-interval-s positive")
         try:
             parse_networks(self.image_url_allowed_networks)
         except ValueError as error:

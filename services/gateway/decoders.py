@@ -1,11 +1,11 @@
-"""The gateway's client of the decoder workers: balancing, health watching, each decoder's limits and load (its Info),
-retry on another decoder before the first token, error mapping, TLS and the bearer token of the internal hop."""
+"""The gateway's client of the decoder workers: routing (the policy is routing.py's), health watching, each
+decoder's limits and load (its Info, read again every second or so), retry on another decoder before the first token,
+error mapping, TLS and the bearer token of the internal hop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import socket
@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from services.gateway import metrics
+from services.gateway.routing import DecoderLoad, affinity_key, policy
 from shared.auth import bearer_metadata
 from shared.errors import ServiceError, Unavailable
 from shared.generation import DecoderInfo, GenerateRequest, Logprobs
@@ -104,6 +106,8 @@ class _Decoder:
         # Until its first health answer a decoder is tried: requests fall through to another one if it is down.
         self.is_healthy = True
         self.info: DecoderInfo | None = None   # from its Info once it serves; None until then (or when it fails)
+        self.num_elsewhere = 0   # its requests that are not this gateway's, at its last Info
+        self._is_info_failing = False
 
     def set_healthy(self, is_healthy: bool, why: str) -> None:
         if is_healthy != self.is_healthy:
@@ -113,11 +117,27 @@ class _Decoder:
 
     async def refresh_info(self) -> None:
         try:
-            self.info = info_from_pb(await self.stub.Info(decoder_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S,
-                                                          metadata=self.metadata))
+            info = info_from_pb(await self.stub.Info(decoder_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S,
+                                                     metadata=self.metadata))
         except grpc.aio.AioRpcError as error:
-            log.warning("decoder %s: no Info (%s): its limits are unknown", self.address, error.code().name)
-            self.info = None
+            if not self._is_info_failing:   # said once, not at every poll
+                log.warning("decoder %s: no Info (%s): its limits are unknown", self.address, error.code().name)
+            self.info, self.num_elsewhere, self._is_info_failing = None, 0, True
+            return
+        self.info, self._is_info_failing = info, False
+        # Its count holds this gateway's requests too (give or take those starting or ending just now).
+        self.num_elsewhere = max(0, info.num_unfinished - self.num_outstanding)
+
+    async def poll_info(self, interval_s: float) -> None:
+        """Reads its Info every `interval_s` while it is healthy: its load and prefix-cache state, for routing, off
+        the request path."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.is_healthy:
+                await self.refresh_info()
+
+    def load(self) -> DecoderLoad:
+        return DecoderLoad(self.address, self.is_healthy, self.num_outstanding, self.num_elsewhere, self.info)
 
     async def watch_health(self, retry_s: float) -> None:
         """Follows the decoder's grpc.health.v1 Watch stream while it is SERVING (its Info read each time it turns
@@ -152,7 +172,10 @@ class _NotServing(Exception):
 
 
 class DecoderPool:
-    """Sends each request to the healthy decoder with the fewest requests in flight (ties in turn).
+    """Sends each request to the decoder its routing policy ranks first (routing.py: `affinity`, the decoder whose
+    prefix cache holds prompts that start alike unless it is overloaded, or `least-busy`), the next ones if it
+    fails before its first token. Each decoder's load is this gateway's requests in flight on it, exact, plus the
+    others' from its Info, read every `info_interval_s`.
 
     When no decoder is healthy, all of them are tried anyway: health answers lag behind (a decoder back from a
     Redis outage is seen within `health_retry_s`), and a decoder that cannot serve answers UNAVAILABLE at once.
@@ -163,7 +186,8 @@ class DecoderPool:
     """
 
     def __init__(self, addresses: tuple[str, ...], credentials: grpc.ChannelCredentials | None = None,
-                 token: str = "", health_retry_s: float = 1.0, discovery_interval_s: float = 10.0) -> None:
+                 token: str = "", health_retry_s: float = 1.0, discovery_interval_s: float = 10.0,
+                 routing: str = "affinity", load_factor: float = 1.25, info_interval_s: float = 1.0) -> None:
         self.credentials = credentials
         self.metadata = bearer_metadata(token)
         self.names = [address.removeprefix("dns:///") for address in addresses if address.startswith("dns:///")]
@@ -172,8 +196,10 @@ class DecoderPool:
         self._static_addresses = {decoder.address for decoder in self.decoders}
         self.health_retry_s = health_retry_s
         self.discovery_interval_s = discovery_interval_s
-        self._turn = itertools.count()
+        self.policy = policy(routing, load_factor)
+        self.info_interval_s = info_interval_s
         self._watchers: dict[str, asyncio.Task] = {}
+        self._pollers: dict[str, asyncio.Task] = {}
         self._discovery: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -185,6 +211,7 @@ class DecoderPool:
 
     def _watch(self, decoder: _Decoder) -> None:
         self._watchers[decoder.address] = asyncio.create_task(decoder.watch_health(self.health_retry_s))
+        self._pollers[decoder.address] = asyncio.create_task(decoder.poll_info(self.info_interval_s))
 
     def infos(self) -> list[DecoderInfo]:
         """The Info of every healthy decoder that gave one."""
@@ -221,6 +248,7 @@ class DecoderPool:
             log.info("decoder %s gone", decoder.address)
             self.decoders.remove(decoder)
             self._watchers.pop(decoder.address).cancel()
+            self._pollers.pop(decoder.address).cancel()
             asyncio.create_task(self._close_when_idle(decoder))
 
     async def _close_when_idle(self, decoder: _Decoder) -> None:
@@ -233,13 +261,12 @@ class DecoderPool:
             await asyncio.sleep(self.discovery_interval_s)
             await self.discover()
 
-    def _ranked(self) -> list[_Decoder]:
-        if not self.decoders:
-            return []
-        start = next(self._turn) % len(self.decoders)
-        rotated = self.decoders[start:] + self.decoders[:start]
-        healthy = [decoder for decoder in rotated if decoder.is_healthy]
-        return sorted(healthy or rotated, key=lambda decoder: decoder.num_outstanding)
+    def _ranked(self, request: GenerateRequest) -> list[_Decoder]:
+        ranking = self.policy.rank(affinity_key(request), [decoder.load() for decoder in self.decoders])
+        if ranking.addresses:
+            metrics.DECODER_CHOICES.labels(ranking.reason).inc()
+        by_address = {decoder.address: decoder for decoder in self.decoders}
+        return [by_address[address] for address in ranking.addresses]
 
     async def _open(self, decoder: _Decoder, message: decoder_pb2.GenerateRequest, timeout_s: float | None):
         """Starts the call on `decoder` up to its first message -> (call, first response); a decoder that is
@@ -267,7 +294,7 @@ class DecoderPool:
         A decoder whose forward pass failed sends finish_reason ERROR, then ends the call UNAVAILABLE: that is
         raised as Unavailable (the caller ends its stream with an error), or, before any token, retried elsewhere.
         """
-        message, ranked = request_to_pb(request), self._ranked()
+        message, ranked = request_to_pb(request), self._ranked(request)
         if not ranked:
             raise Unavailable("no decoder available")
         try:
@@ -308,7 +335,7 @@ class DecoderPool:
     async def close(self) -> None:
         if self._discovery:
             self._discovery.cancel()
-        for watcher in self._watchers.values():
-            watcher.cancel()
+        for task in [*self._watchers.values(), *self._pollers.values()]:
+            task.cancel()
         for decoder in self.decoders:
             await decoder.channel.close()

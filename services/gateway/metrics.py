@@ -22,3 +22,6 @@ CACHE_LOOKUPS = Counter("pixtral_gateway_cache_lookups_total",
 ENCODE_WAIT = Histogram(
     "pixtral_gateway_encode_wait_seconds", "From enqueuing a request's missing images to all of them being cached",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120))
+DECODER_CHOICES = Counter("pixtral_gateway_decoder_choices_total", "Requests sent to a decoder, by why it was "
+                          "chosen: affinity (the prompt's own decoder), spilled (that one was over its load bound "
+                          "or full), least_busy (--routing least-busy)", ["reason"])
