@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from services.decoder.config import DecoderConfig
-from services.decoder.engine import Engine, EngineOutput
+from services.decoder.engine import Engine
 from services.decoder.factory import build_engine_for
 from services.decoder.model import load_decoder
+from services.decoder.outputs import EngineOutput
 from services.decoder.step_inputs import ImageInputs
 from services.decoder.sequence import FinishReason, SamplingParams, Sequence
 from shared.errors import Overloaded
@@ -220,7 +221,7 @@ def test_a_request_added_as_the_engine_closes_gets_its_last_output(model):
     """Reserved before the engine stopped, added after: nobody would take it up, so add() ends it itself."""
     engine = make_engine(model)
     engine.start()
-    engine.reserve()   # as the service does, before it fetches the request's image features
+    engine.admission.reserve()   # as the service does, before it fetches the request's image features
     engine.stop()
     collector = Collector()
     seq = make_request(46, num_prompt=10, num_images=0, sampling=SamplingParams(3))

@@ -164,3 +164,68 @@ def test_a_decode_step_is_not_continued_where_the_scheduler_must_decide():
     run_step(full)
     step = full.schedule()                            # position 7: the last slot of the cache
     assert full.continue_decoding(step) is None       # position 8 needs a block only preemption could free
+
+
+def test_a_decoding_sequence_gets_its_token_even_behind_an_older_prompt_that_could_take_the_whole_budget():
+    s = scheduler(num_blocks=256, budget=16)
+    a, b = seq("a", 100, 0), seq("b", 2, 1, max_tokens=50)
+    s.add(a), s.add(b)
+    run_step(s)                       # a starts its prefill; b's prompt is done in the same step
+    assert b.num_output_tokens == 1
+    while not a.is_prompt_computed:
+        left = a.num_uncomputed_tokens
+        batch, advanced = run_step(s)
+        by_seq = {chunk.seq.request_id: chunk.num_tokens for chunk in batch.chunks}
+        assert by_seq["b"] == 1 and b in advanced        # older in the queue, a never takes b's token
+        assert by_seq["a"] == min(15, left)
+
+
+def test_a_step_with_decoding_streams_prefills_no_more_than_its_time_budget_allows():
+    s = Scheduler(SchedulerConfig(8, 16, max_prefill_tokens_while_decoding=5), BlockManager(64, 4))
+    a = seq("a", 30, 0)
+    s.add(a)
+    batch, _ = run_step(s)
+    assert batch.num_tokens == 16     # nobody is decoding: the whole budget goes to the prompt
+    s.add(seq("b", 3, 1, max_tokens=20))
+    run_step(s)
+    run_step(s)                       # a's prompt done (30 = 16 + 14); b's too
+    c = seq("c", 40, 2)
+    s.add(c)
+    for _ in range(3):
+        batch, _ = run_step(s)
+        prefilled = sum(chunk.num_tokens for chunk in batch.chunks if chunk.seq is c)
+        assert prefilled == 5 and batch.num_tokens == 5 + 2
+
+
+def test_a_short_prompt_behind_a_long_one_starts_in_the_same_step():
+    s = scheduler(num_blocks=256, budget=16)
+    long, short = seq("long", 200, 0), seq("short", 6, 1)
+    s.add(long), s.add(short)
+    batch, advanced = run_step(s)
+    by_seq = {chunk.seq.request_id: chunk.num_tokens for chunk in batch.chunks}
+    assert by_seq == {"long": 8, "short": 6}       # the long one takes half while another waits behind it
+    assert short in advanced                        # its prompt done: it samples in the first step
+    batch, _ = run_step(s)
+    assert {chunk.seq.request_id: chunk.num_tokens for chunk in batch.chunks} == {"long": 15, "short": 1}
+
+
+def test_prompts_pass_one_too_large_for_the_free_blocks_a_bounded_number_of_steps():
+    s = Scheduler(SchedulerConfig(8, 64, max_head_passes=2), BlockManager(10, 4))
+    holder = seq("holder", 20, 0, max_tokens=50)          # 5 of the 10 blocks, then more as it decodes
+    s.add(holder)
+    run_step(s)
+    big = seq("big", 24, 1)                                  # 6 blocks: does not fit beside holder
+    s.add(big)
+    small = [seq(f"small{i}", 3, 2 + i, max_tokens=1) for i in range(4)]
+    for item in small:
+        s.add(item)
+    admitted = []
+    for _ in range(4):
+        batch, _ = run_step(s)
+        admitted.append(sorted(chunk.seq.request_id for chunk in batch.chunks if chunk.seq.request_id != "holder"))
+    assert big.status is SequenceStatus.WAITING and big.num_times_passed == 2
+    assert admitted[0] == ["small0", "small1", "small2", "small3"]   # passed big in the first step
+    small_after = seq("late", 3, 9)
+    s.add(small_after)
+    batch, _ = run_step(s)
+    assert small_after.status is SequenceStatus.WAITING     # big has been passed twice: now nothing passes it

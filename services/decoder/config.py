@@ -14,8 +14,12 @@ class DecoderConfig(ModelRoleOptions):
 
     port: int = option(50061, "gRPC port")
     metrics_port: int = option(9101, "port of the Prometheus /metrics endpoint; 0: none")
-    max_num_seqs: int = option(64, "sequences decoded together at most")
+    max_num_seqs: int = option(0, "sequences decoded together at most; 0: what the KV cache holds of 2,560-token "
+                                  "sequences (an image prompt and its answer), 16 to 256")
     max_num_batched_tokens: int = option(8192, "tokens in one forward pass (chunked-prefill budget)")
+    step_time_budget_ms: float = option(40.0, "a step that carries decoding streams prefills only the prompt tokens "
+                                              "that fit in this time (measured at start-up, CUDA), so their time "
+                                              "per output token stays under it; 0: no bound")
     max_queued: int = option(256, "requests queued beyond max_num_seqs before RESOURCE_EXHAUSTED")
     max_model_len: int = option(0, "prompt + generated tokens per request; 0: the model's, capped by the KV cache")
     block_size: int = option(16, "tokens per KV-cache block")
@@ -38,11 +42,12 @@ class DecoderConfig(ModelRoleOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.max_forward_failures) <= 0:
-            raise ValueError("--max-num-seqs, --max-num-batched-tokens, --block-size and --max-forward-failures "
-                             "must be positive")
-        if self.max_queued < 0 or self.max_model_len < 0 or self.kv_cache_gib < 0:
-            raise ValueError("--max-queued, --max-model-len and --kv-cache-gib must not be negative")
+        if min(self.max_num_batched_tokens, self.block_size, self.max_forward_failures) <= 0:
+            raise ValueError("--max-num-batched-tokens, --block-size and --max-forward-failures must be positive")
+        if min(self.max_num_seqs, self.max_queued, self.max_model_len, self.kv_cache_gib,
+               self.step_time_budget_ms) < 0:
+            raise ValueError("--max-num-seqs, --max-queued, --max-model-len, --kv-cache-gib and "
+                             "--step-time-budget-ms must not be negative")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.quantization not in ("", "fp8"):

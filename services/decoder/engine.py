@@ -11,43 +11,27 @@ With `overlap`, a decode step is queued on the device before the tokens of the o
 inputs) runs while the device computes. Steps that prefill, admit or preempt are scheduled after the step in
 flight has been read. Without it every step is read as soon as it is sampled.
 
-Each request has a sink (a callable) that receives its outputs from the engine thread (decoder/service.py bridges
-sinks to asyncio), and every request ends in `finish()`, which sends its last output with the finish reason: a
-sequence that ends by its tokens, is cancelled, fails, or is added as the engine closes. Failed forward passes
-are the FailurePolicy's to judge (failures.py).
+Each request has a sink that receives its outputs from the engine thread, and every request ends in
+`Outputs.finish()` (outputs.py), which sends its last output with the finish reason: a sequence that ends by its
+tokens, is cancelled, fails, or is added as the engine closes. Failed forward passes are the FailurePolicy's to
+judge (failures.py).
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from services.decoder.admission import Admission
-from services.decoder.failures import FailurePolicy
+from services.decoder.failures import FailurePolicy, probe_sequence
+from services.decoder.inbox import Inbox
 from services.decoder.model_runner import LaunchedStep, ModelRunner
+from services.decoder.outputs import Outputs, Sink
 from services.decoder.scheduler import ScheduledBatch, Scheduler
 from services.decoder.sequence import FinishReason, Sequence
 from services.decoder.stats import EngineStats, StepCounters
-from shared.generation import Logprobs
-from shared.sampling import SamplingParams
 
 PROBE_PREFIX = "engine-probe#"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOutput:
-    request_id: str
-    token_ids: list[int]                 # new tokens since the previous output
-    finish_reason: FinishReason | None   # set on the last output of the request
-    error: str = ""                      # with FinishReason.ERROR: what failed
-    logprobs: tuple[Logprobs, ...] = ()  # one per token, where the sequence asked for them
-    num_cached_prompt_tokens: int = 0    # on the last output: prompt tokens the prefix cache supplied
-
-
-Sink = Callable[[EngineOutput], None]
 
 
 class Engine:
@@ -65,8 +49,8 @@ class Engine:
         self.overlap = overlap
         self.counters = StepCounters()
         self._in_flight: LaunchedStep | None = None   # launched and sampled, tokens not read yet
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, Sink] = {}
+        self.inbox = Inbox(self.admission)
+        self.outputs = Outputs(scheduler, self.admission)
         self._thread: threading.Thread | None = None
         self._is_stopping = False
         self._is_failed = False
@@ -74,27 +58,13 @@ class Engine:
 
     # -- called from any thread ---------------------------------------------------------------------------------
 
-    def reserve(self) -> None:
-        """Counts a request before it costs anything (its image features are fetched after this); refuses it
-        past capacity or once the engine closes. Each reservation ends in add() or release()."""
-        self.admission.reserve()
-
-    def release(self) -> None:
-        """Gives back a reservation whose request never reached add() (it failed or was cancelled before)."""
-        self.admission.release()
-
     def add(self, seq: Sequence, sink: Sink, is_reserved: bool = False) -> None:
-        if not is_reserved:
-            self.reserve()
         if seq.eos_token_id is None:
             seq.eos_token_id = self.eos_token_id
-        if not self.admission.submit(lambda: self._inbox.put(("add", seq, sink))):
-            # The engine closed after the reservation: nobody would take the request up, so it ends here.
-            self.admission.release()
-            sink(EngineOutput(seq.request_id, [], FinishReason.CANCELLED, "decoder engine stopped"))
+        self.inbox.add(seq, sink, is_reserved)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id, None))
+        self.inbox.abort(request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats.of(self.scheduler, self.counters, self.failures)
@@ -105,7 +75,7 @@ class Engine:
 
     def stop(self) -> None:
         """Ends every request as cancelled and stops the thread."""
-        self._inbox.put(("stop", None, None))
+        self.inbox.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -114,10 +84,10 @@ class Engine:
     def _loop(self) -> None:
         while not self._is_stopping:
             if self.scheduler.num_unfinished == 0 and self._in_flight is None:
-                try:
-                    self._apply(self._inbox.get(timeout=0.5))  # idle: sleep until work arrives
-                except queue.Empty:
+                item = self.inbox.wait(timeout_s=0.5)   # idle: sleep until work arrives
+                if item is None:
                     continue
+                self._apply(item)
             self.step()
             if not self._is_stopping:
                 self.failures.pause()
@@ -137,11 +107,8 @@ class Engine:
             self.process(previous, launched)
 
     def drain_inbox(self) -> None:
-        while True:
-            try:
-                self._apply(self._inbox.get_nowait())
-            except queue.Empty:
-                return
+        for item in self.inbox.drain():
+            self._apply(item)
 
     def schedule(self) -> tuple[ScheduledBatch | None, LaunchedStep | None]:
         """The next batch, and the step in flight it continues (None: there was none, or it was read first)."""
@@ -154,7 +121,7 @@ class Engine:
             return None, None
         batch = self.scheduler.schedule()
         for seq in batch.finished:   # longer than the whole cache
-            self.finish(seq, seq.finish_reason)
+            self.outputs.finish(seq, seq.finish_reason)
         return (batch or None), None
 
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None) -> LaunchedStep | None:
@@ -181,26 +148,15 @@ class Engine:
         else:
             self._read(launched)
 
-    def finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None, error: str = "",
-               logprobs: tuple[Logprobs, ...] = ()) -> None:
-        """Ends a sequence (if it has not ended yet) and sends its last output: the one way every request ends."""
-        self.scheduler.finish(seq, reason)
-        sink = self._sinks.pop(seq.request_id, None)
-        if sink is None:
-            return   # its last output went out already
-        self.admission.release()
-        sink(EngineOutput(seq.request_id, token_ids or [], seq.finish_reason, error, logprobs,
-                          seq.num_cached_prompt_tokens))
-
     def _apply(self, item: tuple) -> None:
         kind, payload, sink = item
         if kind == "add":
-            self._sinks[payload.request_id] = sink
+            self.outputs.open(payload, sink)
             self.scheduler.add(payload)
         elif kind == "abort":
             seq = self.scheduler.abort(payload)
             if seq is not None:
-                self.finish(seq, FinishReason.CANCELLED)
+                self.outputs.finish(seq, FinishReason.CANCELLED)
         else:
             self._is_stopping = True
 
@@ -213,55 +169,30 @@ class Engine:
             self._fail([step.batch] + ([following.batch] if following is not None else []), error)
             return False
         self.failures.succeeded()
-        logprobs_of = {id(chunk.seq): entry for chunk, entry in zip(step.batch.chunks, logprobs) if entry}
-        advanced = self.scheduler.postprocess(step.batch, sampled)
-        for seq in advanced:
-            token, entry = seq.token_ids[-1], logprobs_of.get(id(seq))
-            entries = (entry,) if entry is not None else ()
-            if not seq.is_finished and seq.constraint is not None:
-                self._advance_format(seq, token)
-            if seq.is_finished:
-                self.finish(seq, seq.finish_reason, [token], logprobs=entries)
-            else:
-                self._sinks[seq.request_id](EngineOutput(seq.request_id, [token], None, logprobs=entries))
-        self.counters.count(step.batch, len(advanced))
+        self.counters.count(step.batch, self.outputs.emit_step(step.batch, sampled, logprobs))
         return True
 
-    def _advance_format(self, seq: Sequence, token: int) -> None:
-        """The grammar of the sequence's format takes its new token: once the grammar is complete (it took the
-        end-of-sequence token) the sequence ends, even where it ignores the end-of-sequence token."""
-        if not seq.constraint.accept(token):   # the mask allowed it: only a broken grammar gets here
-            self.scheduler.finish(seq, FinishReason.ERROR)
-        elif seq.constraint.is_terminated:
-            self.scheduler.finish(seq, FinishReason.STOP)
-
     def _fail(self, batches: list[ScheduledBatch], error: Exception) -> None:
-        # each sequence once; those that ended before (cancelled while the step ran) have had their last output
-        seqs = [seq for seq in {id(chunk.seq): chunk.seq for batch in batches for chunk in batch.chunks}.values()
-                if not seq.is_finished]
+        num_ended = self.outputs.fail(batches, f"forward pass failed: {type(error).__name__}")
         self._in_flight = None
-        for seq in seqs:
-            self.finish(seq, FinishReason.ERROR, error=f"forward pass failed: {type(error).__name__}")
         self.scheduler.block_manager.reset_prefix_cache()   # a faulty device may have written anything anywhere
-        if self.failures.failed(error, len(seqs)):
+        if self.failures.failed(error, num_ended):
             self._is_failed = self._is_stopping = True
         elif self.scheduler.num_unfinished == 0:
             self._add_probe()
 
     def _add_probe(self) -> None:
         """A one-token request of the engine's own: the next forward pass, to find out whether it works again."""
-        seq = Sequence(request_id=f"{PROBE_PREFIX}{next(self._probes)}", token_ids=[self.probe_token_id],
-                       num_prompt_tokens=1, sampling=SamplingParams(max_tokens=1), max_model_len=2, arrival=-1,
-                       eos_token_id=self.eos_token_id)
+        seq = probe_sequence(f"{PROBE_PREFIX}{next(self._probes)}", self.probe_token_id, self.eos_token_id)
         self.admission.reserve(force=True)
-        self._sinks[seq.request_id] = lambda output: None
+        self.outputs.open(seq, lambda output: None)
         self.scheduler.add(seq)
 
     def _close(self) -> None:
         """Ends every request: those running and waiting, and those still in the inbox (nobody else would)."""
         self.admission.close()
         self.drain_inbox()
-        reason = FinishReason.ERROR if self._is_failed else FinishReason.CANCELLED
-        error = "decoder engine stopped after repeated failures" if self._is_failed else ""
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            self.finish(seq, reason, error=error)
+        if self._is_failed:
+            self.outputs.end_all(FinishReason.ERROR, "decoder engine stopped after repeated failures")
+        else:
+            self.outputs.end_all(FinishReason.CANCELLED)

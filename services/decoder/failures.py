@@ -13,6 +13,9 @@ import logging
 import time
 from collections.abc import Callable
 
+from services.decoder.sequence import Sequence
+from shared.sampling import SamplingParams
+
 log = logging.getLogger(__name__)
 
 
@@ -53,3 +56,10 @@ class FailurePolicy:
         """A device that failed twice in a row gets time to recover before the next forward pass."""
         if self.num_failures > 1:
             time.sleep(self.retry_interval_s)
+
+
+def probe_sequence(request_id: str, token_id: int, eos_token_id: int) -> Sequence:
+    """A one-token prompt any checkpoint can run, generating one token: a forward pass to find out whether the
+    device works again after failures."""
+    return Sequence(request_id=request_id, token_ids=[token_id], num_prompt_tokens=1,
+                    sampling=SamplingParams(max_tokens=1), max_model_len=2, arrival=-1, eos_token_id=eos_token_id)

@@ -97,6 +97,11 @@ class ModelRunner:
             for shape, plan in self.ops.fp8_skinny.items():
                 log.info("FP8 weight %s: the skinny kernel up to %d rows (launches %s), W8A8 above", shape,
                          plan.max_rows, plan.launches)
+        self.prompt_pass(num_tokens)
+
+    @torch.inference_mode()
+    def prompt_pass(self, num_tokens: int) -> None:
+        """A prefill pass of `num_tokens` that writes nothing to the cache (slot -1: fused kernels only)."""
         num_tokens = min(num_tokens, self.cache.num_blocks * self.cache.block_size)
         meta = AttentionMetadata(slot_mapping=torch.full((num_tokens,), -1, device=self.device),
                                  prefills=[PrefillSpan(0, num_tokens, num_tokens,

@@ -1,10 +1,16 @@
 """Continuous batching: which sequences run in the next forward pass, and how many of their tokens.
 
 Pure Python (no torch), unit tested on its own. Every step has a token budget shared by all sequences:
-decoding sequences take one token each, prompts are prefilled in chunks of what is left of the budget, so a
-long image prompt never stalls the streams that are decoding. Older sequences come first; when KV blocks run
-out, the newest running sequence is preempted (its blocks freed) and recomputed later. A sequence admitted with
-a prompt whose leading blocks are in the prefix cache (block_manager.py) starts after them.
+decoding sequences take one token each, whatever their place in the order, and prompts are prefilled in chunks of
+what is left, so a long image prompt never stalls the streams that are decoding. A step that carries decoding
+streams prefills at most `max_prefill_tokens_while_decoding` tokens (sized at start-up from a time budget, see
+step_budget.py), so their time per output token stays bounded while prompts wait.
+
+Older sequences come first; when KV blocks run out, the newest running sequence is preempted (its blocks freed) and
+recomputed later. Head-of-line blocking by long prompts is bounded two ways: a prompt's chunk is at most half of the
+step's prefill budget while other prompts wait behind it, and a waiting prompt too large for the free KV blocks
+lets later ones pass it, `max_head_passes` steps at most (then it is served first, as by arrival). A sequence
+admitted with a prompt whose leading blocks are in the prefix cache (block_manager.py) starts after them.
 
 `continue_decoding` lets the engine queue the next decode step before the current one's tokens are read: each
 sequence advances by one PENDING_TOKEN that `postprocess` later replaces with the sampled token.
@@ -23,6 +29,13 @@ from services.decoder.sequence import PENDING_TOKEN, FinishReason, Sequence, Seq
 class SchedulerConfig:
     max_num_seqs: int            # sequences holding KV blocks at once
     max_num_batched_tokens: int  # tokens in one forward pass (the chunked-prefill budget)
+    max_prefill_tokens_while_decoding: int = 0   # prompt tokens of a step with decoding streams; 0: no bound
+    max_head_passes: int = 8     # steps in which later prompts may pass a waiting one that does not fit
+
+    @property
+    def prefill_budget_while_decoding(self) -> int:
+        return min(self.max_prefill_tokens_while_decoding or self.max_num_batched_tokens,
+                   self.max_num_batched_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +70,14 @@ class ScheduledBatch:
         return bool(self.chunks)
 
 
+def prompt_chunk(num_left: int, budget: int, has_others_behind: bool) -> int:
+    """A prompt's chunk this step: what is left of it, within the budget; half the budget at most while other
+    prompts wait behind it, so a long image prompt does not hold up the short ones for its whole prefill."""
+    if has_others_behind and num_left > budget // 2:
+        budget = max(budget // 2, 1)
+    return min(num_left, budget)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
@@ -75,10 +96,24 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        # Each decoding sequence's token is set aside before any prompt takes from the budget.
+        num_decoding_after = sum(1 for seq in self.running if seq.num_uncomputed_tokens == 1)
+        prefill_budget = self.config.prefill_budget_while_decoding if num_decoding_after else budget
+        num_prefilling = sum(1 for seq in self.running if seq.num_uncomputed_tokens > 1) + len(self.waiting)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            is_decoding = seq.num_uncomputed_tokens == 1
+            if is_decoding:
+                num_decoding_after -= 1
+                num_tokens = 1
+            else:
+                num_prefilling -= 1
+                num_tokens = prompt_chunk(seq.num_uncomputed_tokens, min(budget - num_decoding_after, prefill_budget),
+                                         num_prefilling > 0)
+                if num_tokens <= 0:
+                    index += 1
+                    continue
             if self.block_manager.num_new_blocks(seq, num_tokens) > self.block_manager.num_blocks - len(
                     seq.block_table):
                 self.finish(seq, FinishReason.LENGTH)  # longer than the whole cache: it can never continue
@@ -89,11 +124,13 @@ class Scheduler:
             self.block_manager.allocate(seq, num_tokens)
             batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
+            if not is_decoding:
+                prefill_budget -= num_tokens
             index += 1
         # Admit new sequences only when nothing had to be preempted: they would take the blocks just freed. A
         # completion of n > 1 waits for its first one's prompt (its blocks are then shared); the others pass it.
         position = 0
-        while (position < len(self.waiting) and budget > 0 and not batch.preempted
+        while (position < len(self.waiting) and min(budget, prefill_budget) > 0 and not batch.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[position]
             if seq.after is not None and not (seq.after.is_prompt_computed or seq.after.is_finished):
@@ -102,10 +139,15 @@ class Scheduler:
             blocks = self.block_manager
             shared = blocks.match_prefix(seq)   # leading blocks whose KV is cached already
             num_cached = len(shared) * blocks.block_size
-            num_tokens = min(len(seq) - num_cached, budget)
+            num_tokens = prompt_chunk(len(seq) - num_cached, min(budget, prefill_budget),
+                                     position + 1 < len(self.waiting))
             if blocks.blocks_for(num_cached + num_tokens) - len(shared) > (blocks.num_free_blocks
                                                                           - blocks.num_unused(shared)):
-                break
+                if seq.num_times_passed >= self.config.max_head_passes:
+                    break   # it has waited long enough: nothing more passes it
+                seq.num_times_passed += 1
+                position += 1
+                continue
             del self.waiting[position]
             seq.status = SequenceStatus.RUNNING
             blocks.share_prefix(seq, shared)
@@ -113,6 +155,7 @@ class Scheduler:
             self.running.append(seq)
             batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
+            prefill_budget -= num_tokens
         return batch
 
     def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:

@@ -50,6 +50,7 @@ class Sequence:
     # its KV blocks through the prefix cache rather than compute them again.
     after: Sequence | None = None
     num_cached_prompt_tokens: int = 0   # prompt tokens whose KV came from the prefix cache at its admission
+    num_times_passed: int = 0       # steps in which later prompts were admitted past it (scheduler.py)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0    # tokens whose KV entries are written
     block_table: list[int] = field(default_factory=list)

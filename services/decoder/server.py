@@ -7,7 +7,7 @@ import json
 from contextlib import aclosing
 
 from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
-from services.decoder.engine import EngineOutput
+from services.decoder.outputs import EngineOutput
 from services.decoder.service import DecoderService
 from services.decoder.sequence import FinishReason
 from shared.errors import InvalidRequest, Unavailable

@@ -10,9 +10,10 @@ from dataclasses import replace
 
 import torch
 
-from services.decoder.engine import Engine, EngineOutput
+from services.decoder.engine import Engine
 from services.decoder.features import FeatureStore
 from services.decoder.model import TextModelSpec
+from services.decoder.outputs import EngineOutput
 from services.decoder.sequence import FinishReason, Sequence
 from services.decoder.step_inputs import ImageInputs
 from shared.errors import InvalidRequest, Unavailable
@@ -154,12 +155,12 @@ class DecoderService:
         num_reserved = 0
         try:
             for _ in range(request.n):
-                self.engine.reserve()
+                self.engine.admission.reserve()
                 num_reserved += 1
             images = await self._image_inputs(request)
         except BaseException:
             for _ in range(num_reserved):
-                self.engine.release()
+                self.engine.admission.release()
             raise
         seqs = self._sequences(request, images, compiled)
         index_of = {seq.request_id: seq.choice_index for seq in seqs}

@@ -41,7 +41,7 @@ async def build(servicer: DecoderServicer, context: RoleContext) -> DecoderRole:
         context.readiness.set("engine", is_healthy), loop)
     loaded.engine.failures.on_fatal = lambda: loop.call_soon_threadsafe(failed.set)
     loaded.engine.start()
-    metrics.register(loaded.engine, config.max_num_seqs)
+    metrics.register(loaded.engine, loaded.engine.admission.max_num_seqs)
     features = FeatureStore(context.cache_redis, loaded.fingerprint, loaded.spec.vision_hidden_size,
                             local_capacity_bytes=config.feature_cache_mib << 20)
     tokenizer = tokenizer_file(resolve_model(config.model))
