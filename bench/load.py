@@ -162,8 +162,9 @@ def start_stack(args, model: str = "tiny", device: str = "cpu", metrics_port: in
     """(launcher, redis server, gateway address, its HTTP API's URL, {process name: pid}) of the stack started for
     the run: `model` (a checkpoint directory or tiny) on `device`; `metrics_port`: the launcher's --metrics-port
     (None: its default)."""
-    from services.launcher import Launcher, ServeConfig
+    from services.launcher import Launcher
     from services.local_processes import free_port
+    from services.serve_config import ServeConfig
     from tests.support import RedisServer
     for setting in args.set:
         name, _, value = setting.partition("=")

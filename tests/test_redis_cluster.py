@@ -38,7 +38,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from services.gateway.images import ImageFile
 from services.gateway.vision_pool import VisionPool
-from services.launcher import Launcher, ServeConfig
+from services.launcher import Launcher
+from services.serve_config import ServeConfig
 from services.vision.config import VisionConfig
 from services.vision.worker import VisionWorker
 from shared import encode_jobs
