@@ -43,7 +43,7 @@ from services.serve_config import ServeConfig
 from services.vision.config import VisionConfig
 from services.vision.worker import VisionWorker
 from shared import encode_jobs
-from shared.checkpoint import vision_fingerprint
+from shared.fingerprints import vision_fingerprint
 from shared.embedding_cache import KEY_PREFIX, cache_key
 from shared.images import sha256_hex
 from shared.redis_client import Endpoint

@@ -15,7 +15,7 @@ from services.decoder.faults import FailingRunner
 from services.decoder.model import PixtralDecoder, TextModelSpec, load_decoder
 from services.decoder.model_runner import ModelRunner
 from services.decoder.scheduler import Scheduler, SchedulerConfig
-from shared import checkpoint
+from shared import fingerprints
 from shared.tiny import resolve_model
 
 log = logging.getLogger(__name__)
@@ -89,4 +89,4 @@ def build_engine(config: DecoderConfig) -> LoadedEngine:
     log.info("decoder weights: %.2f GiB (%s on %s%s)", weight_bytes / GIB, dtype, device,
              ", projections fp8" if config.quantization else "")
     engine, max_model_len = build_engine_for(model, config, device)
-    return LoadedEngine(engine, model.spec, checkpoint.vision_fingerprint(model_dir), max_model_len)
+    return LoadedEngine(engine, model.spec, fingerprints.vision_fingerprint(model_dir), max_model_len)
