@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from services.decoder.model import load_decoder
+from services.decoder.weights import load_decoder
 from services.vision.encoder import load_vision_encoder
 from shared import checkpoint
 from shared.fingerprints import vision_fingerprint

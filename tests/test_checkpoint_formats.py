@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from pixtral.v1 import gateway_pb2_grpc
 from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PrefillSpan
-from services.decoder.model import load_decoder
+from services.decoder.weights import load_decoder
 from services.decoder.ops import TorchOps
 from services.vision.encoder import load_vision_encoder
 from shared import checkpoint, mistral_layout, tokenizer

@@ -12,7 +12,8 @@ from services.decoder.block_manager import BlockManager
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
 from services.decoder.faults import FailingRunner
-from services.decoder.model import PixtralDecoder, TextModelSpec, load_decoder
+from services.decoder.model import PixtralDecoder, TextModelSpec
+from services.decoder.weights import load_decoder
 from services.decoder.model_runner import ModelRunner
 from services.decoder.scheduler import Scheduler, SchedulerConfig
 from shared import fingerprints
