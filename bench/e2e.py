@@ -33,8 +33,9 @@ import grpc
 
 from bench.common import QUESTION, gpu_name, noise_png, percentile, save
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.launcher import Launcher, ServeConfig
+from services.launcher import Launcher
 from services.local_processes import free_port
+from services.serve_config import ServeConfig
 from shared.checkpoint import RANDOM_WEIGHTS_FILE
 from shared.tiny import pixtral_12b_config
 

@@ -42,22 +42,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from bench.common import gpu_name, save
-from bench.load import LoadSpec, run_load, start_stack
+from bench.encode_wait import GatewayMetrics, encode_wait
 from bench.load_calls import parse_range, parse_sizes
+from bench.load_run import LoadSpec, run_load
+from bench.load_stack import start_stack
+from bench.slo import Slo, goodput, meets_slo
 
 WORKLOADS = ("new-images", "repeats-90", "text-256", "rate-sweep")
-ENCODE_WAIT = "pixtral_gateway_encode_wait_seconds"
 DEFAULT_MAX_NUM_SEQS = 64   # the decoders' default (services/decoder/config.py)
 
 # Per device: what a flag left unset means. CPU: the tiny model on a small machine, a run of about two minutes.
@@ -71,101 +69,7 @@ DEFAULTS = {
 }
 
 
-# -- the SLO and goodput ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Slo:
-    ttft_s: float = 2.0
-    tpot_ms: float = 50.0
-    max_error_share: float = 0.0   # of the arrivals: errors of any code and client drops
-
-
-def meets_slo(results: dict, slo: Slo) -> bool:
-    """Whether one load's results (bench.load.summarize's keys) meet `slo`."""
-    num_arrivals = results["requests"] + results["client_dropped"]
-    num_unanswered = num_arrivals - results["ok"]
-    if not results["ok"] or num_unanswered > slo.max_error_share * num_arrivals:
-        return False
-    tpot = results["tpot_p99_ms"]
-    return results["ttft_p99_ms"] <= 1000 * slo.ttft_s and (tpot is None or tpot <= slo.tpot_ms)
-
-
-def goodput(by_rate: dict[float, dict], slo: Slo) -> float:
-    """The highest arrival rate such that it and every lower rate of `by_rate` meet `slo`; 0 when the lowest does
-    not (or there is none)."""
-    best = 0.0
-    for rate in sorted(by_rate):
-        if not meets_slo(by_rate[rate], slo):
-            break
-        best = rate
-    return best
-
-
-# -- the gateway's encode wait ------------------------------------------------------------------------------------
-
-def read_histogram(text: str, name: str) -> dict:
-    """{"buckets": [(upper bound, cumulative count)...], "count", "sum"} of histogram `name` in a Prometheus text
-    exposition; empty buckets when it is absent."""
-    histogram = {"buckets": [], "count": 0.0, "sum": 0.0}
-    for family in text_string_to_metric_families(text):
-        if family.name != name:
-            continue
-        for sample in family.samples:
-            if sample.name == f"{name}_bucket":
-                histogram["buckets"].append((float(sample.labels["le"]), sample.value))
-            elif sample.name == f"{name}_count":
-                histogram["count"] = sample.value
-            elif sample.name == f"{name}_sum":
-                histogram["sum"] = sample.value
-    histogram["buckets"].sort()
-    return histogram
-
-
-def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """The q-quantile of cumulative `buckets`, linear within the bucket it falls in (as Prometheus's
-    histogram_quantile); in the +Inf bucket: the highest finite bound. None for no observations."""
-    if not buckets or not buckets[-1][1]:
-        return None
-    rank = q * buckets[-1][1]
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = bound, count
-    return lower_bound
-
-
-def encode_wait(before: dict, after: dict) -> dict:
-    """The encode waits observed between two reads of the histogram."""
-    earlier = dict(before["buckets"])
-    buckets = [(bound, count - earlier.get(bound, 0.0)) for bound, count in after["buckets"]]
-    count = after["count"] - before["count"]
-    seconds = after["sum"] - before["sum"]
-    results = {"encode_wait_count": int(count), "encode_wait_mean_ms": 1000 * seconds / count if count else None}
-    for q in (0.5, 0.99):
-        value = histogram_quantile(q, buckets)
-        results[f"encode_wait_p{int(q * 100)}_ms"] = None if value is None else 1000 * value
-    return results
-
-
-class GatewayMetrics:
-    """Reads the gateway's metrics endpoint; without one (url None) every read is None."""
-
-    def __init__(self, url: str | None) -> None:
-        self.url = url
-
-    async def read(self) -> dict | None:
-        if not self.url:
-            return None
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            response = await client.get(self.url)
-        response.raise_for_status()
-        return read_histogram(response.text, ENCODE_WAIT)
-
+# -- workloads ----------------------------------------------------------------------------------------------------
 
 async def measured(spec: LoadSpec, gateway: str, pids: dict[str, int], metrics: GatewayMetrics) -> dict:
     """One load's results, with the encode waits it caused when the gateway's metrics can be read."""
@@ -176,8 +80,6 @@ async def measured(spec: LoadSpec, gateway: str, pids: dict[str, int], metrics: 
         results.update(encode_wait(before, after))
     return results
 
-
-# -- workloads ----------------------------------------------------------------------------------------------------
 
 def image_mix(args, repeat_share: float) -> LoadSpec:
     return LoadSpec(concurrency=args.callers, num_requests=args.callers * args.requests_per_caller, num_images=1,

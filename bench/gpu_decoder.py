@@ -26,7 +26,8 @@ from bench.common import gpu_name, image_prompt, save, sync, timed
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
 from services.decoder.factory import GIB, build_engine_for
-from services.decoder.model import PixtralDecoder, TextModelSpec, decoder_from_tensors, random_decoder
+from services.decoder.model import PixtralDecoder, TextModelSpec
+from services.decoder.weights import decoder_from_tensors, random_decoder
 from services.decoder.step_inputs import ImageInputs
 from services.decoder.sequence import SamplingParams, Sequence
 from shared import checkpoint

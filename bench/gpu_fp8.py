@@ -25,7 +25,8 @@ from bench.common import gpu_name, image_prompt, save, sync, timed
 from bench.gpu_decoder import convert, decode_rate, hf_model, pixel_batch, run_until, sequence, start_streams
 from services.decoder.config import DecoderConfig
 from services.decoder.factory import GIB, build_engine_for
-from services.decoder.model import TextModelSpec, quantize_decoder, random_decoder
+from services.decoder.model import TextModelSpec
+from services.decoder.weights import quantize_decoder, random_decoder
 from shared.tiny import pixtral_12b_config, tiny_config
 
 VARIANTS = (("bf16", None, "auto"), ("fp8", "fp8", "auto"), ("fp8_kv", "fp8", "fp8"))

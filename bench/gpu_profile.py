@@ -146,7 +146,8 @@ def decoder_profile() -> dict:
     from services.decoder import matmul_kernels as kernels
     from services.decoder.config import DecoderConfig
     from services.decoder.factory import build_engine_for
-    from services.decoder.model import TextModelSpec, random_decoder
+    from services.decoder.model import TextModelSpec
+    from services.decoder.weights import random_decoder
     from shared.tiny import pixtral_12b_config
 
     spec = TextModelSpec.from_config(pixtral_12b_config())

@@ -22,7 +22,8 @@ from bench.common import gpu_name, image_prompt, save, sync
 from bench.gpu_decoder import run_until, sequence
 from services.decoder.config import DecoderConfig
 from services.decoder.factory import build_engine_for
-from services.decoder.model import TextModelSpec, random_decoder
+from services.decoder.model import TextModelSpec
+from services.decoder.weights import random_decoder
 from shared.sampling import SamplingParams
 from shared.structured_output import FormatCompiler, ResponseFormat
 from shared.tiny import pixtral_12b_config, tiny_config

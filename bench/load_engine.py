@@ -17,7 +17,7 @@ def engine_only(args) -> dict:
 
     from services.decoder.config import DecoderConfig
     from services.decoder.factory import build_engine_for
-    from services.decoder.model import load_decoder
+    from services.decoder.weights import load_decoder
     from services.decoder.sequence import SamplingParams, Sequence
     from shared.tiny import resolve_model
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 
 from bench.common import noise_png, save
-from shared import checkpoint, encode_jobs
+from shared import encode_jobs, fingerprints
 from shared.encode_jobs import EncodeJob, EncodeResult
 from shared.images import sha256_hex
 from shared.tiny import resolve_model
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
     model = resolve_model("tiny")
-    fingerprint = checkpoint.vision_fingerprint(model)
+    fingerprint = fingerprints.vision_fingerprint(model)
     results = {"cpus": os.cpu_count(), "image_size": args.size, "images": args.images}
     for num_workers in map(int, args.workers.split(",")):
         server = RedisServer().start()

@@ -24,7 +24,8 @@ import torch
 from bench.common import gpu_name, save, sync
 from services.decoder.config import DecoderConfig
 from services.decoder.factory import build_engine_for
-from services.decoder.model import TextModelSpec, load_decoder, random_decoder
+from services.decoder.model import TextModelSpec
+from services.decoder.weights import load_decoder, random_decoder
 from services.decoder.step_inputs import ImageInputs
 from services.decoder.sequence import SamplingParams, Sequence
 from shared.tiny import pixtral_12b_config, resolve_model

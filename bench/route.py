@@ -30,8 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.common import QUESTION, gpu_name, noise_png, percentile, save
 from bench.e2e import random_12b_dir, request
 from pixtral.v1 import gateway_pb2, gateway_pb2_grpc
-from services.launcher import Launcher, ServeConfig
+from services.launcher import Launcher
 from services.local_processes import free_port
+from services.serve_config import ServeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,17 +5,15 @@ and one for the job protocol that evicts nothing), M decoders, N vision workers 
 `ready <host:port>` once the gateway answers SERVING, and on stderr where each role serves its metrics
 (`metrics <name> <url>`).
 
-It supervises them: a child that dies is started again after a backoff that doubles with each crash, on the same
-port with the same flags, while the others go on serving (one line on stderr says which child died, how, and when
-it comes back). The gateway finds a restarted decoder again, a restarted vision worker (same consumer name) takes
-up the jobs it held, a private Redis comes back empty (the roles survive that). Only a child crashing more than
+It supervises them (services/supervisor.py): a child that dies is started again on the same port with the same
+flags. The gateway finds a restarted decoder again, a restarted vision worker (same consumer name) takes up the
+jobs it held, a private Redis comes back empty (the roles survive that). Only a child crashing more than
 `--max-restarts` times within `--restart-window-s` ends pixtral-serve: every child is stopped, and it exits 1.
 
 On Ctrl-C or SIGTERM it stops them in order: the gateway first (its streams finish on decoders that are still up,
 and requests waiting for an image get it from vision workers that are still up), then the decoders and vision
 workers, then Redis. Each role gets `--drain-grace-s` (passed to every role, so they agree) plus `--grace-s` to
-exit before SIGKILL. The children run in process groups of their own, so that a Ctrl-C in a terminal reaches
-pixtral-serve alone and the stop keeps its order.
+exit before SIGKILL.
 """
 
 from __future__ import annotations
@@ -23,184 +21,22 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-
-from services.gpu_placement import VISION_PLACEMENTS, place, visible_gpus
-from services.local_processes import exit_status, free_port, is_bindable, is_serving, redis_answers
-from shared.settings import env_name, load_config, option
+from services.gpu_placement import place, visible_gpus
+from services.local_processes import free_port, is_bindable, is_serving, redis_answers
+from services.serve_config import LOCAL_REDIS, ServeConfig
+from services.supervisor import GATEWAY_STAGE, REDIS_STAGE, WORKER_STAGE, ChildSpec, StopRequested, Supervisor
+from shared.settings import load_config
 from shared.tiny import resolve_model
 
-LOCAL_REDIS = "redis://127.0.0.1:6379/0"
-MAX_BACKOFF_S = 30.0
-# Stop order: the gateway, then the roles it calls, then what they all use.
-GATEWAY_STAGE, WORKER_STAGE, REDIS_STAGE = 0, 1, 2
 
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Run the whole Pixtral service (gateway, vision workers, decoders, Redis) on this machine."""
-
-    model: str = option("tiny", "checkpoint directory, or 'tiny' for the built-in tiny model")
-    redis: str = option("auto", f"Redis URL (plain, or any node of a Redis Cluster) of the cache and the jobs; auto: "
-                                f"{LOCAL_REDIS} if it answers, else private ones; private: always two private "
-                                "redis-servers, a cache bounded by --cache-memory-mib and one for the jobs")
-    cache_memory_mib: int = option(0, "memory of the private cache Redis, which evicts the least recently used "
-                                      "embeddings once full; 0: an eighth of this machine's memory")
-    vision_workers: int = option(1, "vision worker processes")
-    decoders: int = option(1, "decoder processes")
-    port: int = option(50051, "gateway port")
-    http_port: int = option(8000, "port of the gateway's OpenAI-compatible HTTP API (printed as `http <url>` after "
-                                  "`ready`); 0: none")
-    device: str = option("cpu", "cpu or cuda")
-    gpus: str = option("", "with --device cuda: the GPUs the roles are placed on, as CUDA_VISIBLE_DEVICES names "
-                           "them (e.g. 0,1); empty: every GPU visible. One decoder per GPU while there are enough")
-    vision_gpus: str = option("shared", "with --device cuda: shared (vision workers on the decoders' GPUs, in turn) "
-                                        "or own (on the GPUs no decoder uses)")
-    quantization: str = option("", "the decoders' --quantization: empty (the checkpoint's weights) or fp8")
-    kv_cache_dtype: str = option("auto", "the decoders' --kv-cache-dtype: auto (the model's dtype) or fp8")
-    host: str = option("127.0.0.1", "address the gateway listens on and `ready` prints")
-    startup_timeout_s: float = option(900.0, "how long the roles may take to load")
-    drain_grace_s: float = option(30.0, "on stop, seconds each role gives its calls and jobs in flight to finish "
-                                        "(passed to every role as its --drain-grace-s)")
-    grace_s: float = option(10.0, "on stop, seconds a role gets beyond --drain-grace-s to exit before SIGKILL")
-    metrics_port: int = option(9100, "Prometheus port of the gateway; the decoders, then the vision workers, get "
-                                     "the ports after it, in order; 0: no metrics endpoints")
-    max_restarts: int = option(5, "restarts of one child within --restart-window-s; one more crash stops everything")
-    restart_window_s: float = option(60.0, "the window --max-restarts counts crashes in")
-    restart_backoff_s: float = option(0.5, "delay before a crashed child is started again; doubles with each crash "
-                                           f"within the window, up to {MAX_BACKOFF_S:.0f} s")
-    auth_token: str = option("", "bearer token of every role (the gateway's callers and its decoder calls); "
-                                 "prefer the environment to the flag; empty: none", secret=True)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.http_port < 65536:
-            raise ValueError(f"--http-port must be a port or 0, got {self.http_port}")
-        if self.vision_workers < 1 or self.decoders < 1:
-            raise ValueError("--vision-workers and --decoders must be at least 1")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.vision_gpus not in VISION_PLACEMENTS:
-            raise ValueError(f"--vision-gpus must be one of {', '.join(VISION_PLACEMENTS)}, got {self.vision_gpus!r}")
-        if self.cache_memory_mib < 0:
-            raise ValueError("--cache-memory-mib must not be negative")
-        if self.max_restarts < 0 or min(self.drain_grace_s, self.grace_s, self.restart_backoff_s) < 0 or \
-                self.restart_window_s <= 0 or not 0 <= self.metrics_port < 65536:
-            raise ValueError("--max-restarts, --drain-grace-s, --grace-s and --restart-backoff-s must not be "
-                             "negative, --restart-window-s must be positive, --metrics-port a port or 0")
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    name: str                # gateway, decoder0, vision1, redis: also its log file's name
-    argv: tuple[str, ...]
-    stage: int               # when it is stopped (GATEWAY_STAGE first)
-    env: tuple[tuple[str, str], ...] = ()   # added to the environment (its GPU)
-
-
-@dataclass
-class Child:
-    spec: ChildSpec
-    process: subprocess.Popen
-    crashes: deque[float] = field(default_factory=deque)   # when it died, within the restart window
-    restart_at: float | None = None                         # set while it waits to be started again
-
-
-class StopRequested(Exception):
-    """Ctrl-C or SIGTERM arrived: stop every child, in order."""
-
-
-class Launcher:
+class Launcher(Supervisor):
     def __init__(self, config: ServeConfig, log_dir: Path | None = None) -> None:
-        """`log_dir`: each child writes its output to `<name>.log` there (gateway.log, decoder0.log, ...) rather
-        than to ours."""
-        self.config = config
-        self.log_dir = log_dir
-        self._children: dict[str, Child] = {}
-        self._redis_dir: str | None = None
-        self._logs: dict[str, IO[bytes]] = {}   # child name -> its log file (with log_dir)
-        self.is_stop_requested = False   # set by a signal handler (main): checked between waits
-
-    @property
-    def children(self) -> list[tuple[str, subprocess.Popen]]:
-        """(name, process) of every child, as started last."""
-        return [(name, child.process) for name, child in self._children.items()]
-
-    def _popen(self, spec: ChildSpec) -> subprocess.Popen:
-        env = None
-        if self.config.auth_token or spec.env:
-            env = {**os.environ, **dict(spec.env)}
-        if self.config.auth_token:  # through the environment: argv is visible to every user of the machine
-            env[env_name("auth_token")] = self.config.auth_token
-        output = None
-        if self.log_dir is not None:   # a restarted child's output follows its first run's
-            previous = self._logs.pop(spec.name, None)
-            if previous is not None:
-                previous.close()
-            output = self._logs[spec.name] = open(self.log_dir / f"{spec.name}.log", "ab" if previous else "wb")
-        # Without a log folder every child writes to our stderr: our stdout carries `ready` alone.
-        return subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, env=env,
-                                stdout=sys.stderr.fileno() if output is None else output,
-                                stderr=None if output is None else subprocess.STDOUT, process_group=0)
-
-    def spawn(self, spec: ChildSpec) -> subprocess.Popen:
-        self._children[spec.name] = Child(spec, self._popen(spec))
-        return self._children[spec.name].process
-
-    # -- supervision ----------------------------------------------------------------------------------------------
-
-    def supervise(self) -> None:
-        """Starts again the children due for it and notices those that died; SystemExit when one crashed more than
-        max_restarts times within the restart window."""
-        c = self.config
-        now = time.monotonic()
-        for child in self._children.values():
-            if child.restart_at is not None:
-                if now >= child.restart_at:
-                    child.process, child.restart_at = self._popen(child.spec), None
-                continue
-            if child.process.poll() is None:
-                continue
-            status = exit_status(child.process.returncode)
-            child.crashes.append(now)
-            while child.crashes and child.crashes[0] < now - c.restart_window_s:
-                child.crashes.popleft()
-            if len(child.crashes) > c.max_restarts:
-                raise SystemExit(f"{child.spec.name} (pid {child.process.pid}) {status}: {len(child.crashes)} "
-                                 f"crashes within {c.restart_window_s:g} s, more than --max-restarts "
-                                 f"{c.max_restarts}; stopping every role")
-            delay = min(MAX_BACKOFF_S, c.restart_backoff_s * 2 ** (len(child.crashes) - 1))
-            child.restart_at = now + delay
-            print(f"pixtral-serve: {child.spec.name} (pid {child.process.pid}) {status}; restarting it in "
-                  f"{delay:g} s (restart {len(child.crashes)} of at most {c.max_restarts} within "
-                  f"{c.restart_window_s:g} s)", file=sys.stderr, flush=True)
-
-    def serve_forever(self) -> None:
-        """Supervises the children until a stop is requested (StopRequested) or one crashes too often."""
-        while True:
-            self._check_stop()
-            self.supervise()
-            time.sleep(0.1)
-
-    def wait_for(self, what: str, is_ready) -> None:
-        give_up = time.monotonic() + self.config.startup_timeout_s
-        while not is_ready():
-            self._check_stop()
-            self.supervise()
-            if time.monotonic() > give_up:
-                raise SystemExit(f"{what} not ready after {self.config.startup_timeout_s:.0f} s")
-            time.sleep(0.2)
-
-    def _check_stop(self) -> None:
-        if self.is_stop_requested:
-            raise StopRequested
+        super().__init__(config, log_dir)
+        self._redis_dir: str | None = None   # the private Redis' files, removed on stop
 
     # -- start ------------------------------------------------------------------------------------------------------
 
@@ -303,28 +139,11 @@ class Launcher:
         self.wait_for("gateway", lambda: is_serving(gateway))
         return gateway
 
-    # -- stop -------------------------------------------------------------------------------------------------------
-
     def stop(self) -> None:
-        """Stops the children stage by stage: SIGTERM, then SIGKILL for those still running after the stage's
-        grace (the roles': --drain-grace-s + --grace-s; Redis: --grace-s)."""
-        for stage in (GATEWAY_STAGE, WORKER_STAGE, REDIS_STAGE):
-            members = [child.process for child in self._children.values() if child.spec.stage == stage
-                       and child.restart_at is None and child.process.poll() is None]
-            for process in members:
-                process.send_signal(signal.SIGTERM)
-            grace_s = self.config.grace_s + (self.config.drain_grace_s if stage != REDIS_STAGE else 0.0)
-            give_up = time.monotonic() + grace_s
-            for process in members:
-                try:
-                    process.wait(timeout=max(0.1, give_up - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        """Stops the children in order (Supervisor.stop), then removes the private Redis' folder."""
+        super().stop()
         if self._redis_dir:
             shutil.rmtree(self._redis_dir, ignore_errors=True)
-        for output in self._logs.values():
-            output.close()
 
 
 def main(argv: list[str] | None = None) -> int:

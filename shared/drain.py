@@ -7,7 +7,6 @@ and balancers see the instance leave, and an open health Watch does not hold the
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 
 import grpc
@@ -15,6 +14,7 @@ import grpc
 from shared.auth import EXEMPT_PREFIX as HEALTH_PREFIX
 from shared.errors import Unavailable
 from shared.handlers import Refuse, behaviour_of, refusing_handler, with_behaviour
+from shared.in_flight import InFlight
 from shared.streams import write_all
 
 
@@ -22,18 +22,15 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, refuse: Refuse) -> None:
         self._refuse = refuse   # (context, error, rpc): ends the call with the error's status (grpc_server.py)
         self.is_draining = False
-        self.num_in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.in_flight = InFlight()
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.in_flight.count
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call is in flight, False if some still are after `timeout_s`."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-            return True
-        except TimeoutError:
-            return False
+        return await self.in_flight.wait_idle(timeout_s)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -46,26 +43,11 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         behaviour = behaviour_of(handler)
         if inspect.isasyncgenfunction(behaviour):
             async def counted_stream(request_or_iterator, context):
-                self._enter()
-                try:
+                with self.in_flight:
                     await write_all(behaviour(request_or_iterator, context), context)
-                finally:
-                    self._leave()
             return with_behaviour(handler, counted_stream)
 
         async def counted(request_or_iterator, context):
-            self._enter()
-            try:
+            with self.in_flight:
                 return await behaviour(request_or_iterator, context)
-            finally:
-                self._leave()
         return with_behaviour(handler, counted)
-
-    def _enter(self) -> None:
-        self.num_in_flight += 1
-        self._idle.clear()
-
-    def _leave(self) -> None:
-        self.num_in_flight -= 1
-        if self.num_in_flight == 0:
-            self._idle.set()

@@ -1,5 +1,5 @@
 """What the gateway asks a decoder for and what a decoder says about itself: the domain form of the internal API
-(the transport converts it from and to protos: services/gateway/decoders.py, services/decoder/server.py)."""
+(the transport converts it from and to protos: services/gateway/decoder_messages.py, services/decoder/server.py)."""
 
 from __future__ import annotations
 

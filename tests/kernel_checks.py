@@ -147,7 +147,8 @@ def check_fused_engine_matches_reference_engine() -> None:
     from services.decoder.attention import KVCache
     from services.decoder.block_manager import BlockManager
     from services.decoder.engine import Engine
-    from services.decoder.model import TextModelSpec, random_decoder
+    from services.decoder.model import TextModelSpec
+    from services.decoder.weights import random_decoder
     from services.decoder.model_runner import ModelRunner
     from services.decoder.step_inputs import ImageInputs
     from services.decoder.scheduler import Scheduler, SchedulerConfig
@@ -190,7 +191,8 @@ def check_cuda_graph_decode_matches_eager() -> None:
         raise NotApplicable("needs CUDA")
     from services.decoder.config import DecoderConfig
     from services.decoder.factory import build_engine_for
-    from services.decoder.model import TextModelSpec, random_decoder
+    from services.decoder.model import TextModelSpec
+    from services.decoder.weights import random_decoder
     from services.decoder.sequence import SamplingParams, Sequence
 
     spec = TextModelSpec(vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=8,
@@ -663,7 +665,8 @@ def check_fp8_cuda_graph_decode_matches_eager() -> None:
         raise NotApplicable("needs CUDA")
     from services.decoder.config import DecoderConfig
     from services.decoder.factory import build_engine_for
-    from services.decoder.model import TextModelSpec, quantize_decoder, random_decoder
+    from services.decoder.model import TextModelSpec
+    from services.decoder.weights import quantize_decoder, random_decoder
     from services.decoder.sequence import SamplingParams, Sequence
 
     spec = TextModelSpec(vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=8,

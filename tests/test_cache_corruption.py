@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from shared.checkpoint import vision_fingerprint
+from shared.fingerprints import vision_fingerprint
 from shared.embedding_cache import HEADER_BYTES, cache_key, decode_entry
 from shared.images import sha256_hex
 from tests.reference import chat_request

@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from services.decoder.model import load_decoder
+from services.decoder.weights import load_decoder
 from services.vision.encoder import load_vision_encoder
 from shared import checkpoint
+from shared.fingerprints import vision_fingerprint
 from tests.conftest import make_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -82,12 +83,12 @@ def test_single_file_and_sharded_checkpoints_load_the_same(tiny_model, tmp_path)
     a = load_decoder(single, torch.float32, CPU).state_dict()
     b = load_decoder(tiny_model, torch.float32, CPU).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert checkpoint.vision_fingerprint(single) == checkpoint.vision_fingerprint(tiny_model)
+    assert vision_fingerprint(single) == vision_fingerprint(tiny_model)
 
 
 def test_fingerprint_changes_with_vision_weights_only(tmp_path):
     base = make_tiny_checkpoint(tmp_path / "base", seed=3)
-    fingerprint = checkpoint.vision_fingerprint(base)
+    fingerprint = vision_fingerprint(base)
 
     def edited(name: str, prefix: str):
         copy = tmp_path / name
@@ -96,8 +97,8 @@ def test_fingerprint_changes_with_vision_weights_only(tmp_path):
         key = next(k for k in sorted(tensors) if k.startswith(prefix))
         tensors[key] = tensors[key] + 1.0
         save_file(tensors, copy / checkpoint.SINGLE_FILE, metadata={"format": "pt"})
-        return checkpoint.vision_fingerprint(copy)
+        return vision_fingerprint(copy)
 
     assert edited("lm", "language_model.") == fingerprint
     assert edited("vision", "vision_tower.") != fingerprint
-    assert checkpoint.vision_fingerprint(make_tiny_checkpoint(tmp_path / "other", seed=4)) != fingerprint
+    assert vision_fingerprint(make_tiny_checkpoint(tmp_path / "other", seed=4)) != fingerprint

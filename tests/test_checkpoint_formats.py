@@ -25,10 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from pixtral.v1 import gateway_pb2_grpc
 from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PrefillSpan
-from services.decoder.model import load_decoder
+from services.decoder.weights import load_decoder
 from services.decoder.ops import TorchOps
 from services.vision.encoder import load_vision_encoder
 from shared import checkpoint, mistral_layout, tokenizer
+from shared.fingerprints import decoder_fingerprint, vision_fingerprint
 from shared.tiny import make_tiny, pixtral_12b_config
 from tests.reference import chat_request
 from tests.support import ROOT, Stack, child_env, image_bytes, noise_image
@@ -167,10 +168,10 @@ def test_both_layouts_compute_the_same_logits_and_features(hf_dir, mistral_dir):
 
 
 def test_both_layouts_have_the_same_fingerprints(hf_dir, mistral_dir, mistral_sharded_dir, tmp_path):
-    vision = checkpoint.vision_fingerprint(hf_dir)
-    assert checkpoint.vision_fingerprint(mistral_dir) == checkpoint.vision_fingerprint(mistral_sharded_dir) == vision
-    decoder = checkpoint.decoder_fingerprint(hf_dir)
-    assert checkpoint.decoder_fingerprint(mistral_dir) == checkpoint.decoder_fingerprint(mistral_sharded_dir) == decoder
+    vision = vision_fingerprint(hf_dir)
+    assert vision_fingerprint(mistral_dir) == vision_fingerprint(mistral_sharded_dir) == vision
+    decoder = decoder_fingerprint(hf_dir)
+    assert decoder_fingerprint(mistral_dir) == decoder_fingerprint(mistral_sharded_dir) == decoder
 
     def edited(prefix: str) -> Path:
         copy = tmp_path / prefix.strip(".")
@@ -182,9 +183,9 @@ def test_both_layouts_have_the_same_fingerprints(hf_dir, mistral_dir, mistral_sh
         return copy
 
     lm, vision_edit = edited("layers."), edited("vision_encoder.")
-    assert checkpoint.vision_fingerprint(lm) == vision and checkpoint.decoder_fingerprint(lm) != decoder
-    assert checkpoint.vision_fingerprint(vision_edit) != vision
-    assert checkpoint.decoder_fingerprint(vision_edit) == decoder
+    assert vision_fingerprint(lm) == vision and decoder_fingerprint(lm) != decoder
+    assert vision_fingerprint(vision_edit) != vision
+    assert decoder_fingerprint(vision_edit) == decoder
 
 
 def test_the_vision_fingerprint_follows_the_image_settings_of_the_checkpoint_s_tokenizer(mistral_dir, tmp_path):
@@ -194,8 +195,8 @@ def test_the_vision_fingerprint_follows_the_image_settings_of_the_checkpoint_s_t
     assert data["image"] == {"image_patch_size": 16, "max_image_size": 1024}
     data["image"]["max_image_size"] = 512   # other pixels for large images: other features
     (copy / "tekken.json").write_text(json.dumps(data))
-    assert checkpoint.vision_fingerprint(copy) != checkpoint.vision_fingerprint(mistral_dir)
-    assert checkpoint.decoder_fingerprint(copy) == checkpoint.decoder_fingerprint(mistral_dir)
+    assert vision_fingerprint(copy) != vision_fingerprint(mistral_dir)
+    assert decoder_fingerprint(copy) == decoder_fingerprint(mistral_dir)
 
 
 # -- what Mistral's convention computes on the unconverted tensors ------------------------------------------------

@@ -10,8 +10,8 @@ import torch
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
 from services.decoder.factory import build_engine_for
-from services.decoder.model import load_decoder
 from services.decoder.outputs import EngineOutput
+from services.decoder.weights import load_decoder
 from services.decoder.step_inputs import ImageInputs
 from services.decoder.sequence import FinishReason, SamplingParams, Sequence
 from shared.errors import Overloaded

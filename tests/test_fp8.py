@@ -17,7 +17,8 @@ from services.decoder.config import DecoderConfig
 from services.decoder.factory import build_engine_for
 from services.decoder.fp8 import (FP8_DTYPE, FP8_MAX, Fp8Linear, Fp8Weight, dequantize_rows, fp8_linear,
                                   quantize_rows, quantize_weight)
-from services.decoder.model import PROJECTIONS, TextModelSpec, decoder_from_tensors, load_decoder
+from services.decoder.model import TextModelSpec
+from services.decoder.weights import PROJECTIONS, decoder_from_tensors, load_decoder
 from services.decoder.ops import TorchOps
 from services.decoder.sequence import SamplingParams, Sequence
 from shared import checkpoint

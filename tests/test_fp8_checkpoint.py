@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from services.vision.encoder import load_vision_encoder
 from shared import checkpoint
+from shared.fingerprints import decoder_fingerprint, vision_fingerprint
 from shared.fp8_scheme import Fp8Scheme, is_quantizable
 from shared.tiny import FP8_IGNORE, make_tiny
 from tests.support import ROOT, child_env
@@ -284,12 +285,12 @@ def test_fp8_is_written_in_the_hf_layout_only(tmp_path):
 # -- fingerprints ------------------------------------------------------------------------------------------------
 
 def test_the_decoder_fingerprint_tells_fp8_from_bf16_and_the_vision_one_does_not(fp8_dir, twin_dir, tmp_path):
-    assert checkpoint.vision_fingerprint(fp8_dir) == checkpoint.vision_fingerprint(twin_dir)
-    fingerprints = {checkpoint.decoder_fingerprint(fp8_dir), checkpoint.decoder_fingerprint(twin_dir),
-                    checkpoint.decoder_fingerprint(twin_dir, load_quantization="fp8")}
+    assert vision_fingerprint(fp8_dir) == vision_fingerprint(twin_dir)
+    fingerprints = {decoder_fingerprint(fp8_dir), decoder_fingerprint(twin_dir),
+                    decoder_fingerprint(twin_dir, load_quantization="fp8")}
     assert len(fingerprints) == 3
-    assert checkpoint.decoder_fingerprint(twin_dir) == checkpoint.decoder_fingerprint(twin_dir)
+    assert decoder_fingerprint(twin_dir) == decoder_fingerprint(twin_dir)
 
     def rescale(tensors):   # same float8 bits, another scale: other weights
         tensors[Q_PROJ + "_scale"] = tensors[Q_PROJ + "_scale"] * 2
-    assert checkpoint.decoder_fingerprint(rewritten(fp8_dir, tmp_path / "rescaled", rescale)) not in fingerprints
+    assert decoder_fingerprint(rewritten(fp8_dir, tmp_path / "rescaled", rescale)) not in fingerprints

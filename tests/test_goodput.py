@@ -8,15 +8,15 @@ import json
 import pytest
 
 import bench.common
-from bench import goodput
-from bench.goodput import Slo
+from bench import encode_wait, goodput, slo
+from bench.slo import Slo
 
 SLO = Slo(ttft_s=2.0, tpot_ms=50.0)
 
 
 def result(ttft_p99_ms: float | None = 500.0, tpot_p99_ms: float | None = 20.0, requests: int = 100,
            ok: int | None = None, client_dropped: int = 0) -> dict:
-    """The keys of bench.load.summarize that the SLO reads."""
+    """The keys of bench.load_run.summarize that the SLO reads."""
     return {"requests": requests, "ok": requests if ok is None else ok, "client_dropped": client_dropped,
             "ttft_p99_ms": ttft_p99_ms, "tpot_p99_ms": tpot_p99_ms}
 
@@ -24,34 +24,34 @@ def result(ttft_p99_ms: float | None = 500.0, tpot_p99_ms: float | None = 20.0, 
 def test_goodput_is_the_highest_rate_meeting_the_slo():
     by_rate = {2.0: result(), 4.0: result(ttft_p99_ms=1999.0), 8.0: result(ttft_p99_ms=2001.0),
                6.0: result(tpot_p99_ms=50.0)}
-    assert goodput.goodput(by_rate, SLO) == 6.0   # rates in any order; the bounds themselves meet the SLO
+    assert slo.goodput(by_rate, SLO) == 6.0   # rates in any order; the bounds themselves meet the SLO
 
 
 def test_goodput_is_zero_when_no_rate_meets_the_slo():
-    assert goodput.goodput({1.0: result(tpot_p99_ms=51.0), 2.0: result(ttft_p99_ms=3000.0)}, SLO) == 0.0
-    assert goodput.goodput({}, SLO) == 0.0
+    assert slo.goodput({1.0: result(tpot_p99_ms=51.0), 2.0: result(ttft_p99_ms=3000.0)}, SLO) == 0.0
+    assert slo.goodput({}, SLO) == 0.0
 
 
 def test_a_failing_rate_between_passing_ones_ends_the_goodput():
     by_rate = {2.0: result(), 4.0: result(ttft_p99_ms=2500.0), 6.0: result(), 8.0: result()}
-    assert goodput.goodput(by_rate, SLO) == 2.0
-    assert goodput.goodput({2.0: result(ttft_p99_ms=2500.0), 4.0: result()}, SLO) == 0.0
+    assert slo.goodput(by_rate, SLO) == 2.0
+    assert slo.goodput({2.0: result(ttft_p99_ms=2500.0), 4.0: result()}, SLO) == 0.0
 
 
 def test_unanswered_requests_fail_a_rate_beyond_the_allowed_share():
     with_errors = result(requests=100, ok=99)
     dropped = result(requests=95, client_dropped=5)
-    assert not goodput.meets_slo(with_errors, SLO) and not goodput.meets_slo(dropped, SLO)
+    assert not slo.meets_slo(with_errors, SLO) and not slo.meets_slo(dropped, SLO)
     # 1 of 100 arrivals unanswered, and 5 of 100: within 5%.
-    assert goodput.meets_slo(with_errors, Slo(2.0, 50.0, 0.05)) and goodput.meets_slo(dropped, Slo(2.0, 50.0, 0.05))
-    assert not goodput.meets_slo(result(requests=100, ok=94), Slo(2.0, 50.0, 0.05))
-    assert goodput.goodput({1.0: result(), 2.0: with_errors, 4.0: result()}, SLO) == 1.0
+    assert slo.meets_slo(with_errors, Slo(2.0, 50.0, 0.05)) and slo.meets_slo(dropped, Slo(2.0, 50.0, 0.05))
+    assert not slo.meets_slo(result(requests=100, ok=94), Slo(2.0, 50.0, 0.05))
+    assert slo.goodput({1.0: result(), 2.0: with_errors, 4.0: result()}, SLO) == 1.0
 
 
 def test_a_rate_with_no_answer_fails_and_one_token_answers_have_no_tpot_to_miss():
-    assert not goodput.meets_slo(result(ttft_p99_ms=None, tpot_p99_ms=None, requests=3, ok=0), SLO)
-    assert not goodput.meets_slo(result(requests=0), SLO)
-    assert goodput.meets_slo(result(tpot_p99_ms=None), SLO)
+    assert not slo.meets_slo(result(ttft_p99_ms=None, tpot_p99_ms=None, requests=3, ok=0), SLO)
+    assert not slo.meets_slo(result(requests=0), SLO)
+    assert slo.meets_slo(result(tpot_p99_ms=None), SLO)
 
 
 METRICS_BEFORE = """\
@@ -75,23 +75,23 @@ def test_encode_wait_is_what_the_histogram_gained_between_two_reads():
     for old, new in (('le="0.1"} 1.0', 'le="0.1"} 6.0'), ('le="1.0"} 1.0', 'le="1.0"} 10.0'),
                      ('le="+Inf"} 1.0', 'le="+Inf"} 11.0'), ("count 1.0", "count 11.0"), ("sum 0.005", "sum 2.005")):
         after = after.replace(old, new)
-    before = goodput.read_histogram(METRICS_BEFORE, goodput.ENCODE_WAIT)
-    gained = goodput.read_histogram(after, goodput.ENCODE_WAIT)
-    waits = goodput.encode_wait(before, gained)
+    before = encode_wait.read_histogram(METRICS_BEFORE, encode_wait.ENCODE_WAIT)
+    gained = encode_wait.read_histogram(after, encode_wait.ENCODE_WAIT)
+    waits = encode_wait.encode_wait(before, gained)
     assert waits["encode_wait_count"] == 10 and waits["encode_wait_mean_ms"] == pytest.approx(200.0)
     # The 5th of 10 ranks is the last of the (0.01, 0.1] bucket; the 9.9th lies above the last finite bound.
     assert waits["encode_wait_p50_ms"] == pytest.approx(100.0)
     assert waits["encode_wait_p99_ms"] == pytest.approx(1000.0)
     # The 8th rank: 3 of the 4 waits of (0.1, 1], linear within it.
     buckets = [(0.01, 0.0), (0.1, 5.0), (1.0, 9.0), (float("inf"), 10.0)]
-    assert goodput.histogram_quantile(0.8, buckets) == pytest.approx(0.1 + 0.9 * 3 / 4)
+    assert encode_wait.histogram_quantile(0.8, buckets) == pytest.approx(0.1 + 0.9 * 3 / 4)
 
 
 def test_no_encode_wait_without_observations():
-    histogram = goodput.read_histogram(METRICS_BEFORE, goodput.ENCODE_WAIT)
-    assert goodput.encode_wait(histogram, histogram) == {"encode_wait_count": 0, "encode_wait_mean_ms": None,
+    histogram = encode_wait.read_histogram(METRICS_BEFORE, encode_wait.ENCODE_WAIT)
+    assert encode_wait.encode_wait(histogram, histogram) == {"encode_wait_count": 0, "encode_wait_mean_ms": None,
                                                          "encode_wait_p50_ms": None, "encode_wait_p99_ms": None}
-    assert goodput.histogram_quantile(0.5, [(1.0, 2.0), (float("inf"), 4.0)]) == 1.0   # beyond the last bound
+    assert encode_wait.histogram_quantile(0.5, [(1.0, 2.0), (float("inf"), 4.0)]) == 1.0   # beyond the last bound
 
 
 LOAD_FIELDS = ("requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms",

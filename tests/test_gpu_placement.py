@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.gpu_placement import place, visible_gpus
-from services.launcher import ServeConfig
+from services.serve_config import ServeConfig
 
 
 def test_one_decoder_per_gpu_and_vision_beside_them():
@@ -50,7 +50,8 @@ def test_the_gpus_come_from_the_flag_then_cuda_visible_devices(monkeypatch):
 def test_a_child_is_started_with_its_gpu_in_its_environment(tmp_path):
     import sys
 
-    from services.launcher import WORKER_STAGE, ChildSpec, Launcher
+    from services.launcher import Launcher
+    from services.supervisor import WORKER_STAGE, ChildSpec
     launcher = Launcher(ServeConfig(auth_token="secret"), log_dir=tmp_path)
     probe = ("import os; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['PIXTRAL_AUTH_TOKEN'])",)
     process = launcher.spawn(ChildSpec("probe", (sys.executable, "-c", *probe), WORKER_STAGE,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from services.decoder.block_manager import BlockManager
-from services.decoder.model import load_decoder
+from services.decoder.weights import load_decoder
 from services.decoder.step_inputs import ImageInputs
 from services.decoder.scheduler import Scheduler, SchedulerConfig
 from services.decoder.sequence import FinishReason, SamplingParams, Sequence

@@ -38,11 +38,12 @@ from redis.asyncio.cluster import RedisCluster
 
 from services.gateway.images import ImageFile
 from services.gateway.vision_pool import VisionPool
-from services.launcher import Launcher, ServeConfig
+from services.launcher import Launcher
+from services.serve_config import ServeConfig
 from services.vision.config import VisionConfig
 from services.vision.worker import VisionWorker
 from shared import encode_jobs
-from shared.checkpoint import vision_fingerprint
+from shared.fingerprints import vision_fingerprint
 from shared.embedding_cache import KEY_PREFIX, cache_key
 from shared.images import sha256_hex
 from shared.redis_client import Endpoint

@@ -9,7 +9,7 @@ import pytest
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from shared import encode_jobs
-from shared.checkpoint import vision_fingerprint
+from shared.fingerprints import vision_fingerprint
 from shared.embedding_cache import cache_key
 from shared.images import sha256_hex
 from tests.reference import assert_greedy_equal, chat_request, reference_generate

@@ -21,7 +21,7 @@ import redis
 from grpc_health.v1 import health_pb2
 
 from shared import encode_jobs
-from shared.checkpoint import vision_fingerprint
+from shared.fingerprints import vision_fingerprint
 from shared.embedding_cache import cache_key
 from shared.encode_jobs import EncodeJob, EncodeResult
 from shared.images import sha256_hex

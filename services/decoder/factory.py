@@ -13,11 +13,12 @@ from services.decoder.block_manager import BlockManager
 from services.decoder.config import DecoderConfig
 from services.decoder.engine import Engine
 from services.decoder.faults import FailingRunner
-from services.decoder.model import PixtralDecoder, TextModelSpec, load_decoder
+from services.decoder.model import PixtralDecoder, TextModelSpec
+from services.decoder.weights import load_decoder
 from services.decoder.model_runner import ModelRunner
 from services.decoder.scheduler import Scheduler, SchedulerConfig
 from services.decoder.step_budget import prefill_tokens_while_decoding, time_prompt_pass_ms
-from shared import checkpoint
+from shared import fingerprints
 from shared.tiny import resolve_model
 
 log = logging.getLogger(__name__)
@@ -112,4 +113,4 @@ def build_engine(config: DecoderConfig) -> LoadedEngine:
     log.info("decoder weights: %.2f GiB (%s on %s%s)", weight_bytes / GIB, dtype, device,
              ", projections fp8" if config.quantization else "")
     engine, max_model_len = build_engine_for(model, config, device)
-    return LoadedEngine(engine, model.spec, checkpoint.vision_fingerprint(model_dir), max_model_len)
+    return LoadedEngine(engine, model.spec, fingerprints.vision_fingerprint(model_dir), max_model_len)

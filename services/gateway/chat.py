@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from services.gateway import metrics
 from services.gateway.completion import Completion, TokenLogprob, ToolCallOutput
-from services.gateway.decoders import DecodeOutput
+from services.gateway.decoder_messages import DecodeOutput
 from services.gateway.prompt import PATCH_SIZE, Prompt
 from services.gateway.request import ChatInput, validate_sampling
 from services.gateway.route import Route, give_up_at, remaining

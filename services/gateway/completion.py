@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from services.gateway.decoders import DecodeOutput
+from services.gateway.decoder_messages import DecodeOutput
 from services.gateway.detokenizer import IncrementalDetokenizer, StopMatcher
 from shared.generation import Logprobs
 from shared.tool_call_parser import ToolCallParser

@@ -1,86 +1,32 @@
-"""The gateway's client of the decoder workers: routing (the policy is routing.py's), health watching, each
-decoder's limits and load (its Info, read again every second or so), retry on another decoder before the first token,
-error mapping, TLS and the bearer token of the internal hop."""
+"""The gateway's client of the decoder workers: routing (the policy is routing.py's), retry on another decoder before
+the first token, and error mapping. Each decoder's channel, health and Info: decoder_client.py; the messages:
+decoder_messages.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pixtral.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from pixtral.v1 import common_pb2, decoder_pb2
 from services.gateway import metrics
-from services.gateway.routing import DecoderLoad, affinity_key, policy
+from services.gateway.decoder_client import DecoderClient
+from services.gateway.decoder_messages import DecodeOutput, output_from_pb, request_to_pb
+from services.gateway.routing import affinity_key, policy
 from shared.auth import bearer_metadata
 from shared.errors import ServiceError, Unavailable
-from shared.generation import DecoderInfo, GenerateRequest, Logprobs
-from shared.retries import attempts, forever
+from shared.generation import DecoderInfo, GenerateRequest
+from shared.retries import attempts
 from shared.rpc_errors import domain_error
 
 log = logging.getLogger(__name__)
 
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                    # A restarted decoder is found again within seconds, not after gRPC's default 2-minute backoff.
-                    ("grpc.initial_reconnect_backoff_ms", 500),
-                    ("grpc.max_reconnect_backoff_ms", 5000)]
 # How long a stream's status may take after the decoder's last message before the call is let go anyway.
 STATUS_WAIT_S = 1.0
-INFO_TIMEOUT_S = 5.0
-
-FINISH_REASONS = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
-
-
-def request_to_pb(request: GenerateRequest) -> decoder_pb2.GenerateRequest:
-    s = request.sampling
-    sampling = common_pb2.SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-        min_p=s.min_p, repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty, logit_bias=dict(s.logit_bias), min_tokens=s.min_tokens,
-        stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, logprobs=s.logprobs, top_logprobs=s.top_logprobs)
-    message = decoder_pb2.GenerateRequest(
-        request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, sampling=sampling,
-        images=[decoder_pb2.ImageRef(sha256=image.sha256, grid_height=image.grid_height,
-                                     grid_width=image.grid_width) for image in request.images],
-        n=request.n, seeds=request.seeds)
-    if request.format is not None:
-        spec = request.format.spec
-        message.format.kind = request.format.kind
-        message.format.spec = json.dumps(list(spec)) if isinstance(spec, tuple) else spec
-    return message
-
-
-def info_from_pb(response: decoder_pb2.InfoResponse) -> DecoderInfo:
-    return DecoderInfo(**{name: getattr(response, name) for name in DecoderInfo.__dataclass_fields__})
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeOutput:
-    token_ids: list[int]
-    finish_reason: str | None   # "stop", "length", "cancelled" or "error" on a completion's last output
-    index: int = 0              # the completion
-    logprobs: tuple[Logprobs, ...] = ()   # one per token, when asked
-    cached_prompt_tokens: int = 0         # on a completion's last output
-
-
-def output_from_pb(response: decoder_pb2.GenerateResponse) -> DecodeOutput:
-    return DecodeOutput(
-        list(response.token_ids), FINISH_REASONS.get(response.finish_reason), response.index,
-        tuple(Logprobs(entry.token_id, entry.logprob, tuple(top.token_id for top in entry.top_logprobs),
-                       tuple(top.logprob for top in entry.top_logprobs)) for entry in response.logprobs),
-        response.cached_prompt_tokens)
 
 
 class _FailedBeforeOutput(Exception):
@@ -89,86 +35,6 @@ class _FailedBeforeOutput(Exception):
     def __init__(self, error: ServiceError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-class _Decoder:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None, metadata, server_name: str = ""):
-        self.address = address
-        options = list(_CHANNEL_OPTIONS)
-        if server_name:  # dialled by IP, verified by name (TLS)
-            options.append(("grpc.ssl_target_name_override", server_name))
-        self.channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
-                        else grpc.aio.insecure_channel(address, options=options))
-        self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = metadata
-        self.num_outstanding = 0
-        # Until its first health answer a decoder is tried: requests fall through to another one if it is down.
-        self.is_healthy = True
-        self.info: DecoderInfo | None = None   # from its Info once it serves; None until then (or when it fails)
-        self.num_elsewhere = 0   # its requests that are not this gateway's, at its last Info
-        self._is_info_failing = False
-
-    def set_healthy(self, is_healthy: bool, why: str) -> None:
-        if is_healthy != self.is_healthy:
-            log.warning("decoder %s %s (%s)", self.address, "healthy again" if is_healthy else "unhealthy: skipped",
-                        why)
-        self.is_healthy = is_healthy
-
-    async def refresh_info(self) -> None:
-        try:
-            info = info_from_pb(await self.stub.Info(decoder_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S,
-                                                     metadata=self.metadata))
-        except grpc.aio.AioRpcError as error:
-            if not self._is_info_failing:   # said once, not at every poll
-                log.warning("decoder %s: no Info (%s): its limits are unknown", self.address, error.code().name)
-            self.info, self.num_elsewhere, self._is_info_failing = None, 0, True
-            return
-        self.info, self._is_info_failing = info, False
-        # Its count holds this gateway's requests too (give or take those starting or ending just now).
-        self.num_elsewhere = max(0, info.num_unfinished - self.num_outstanding)
-
-    async def poll_info(self, interval_s: float) -> None:
-        """Reads its Info every `interval_s` while it is healthy: its load and prefix-cache state, for routing, off
-        the request path."""
-        while True:
-            await asyncio.sleep(interval_s)
-            if self.is_healthy:
-                await self.refresh_info()
-
-    def load(self) -> DecoderLoad:
-        return DecoderLoad(self.address, self.is_healthy, self.num_outstanding, self.num_elsewhere, self.info)
-
-    async def watch_health(self, retry_s: float) -> None:
-        """Follows the decoder's grpc.health.v1 Watch stream while it is SERVING (its Info read each time it turns
-        SERVING); a broken stream counts as unhealthy until it is back.
-
-        A decoder that is not serving is asked again every `retry_s` rather than watched: a draining decoder
-        waits for the calls still open before it exits, and an open Watch would keep it waiting for its whole
-        grace period."""
-        @forever((grpc.aio.AioRpcError, _NotServing), first_wait_s=retry_s, max_wait_s=retry_s)
-        async def watch() -> None:
-            call = self.health.Watch(health_pb2.HealthCheckRequest(service=""))
-            try:
-                async for response in call:
-                    is_serving = response.status == health_pb2.HealthCheckResponse.SERVING
-                    if is_serving:
-                        await self.refresh_info()
-                    self.set_healthy(is_serving, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-                    if not is_serving:
-                        raise _NotServing()
-                self.set_healthy(False, "health stream ended")
-                raise _NotServing()
-            except grpc.aio.AioRpcError as error:
-                self.set_healthy(False, f"health check failed: {error.code().name}")
-                raise
-            finally:
-                call.cancel()
-        await watch()
-
-
-class _NotServing(Exception):
-    """The decoder's health is not SERVING (or its stream ended): asked again after a while."""
 
 
 class DecoderPool:
@@ -191,7 +57,7 @@ class DecoderPool:
         self.credentials = credentials
         self.metadata = bearer_metadata(token)
         self.names = [address.removeprefix("dns:///") for address in addresses if address.startswith("dns:///")]
-        self.decoders = [_Decoder(address, credentials, self.metadata) for address in addresses
+        self.decoders = [DecoderClient(address, credentials, self.metadata) for address in addresses
                          if not address.startswith("dns:///")]
         self._static_addresses = {decoder.address for decoder in self.decoders}
         self.health_retry_s = health_retry_s
@@ -209,7 +75,7 @@ class DecoderPool:
             await self.discover()
             self._discovery = asyncio.create_task(self._discover_forever())
 
-    def _watch(self, decoder: _Decoder) -> None:
+    def _watch(self, decoder: DecoderClient) -> None:
         self._watchers[decoder.address] = asyncio.create_task(decoder.watch_health(self.health_retry_s))
         self._pollers[decoder.address] = asyncio.create_task(decoder.poll_info(self.info_interval_s))
 
@@ -239,7 +105,7 @@ class DecoderPool:
         for address, host in resolved.items():
             if address not in known:
                 log.info("decoder %s found", address)
-                decoder = _Decoder(address, self.credentials, self.metadata,
+                decoder = DecoderClient(address, self.credentials, self.metadata,
                                    server_name=host if self.credentials else "")
                 self.decoders.append(decoder)
                 self._watch(decoder)
@@ -251,7 +117,7 @@ class DecoderPool:
             self._pollers.pop(decoder.address).cancel()
             asyncio.create_task(self._close_when_idle(decoder))
 
-    async def _close_when_idle(self, decoder: _Decoder) -> None:
+    async def _close_when_idle(self, decoder: DecoderClient) -> None:
         while decoder.num_outstanding:
             await asyncio.sleep(1.0)
         await decoder.channel.close()
@@ -261,14 +127,14 @@ class DecoderPool:
             await asyncio.sleep(self.discovery_interval_s)
             await self.discover()
 
-    def _ranked(self, request: GenerateRequest) -> list[_Decoder]:
+    def _ranked(self, request: GenerateRequest) -> list[DecoderClient]:
         ranking = self.policy.rank(affinity_key(request), [decoder.load() for decoder in self.decoders])
         if ranking.addresses:
             metrics.DECODER_CHOICES.labels(ranking.reason).inc()
         by_address = {decoder.address: decoder for decoder in self.decoders}
         return [by_address[address] for address in ranking.addresses]
 
-    async def _open(self, decoder: _Decoder, message: decoder_pb2.GenerateRequest, timeout_s: float | None):
+    async def _open(self, decoder: DecoderClient, message: decoder_pb2.GenerateRequest, timeout_s: float | None):
         """Starts the call on `decoder` up to its first message -> (call, first response); a decoder that is
         UNAVAILABLE, or fails, before sending anything raises _FailedBeforeOutput (the next one is tried)."""
         call = decoder.stub.Generate(message, timeout=timeout_s, metadata=self.metadata)

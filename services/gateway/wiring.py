@@ -17,7 +17,7 @@ from services.gateway.prompt import PromptBuilder
 from services.gateway.route import Route
 from services.gateway.server import GatewayServicer
 from services.gateway.vision_pool import VisionPool
-from shared import checkpoint, tls
+from shared import checkpoint, fingerprints, tls
 from shared.grpc_server import GrpcServer
 from shared.role import RoleBody, RoleContext
 from shared.structured_output import FormatCompiler
@@ -45,7 +45,7 @@ async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
     config = context.options
     model_dir = resolve_model(config.model)
     model_config = await asyncio.to_thread(checkpoint.load_config, model_dir)
-    fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
+    fingerprint = await asyncio.to_thread(fingerprints.vision_fingerprint, model_dir)
     builder = await asyncio.to_thread(PromptBuilder, tokenizer_file(model_dir))
     pool = VisionPool(context.jobs_redis, fingerprint, config.lock_ttl_s, embedding_ttl_s=config.embedding_ttl_s,
                       cache=context.cache_redis)

@@ -12,7 +12,7 @@ import torch
 from services.vision import metrics
 from services.vision.encoder import load_vision_encoder
 from services.vision.worker import VisionWorker
-from shared import checkpoint
+from shared import fingerprints
 from shared.images import warm_up_preprocessing
 from shared.redis_client import REDIS_ERRORS
 from shared.role import RoleBody, RoleContext
@@ -57,7 +57,7 @@ async def build(context: RoleContext) -> VisionRole:
     await asyncio.to_thread(encoder.warm_up)
     tokenizer_path = tokenizer_file(model_dir)
     await asyncio.to_thread(warm_up_preprocessing, tokenizer_path)
-    fingerprint = await asyncio.to_thread(checkpoint.vision_fingerprint, model_dir)
+    fingerprint = await asyncio.to_thread(fingerprints.vision_fingerprint, model_dir)
     if config.fault_encode_delay_s or config.fault_encode_fail_sha256:
         log.warning("fault injection on: encode delay %.1f s, failing images %s", config.fault_encode_delay_s,
                     ",".join(config.fault_encode_fail_sha256) or "none")

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -25,6 +24,7 @@ from prometheus_client import Counter
 
 from services.gateway.http.errors import HttpError
 from shared.auth import canonical
+from shared.in_flight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,15 @@ class Guard:
         self._expected = f"Bearer {auth_token}".encode() if auth_token else None
         self.max_body_bytes = max_body_bytes
         self.is_draining = is_draining
-        self.num_in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.in_flight = InFlight()
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.in_flight.count
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call is in flight, False if some still are after `timeout_s`."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-            return True
-        except TimeoutError:
-            return False
+        return await self.in_flight.wait_idle(timeout_s)
 
     def is_authorized(self, scope) -> bool:
         if self._expected is None or scope["path"] in OPEN_PATHS:
@@ -100,14 +97,10 @@ class Guard:
                 answer["is_complete"] = True
             await send(message)
 
-        self.num_in_flight += 1
-        self._idle.clear()
         try:
-            await self._guarded(scope, receive, counted_send)
+            with self.in_flight:
+                await self._guarded(scope, receive, counted_send)
         finally:
-            self.num_in_flight -= 1
-            if self.num_in_flight == 0:
-                self._idle.set()
             status = answer["status"] if answer["is_complete"] else CLIENT_LEFT
             HTTP_REQUESTS.labels(route, str(status)).inc()
             log.info("%s %s %s in %.3f s", scope["method"], route, status, time.monotonic() - started,
