@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from contextlib import aclosing
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -11,7 +10,7 @@ from services.gateway.chat import ChatDelta, ChatService
 from services.gateway.prompt import PromptImage
 from services.gateway.route import StoredImage
 from services.gateway.request import (ChatInput, ChatMessage, FormatInput, ImageSource, Role, SamplingInput, TextPart,
-                                     ToolCallInput, ToolInput)
+                                     ToolCallInput, ToolInput, request_id_or_new)
 from shared.errors import Unavailable
 from shared.grpc_server import map_errors
 from shared.logs import request_id_var
@@ -72,10 +71,11 @@ def format_from_pb(request: gateway_pb2.ChatRequest) -> FormatInput | None:
 
 
 def chat_from_pb(request: gateway_pb2.ChatRequest) -> ChatInput:
+    request_id = request_id_or_new(request.request_id)   # first: every other error is reported with it
     sampling = request.sampling
     choice = request.tool_choice.WhichOneof("choice") if request.HasField("tool_choice") else None
     return ChatInput(
-        request_id=request.request_id or uuid.uuid4().hex,
+        request_id=request_id,
         messages=[message_from_pb(message, i) for i, message in enumerate(request.messages)],
         sampling=SamplingInput(**{name: _optional(sampling, name) for name in _SAMPLING_OPTIONAL},
                                stop=tuple(sampling.stop), logit_bias=tuple(sampling.logit_bias.items()),
@@ -142,7 +142,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @map_errors
     async def PutImages(self, request, context):
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request_id_or_new(request.request_id)
         request_id_var.set(request_id)
         sources = [image_from_pb(image, f"images[{i}]") for i, image in enumerate(request.images)]
         stored = await self._ready().route.put_images(sources, request_id, context.time_remaining())
