@@ -22,6 +22,7 @@ from shared.drain import DrainInterceptor
 from shared.errors import ServiceError
 from shared.logs import request_id_var
 from shared.metrics import GRPC_REQUESTS
+from shared.request_parsing import ParseErrorInterceptor
 from shared.rpc_errors import status_code, status_metadata
 from shared.streams import write_all
 
@@ -126,7 +127,10 @@ class GrpcServer:
                  options: Iterable[tuple[str, object]] = (), credentials: grpc.ServerCredentials | None = None,
                  auth_token: str = "") -> None:
         self.drainer = DrainInterceptor(abort_with)
-        interceptors = [self.drainer, *([BearerTokenInterceptor(auth_token, abort_with)] if auth_token else [])]
+        # Outermost first: the parse check wraps the servicers' own handlers, so a caller refused for its token or
+        # by the drain is never parsed at all.
+        interceptors = [self.drainer, *([BearerTokenInterceptor(auth_token, abort_with)] if auth_token else []),
+                        ParseErrorInterceptor(abort_with)]
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

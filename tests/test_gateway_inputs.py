@@ -9,6 +9,7 @@ gRPC on loopback, real Redis), then that a good request is served right after.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
@@ -18,10 +19,11 @@ from shared.errors import InvalidRequest
 from shared.grpc_server import REQUEST_ID_KEY, abort_with
 from shared.logs import request_id_var
 from tests.reference import chat_request
-from tests.support import assert_status, image_bytes, noise_image
+from tests.support import assert_status, image_bytes, noise_image, wait_until
 from tests.test_gateway_bad_input import assert_still_serving, chat_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+CHAT, TOKENIZE = "/pixtral.v1.Gateway/Chat", "/pixtral.v1.Gateway/Tokenize"
 
 
 def unary_error(gateway: str, method: str, request) -> grpc.RpcError:
@@ -80,3 +82,56 @@ def test_error_metadata_carries_only_ids_that_are_metadata_safe(request_id):
     code, details, metadata = context.aborted
     assert (code, details) == (INVALID, "sampling.top_p: must be in (0, 1]")
     assert dict(metadata).get(REQUEST_ID_KEY) == (request_id if request_id == "ok-id" else None)
+
+
+# -- request bytes that are not a valid message ------------------------------------------------------------------
+
+def _call_bytes(gateway: str, method: str, data: bytes, is_stream: bool) -> grpc.RpcError | None:
+    """Sends `data` as the request as it is: no serializer, so the gateway's parser sees exactly these bytes."""
+    with grpc.insecure_channel(gateway) as channel:
+        call = (channel.unary_stream if is_stream else channel.unary_unary)(method)
+        try:
+            result = call(data, timeout=60)
+            if is_stream:
+                list(result)
+        except grpc.RpcError as error:
+            return error
+    return None
+
+
+def _with_bad_utf8() -> bytes:
+    request = chat_request([("user", ["Hello"]), ("assistant", ["Hi"]), ("user", ["first", "second \u00e9t\u00e9"])],
+                           max_tokens=2)
+    data = request.SerializeToString()
+    assert data.count("\u00e9t\u00e9".encode()) == 1
+    return data.replace("\u00e9t\u00e9".encode(), b"\xff\xfe\xfd\xfc")   # same length: every length prefix holds
+
+
+@pytest.mark.parametrize("method, is_stream", [(CHAT, True), (TOKENIZE, False)])
+def test_invalid_utf8_in_a_text_part_is_invalid_argument_naming_the_part(stack, method, is_stream):
+    error = _call_bytes(stack.gateway, method, _with_bad_utf8(), is_stream)
+    assert error is not None
+    assert_status(error, INVALID, "messages[2].content[1].text: not valid UTF-8")
+    assert_still_serving(stack.gateway)
+
+
+@pytest.mark.parametrize("method, is_stream", [(CHAT, True), (TOKENIZE, False)])
+def test_truncated_request_bytes_are_invalid_argument_naming_the_message(stack, method, is_stream):
+    data = chat_request([("user", ["A message cut short"])], max_tokens=2).SerializeToString()
+    error = _call_bytes(stack.gateway, method, data[:-5], is_stream)
+    assert error is not None
+    details = assert_status(error, INVALID, "request: not a valid pixtral.v1.ChatRequest message")
+    assert "DecodeError" not in details
+    assert_still_serving(stack.gateway)
+
+
+def test_unparsable_requests_are_logged_as_warnings_without_traceback(stack):
+    seen = len(stack.logs("gateway"))
+    _call_bytes(stack.gateway, TOKENIZE, b"\x0a\xff", is_stream=False)   # a field longer than the bytes left
+
+    def refused() -> list[dict]:
+        lines = [json.loads(line) for line in stack.logs("gateway")[seen:].splitlines() if line.startswith("{")]
+        return [entry for entry in lines if "not a valid pixtral.v1.ChatRequest" in entry.get("msg", "")]
+    entries = wait_until(refused, 30, "no log line of the refusal")   # stderr reaches the file through a pipe
+    assert all(entry["level"] == "warning" and "exc" not in entry for entry in entries), entries
+    assert "DecodeError" not in stack.logs("gateway")[seen:]
