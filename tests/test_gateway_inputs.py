@@ -135,3 +135,48 @@ def test_unparsable_requests_are_logged_as_warnings_without_traceback(stack):
     entries = wait_until(refused, 30, "no log line of the refusal")   # stderr reaches the file through a pipe
     assert all(entry["level"] == "warning" and "exc" not in entry for entry in entries), entries
     assert "DecodeError" not in stack.logs("gateway")[seen:]
+
+
+# -- messages that say nothing -------------------------------------------------------------------------------------
+
+def _message(role: int, *parts: gateway_pb2.ContentPart, **fields) -> gateway_pb2.Message:
+    return gateway_pb2.Message(role=role, content=list(parts), **fields)
+
+
+_TEXT = gateway_pb2.ContentPart
+_USER, _ASSISTANT, _TOOL = gateway_pb2.ROLE_USER, gateway_pb2.ROLE_ASSISTANT, gateway_pb2.ROLE_TOOL
+_CALL = gateway_pb2.ToolCall(id="abcDEF123", name="get_weather", arguments='{"city": "Paris"}')
+
+EMPTY_CONTENT = {
+    "no content": ([_message(_USER)], "messages[0].content: a message needs content"),
+    "a tool result without content": (
+        [_message(_USER, _TEXT(text="Weather?")), _message(_ASSISTANT, tool_calls=[_CALL]),
+         _message(_TOOL, tool_call_id="abcDEF123")], "messages[2].content: a message needs content"),
+    "an empty text part": ([_message(_USER, _TEXT(text="Look"), _TEXT(text=""))],
+                           "messages[0].content[1].text: empty text"),
+    "a part with nothing set": ([_message(_USER, _TEXT(text="Look"), _TEXT())],
+                                "messages[0].content[1]: a content part needs its text or its image"),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_CONTENT))
+def test_a_message_without_content_is_invalid_argument_naming_it(stack, name):
+    messages, message = EMPTY_CONTENT[name]
+    request = gateway_pb2.ChatRequest(messages=messages, request_id="empty-content")
+    request.sampling.max_tokens = 2
+    assert_status(chat_error(stack.gateway, request), INVALID, message, request_id="empty-content")
+    assert_status(unary_error(stack.gateway, "Tokenize", request), INVALID, message, request_id="empty-content")
+    assert_still_serving(stack.gateway)
+
+
+def test_an_assistant_message_of_tool_calls_alone_is_still_served(stack):
+    request = gateway_pb2.ChatRequest(messages=[
+        _message(_USER, _TEXT(text="Weather in Paris?")), _message(_ASSISTANT, tool_calls=[_CALL]),
+        _message(_TOOL, _TEXT(text='{"sky": "clear"}'), tool_call_id="abcDEF123")])
+    request.sampling.max_tokens, request.sampling.temperature = 2, 0.0
+    with grpc.insecure_channel(stack.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        assert 9 in stub.Tokenize(request, timeout=60).token_ids   # [TOOL_CALLS]
+        # With the content "" beside the calls, as OpenAI clients send it.
+        request.messages[1].content.add(text="")
+        assert list(stub.Chat(request, timeout=60))[-1].usage.completion_tokens == 2

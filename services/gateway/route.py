@@ -19,7 +19,7 @@ from services.gateway.decoders import DecoderPool
 from services.gateway.images import ImageFile, ImageResolver
 from services.gateway.outputs import Output, choice_seeds, resolve_output
 from services.gateway.prompt import Prompt, PromptBuilder, PromptImage
-from services.gateway.request import ChatInput, ImageSource, Role, Sampling, TextPart
+from services.gateway.request import ChatInput, ChatMessage, ImageSource, Role, Sampling, TextPart
 from services.gateway.vision_pool import VisionPool
 from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest
 from shared.generation import GenerateRequest, ImageRef
@@ -70,6 +70,17 @@ def give_up_at(timeout_s: float | None) -> float | None:
 
 def remaining(give_up: float | None) -> float | None:
     return None if give_up is None else give_up - time.monotonic()
+
+
+def _check_content(message: ChatMessage) -> None:
+    """A message says something: text, images, or (an assistant's) tool calls; no text part is empty."""
+    if not message.parts and not message.tool_calls:
+        raise InvalidRequest(f"{message.field}.content", "a message needs content (an assistant's: or tool calls)")
+    if message.tool_calls:
+        return   # OpenAI clients send an assistant's tool calls with the content "": nothing to tokenize, no harm
+    for j, part in enumerate(message.parts):
+        if isinstance(part, TextPart) and not part.text:
+            raise InvalidRequest(f"{message.field}.content[{j}].text", "empty text")
 
 
 def _discard(task: asyncio.Task) -> None:
@@ -171,6 +182,7 @@ class Route:
         for message in chat.messages:
             if message.role is None:
                 raise InvalidRequest(f"{message.field}.role", "must be system, user or assistant, or tool")
+            _check_content(message)
             for part in message.parts:
                 if isinstance(part, ImageSource):
                     if message.role is not Role.USER:
