@@ -9,6 +9,7 @@ gRPC on loopback, real Redis), then that a good request is served right after.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import grpc
@@ -18,7 +19,7 @@ from pixtral.v1 import gateway_pb2, gateway_pb2_grpc
 from shared.errors import InvalidRequest
 from shared.grpc_server import REQUEST_ID_KEY, abort_with
 from shared.logs import request_id_var
-from tests.reference import chat_request
+from tests.reference import chat_request, encode_reference
 from tests.support import assert_status, image_bytes, noise_image, wait_until
 from tests.test_gateway_bad_input import assert_still_serving, chat_error
 
@@ -180,3 +181,48 @@ def test_an_assistant_message_of_tool_calls_alone_is_still_served(stack):
         # With the content "" beside the calls, as OpenAI clients send it.
         request.messages[1].content.add(text="")
         assert list(stub.Chat(request, timeout=60))[-1].usage.completion_tokens == 2
+
+
+# -- clearer messages: a data: URL that is no image, a prompt longer than the context ----------------------------
+
+def _url_chat(url: str) -> gateway_pb2.ChatRequest:
+    request = chat_request([("user", ["Look:"])], max_tokens=2)
+    request.messages[0].content.add(image=gateway_pb2.ImagePart(url=url))
+    return request
+
+
+def test_a_data_url_of_another_media_type_is_named_as_such(stack):
+    field = "messages[0].content[1].image.url"
+    details = assert_status(chat_error(stack.gateway, _url_chat("data:text/plain,hello")), INVALID,
+                            f"{field}: a data: URL of media type 'text/plain', not an image")
+    assert "not data:" not in details
+    assert_status(chat_error(stack.gateway, _url_chat("data:,hello")), INVALID, "media type 'text/plain'")
+    png = base64.b64encode(image_bytes(noise_image(16, 16))).decode()
+    assert_status(chat_error(stack.gateway, _url_chat(f"data:application/octet-stream;base64,{png}")), INVALID,
+                  "media type 'application/octet-stream', not an image")
+    assert_status(chat_error(stack.gateway, _url_chat("data:image/png,rawbytes")), INVALID,
+                  f"{field}: a data:image URL must be base64")
+    last = list(_chat(stack.gateway, _url_chat(f"data:image/png;base64,{png}")))[-1]
+    assert last.usage.completion_tokens == 2
+
+
+def _chat(gateway: str, request) -> list:
+    with grpc.insecure_channel(gateway) as channel:
+        return list(gateway_pb2_grpc.GatewayStub(channel).Chat(request, timeout=60))
+
+
+def test_a_prompt_longer_than_the_context_is_blamed_on_the_messages_whatever_max_tokens_says(stack):
+    long_text = " ".join(f"word{i}" for i in range(6000))   # more than the tiny model's 8192-token context
+    prompt_tokens = len(encode_reference([("user", [long_text])]).tokens)
+    assert prompt_tokens > 8192
+    for max_tokens in (1, 100):
+        error = chat_error(stack.gateway, chat_request([("user", [long_text])], max_tokens=max_tokens))
+        details = assert_status(error, INVALID, f"messages: the prompt has {prompt_tokens} tokens, the context "
+                                                "length is 8192")
+        assert "max_tokens" not in details
+    # When max_tokens is what overflows, it is named.
+    short = [("user", ["Hi"])]
+    too_many = 8192 - len(encode_reference(short).tokens) + 1
+    assert_status(chat_error(stack.gateway, chat_request(short, max_tokens=too_many)), INVALID,
+                  "sampling.max_tokens: prompt", f"max_tokens ({too_many}) exceeds the context length of 8192")
+    assert_still_serving(stack.gateway)

@@ -243,10 +243,10 @@ class Route:
 
     def _max_tokens(self, prompt: Prompt, sampling: Sampling, context: int) -> int:
         room = context - len(prompt.token_ids)
+        if room <= 0:   # the prompt alone leaves no room for a token: whatever max_tokens says, it is the messages
+            raise InvalidRequest("messages", f"the prompt has {len(prompt.token_ids)} tokens, the context "
+                                 f"length is {context}")
         if sampling.requested_max_tokens is None:
-            if room <= 0:
-                raise InvalidRequest("messages", f"the prompt has {len(prompt.token_ids)} tokens, the context "
-                                     f"length is {context}")
             return min(self.config.default_max_tokens, room)
         if sampling.requested_max_tokens > room:
             raise InvalidRequest("sampling.max_tokens", f"prompt ({len(prompt.token_ids)} tokens) + max_tokens "
