@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from pixtral.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.auth import bearer_metadata
 from shared.errors import InvalidRequest
 from shared.grpc_server import REQUEST_ID_KEY, abort_with
 from shared.logs import request_id_var
 from tests.reference import chat_request, encode_reference
-from tests.support import assert_status, image_bytes, noise_image, wait_until
+from tests.support import Stack, assert_status, image_bytes, noise_image, wait_until
 from tests.test_gateway_bad_input import assert_still_serving, chat_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -226,3 +228,47 @@ def test_a_prompt_longer_than_the_context_is_blamed_on_the_messages_whatever_max
     assert_status(chat_error(stack.gateway, chat_request(short, max_tokens=too_many)), INVALID,
                   "sampling.max_tokens: prompt", f"max_tokens ({too_many}) exceeds the context length of 8192")
     assert_still_serving(stack.gateway)
+
+
+# -- unauthenticated huge calls: refused before their request is read ----------------------------------------------
+
+TOKEN = "inputs-test-token"
+HUGE_BYTES = 60 * 2**20
+NUM_HUGE_CALLS = 16
+
+
+@pytest.fixture(scope="module")
+def token_stack(tiny_model, redis_server, tmp_path_factory):
+    """A gateway that wants a bearer token and takes messages well over the huge calls' size, so that nothing but
+    the missing token can be what refuses them."""
+    running = Stack(tiny_model, redis_server.url, tmp_path_factory.mktemp("token"),
+                    gateway_args=("--auth-token", TOKEN, "--max-message-bytes", str(4 * HUGE_BYTES))).start()
+    yield running
+    running.stop()
+
+
+def test_unauthenticated_huge_calls_are_refused_without_the_gateway_reading_them(token_stack):
+    huge = chat_request([("user", ["Look:", b"\x00" * HUGE_BYTES])], max_tokens=2).SerializeToString()
+    rss, peak = token_stack.rss_bytes("gateway"), token_stack.peak_rss_bytes("gateway")
+    options = [("grpc.max_send_message_length", -1)]
+
+    def call(_) -> grpc.RpcError | None:
+        with grpc.insecure_channel(token_stack.gateway, options=options) as channel:
+            try:
+                list(channel.unary_stream(CHAT)(huge, timeout=120))
+            except grpc.RpcError as error:
+                return error
+        return None
+
+    with ThreadPoolExecutor(NUM_HUGE_CALLS) as pool:
+        errors = list(pool.map(call, range(NUM_HUGE_CALLS)))
+    for error in errors:
+        assert error is not None
+        assert_status(error, grpc.StatusCode.UNAUTHENTICATED, "Chat: missing or invalid bearer token")
+    assert token_stack.rss_bytes("gateway") - rss < 100 * 2**20
+    assert token_stack.peak_rss_bytes("gateway") - peak < 100 * 2**20
+    with grpc.insecure_channel(token_stack.gateway) as channel:
+        request = chat_request([("user", ["Hi"])], max_tokens=2, temperature=0.0)
+        last = list(gateway_pb2_grpc.GatewayStub(channel).Chat(request, metadata=bearer_metadata(TOKEN),
+                                                               timeout=60))[-1]
+    assert last.usage.completion_tokens == 2
