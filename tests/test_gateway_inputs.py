@@ -17,12 +17,16 @@ import grpc
 import pytest
 
 from pixtral.v1 import gateway_pb2, gateway_pb2_grpc
+from shared import encode_jobs
 from shared.auth import bearer_metadata
 from shared.errors import InvalidRequest
 from shared.grpc_server import REQUEST_ID_KEY, abort_with
+from shared.images import sha256_hex
 from shared.logs import request_id_var
 from tests.reference import chat_request, encode_reference
-from tests.support import Stack, assert_status, image_bytes, noise_image, wait_until
+from tests.support import (BackgroundChat, Stack, assert_status, call_chat, image_bytes, noise_image,
+                           wait_until)
+from tests.test_affinity_routing import decoder_info
 from tests.test_gateway_bad_input import assert_still_serving, chat_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -272,3 +276,49 @@ def test_unauthenticated_huge_calls_are_refused_without_the_gateway_reading_them
         last = list(gateway_pb2_grpc.GatewayStub(channel).Chat(request, metadata=bearer_metadata(TOKEN),
                                                                timeout=60))[-1]
     assert last.usage.completion_tokens == 2
+
+
+# -- every decoder full: a chat with a new image is refused before anything is encoded -------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_capacity_stack(tiny_model, redis_server, tmp_path_factory):
+    """One decoder that admits a single request at a time and queues none."""
+    running = Stack(tiny_model, redis_server.url, tmp_path_factory.mktemp("tiny-capacity"),
+                    decoder_args=("--max-num-seqs", "1", "--max-queued", "0")).start()
+    yield running
+    running.stop()
+
+
+def _embedding_keys(client, sha: str) -> list[bytes]:
+    return list(client.scan_iter(match=f"pixtral:emb:*:{sha}"))
+
+
+def test_a_new_image_is_refused_before_its_encode_while_every_decoder_is_full(tiny_capacity_stack, redis_server):
+    stack, client = tiny_capacity_stack, redis_server.client()
+    image = image_bytes(noise_image(48, 32, seed=4242))
+    sha = sha256_hex(image)
+    request = chat_request([("user", ["What is this?", image])], max_tokens=2, temperature=0.0)
+    assert not _embedding_keys(client, sha)
+    # A stream that ends only when cancelled here (max_tokens fills the model's 8,192-token context).
+    holder = BackgroundChat(stack.gateway, chat_request([("user", ["Tell me a long story."])], max_tokens=8000,
+                                                        ignore_eos=True), timeout_s=300)
+    try:
+        holder.wait_tokens(1)
+        info = decoder_info(stack.decoders[0])
+        assert info.num_unfinished >= info.max_num_seqs + info.max_queued == 1
+        jobs = client.xinfo_stream(encode_jobs.STREAM)["entries-added"] if client.exists(encode_jobs.STREAM) else 0
+        outcome = call_chat(stack.gateway, request)
+        assert not holder.call.done(), "the long stream ended before the request it was to hold off"
+        assert outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED, outcome
+        assert "decoders are full" in outcome.details
+        assert not _embedding_keys(client, sha), "the image was encoded"
+        assert (client.xinfo_stream(encode_jobs.STREAM)["entries-added"]
+                if client.exists(encode_jobs.STREAM) else 0) == jobs, "an encode job was queued"
+    finally:
+        holder.call.cancel()
+    assert holder.result().code == grpc.StatusCode.CANCELLED
+    # Free again (the decoder's own count, which the gateway reads): the same chat is served, its image encoded.
+    wait_until(lambda: decoder_info(stack.decoders[0]).num_unfinished == 0, 30, "the decoder is still busy")
+    last = call_chat(stack.gateway, request).last
+    assert last.usage.completion_tokens == 2 and last.usage.encoded_images == 1
+    assert _embedding_keys(client, sha)

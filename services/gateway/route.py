@@ -21,7 +21,7 @@ from services.gateway.outputs import Output, choice_seeds, resolve_output
 from services.gateway.prompt import Prompt, PromptBuilder, PromptImage
 from services.gateway.request import ChatInput, ChatMessage, ImageSource, Role, Sampling, TextPart
 from services.gateway.vision_pool import VisionPool
-from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest
+from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest, Overloaded
 from shared.generation import GenerateRequest, ImageRef
 from shared.structured_output import FormatCompiler
 
@@ -109,6 +109,10 @@ class Route:
         num_choices = self._num_choices(chat)
         output = await resolve_output(chat, self.formats)
         images = await self._images(self._check_messages(chat), give_up)
+        if images.missing and self.decoders.are_all_at_capacity():
+            # Refused before the encodes, which cost far more than the decoder's own refusal would (a text-only
+            # request is left to the decoders, whose count is exact).
+            raise Overloaded("decoders are full (every one at its admission capacity); retry later")
         context = self.context_length
         encoding = None
         if images.missing and (self._prompt_bound(chat, images, output) + (sampling.requested_max_tokens or 1)
