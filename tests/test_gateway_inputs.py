@@ -17,16 +17,18 @@ import grpc
 import pytest
 
 from pixtral.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.routing import DecoderLoad
 from shared import encode_jobs
 from shared.auth import bearer_metadata
 from shared.errors import InvalidRequest
 from shared.grpc_server import REQUEST_ID_KEY, abort_with
 from shared.images import sha256_hex
 from shared.logs import request_id_var
+from shared.request_parsing import bad_utf8_field, parse_error
 from tests.reference import chat_request, encode_reference
 from tests.support import (BackgroundChat, Stack, assert_status, call_chat, image_bytes, noise_image,
                            wait_until)
-from tests.test_affinity_routing import decoder_info
+from tests.test_affinity_routing import decoder_info, info
 from tests.test_gateway_bad_input import assert_still_serving, chat_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -130,6 +132,16 @@ def test_truncated_request_bytes_are_invalid_argument_naming_the_message(stack, 
     details = assert_status(error, INVALID, "request: not a valid pixtral.v1.ChatRequest message")
     assert "DecodeError" not in details
     assert_still_serving(stack.gateway)
+
+
+def test_the_wire_walk_names_nested_repeated_fields_and_gives_up_on_malformed_bytes():
+    request = gateway_pb2.ChatRequest(tools=[gateway_pb2.Tool(name="a"), gateway_pb2.Tool(name="b\u00e9")])
+    request.sampling.logit_bias[7] = 1.0   # a map (entries are messages) and a float before the string
+    data = request.SerializeToString().replace("b\u00e9".encode(), b"b\xff\xfe")
+    assert parse_error(gateway_pb2.ChatRequest.DESCRIPTOR, data).field == "tools[1].name"
+    assert bad_utf8_field(gateway_pb2.ChatRequest.DESCRIPTOR, request.SerializeToString()) is None
+    assert bad_utf8_field(gateway_pb2.ChatRequest.DESCRIPTOR, b"\x0a\x05ab") is None   # ends inside a field
+    assert parse_error(None, b"\xff").message == "request: not a valid request message (malformed or truncated bytes)"
 
 
 def test_unparsable_requests_are_logged_as_warnings_without_traceback(stack):
@@ -287,6 +299,13 @@ def tiny_capacity_stack(tiny_model, redis_server, tmp_path_factory):
                     decoder_args=("--max-num-seqs", "1", "--max-queued", "0")).start()
     yield running
     running.stop()
+
+
+def test_a_decoder_is_at_capacity_by_this_gateways_requests_and_the_others():
+    assert not DecoderLoad("a", True, 5).is_at_capacity   # limits unknown: the decoder decides
+    assert DecoderLoad("a", True, 1, 0, info(capacity=1)).is_at_capacity
+    assert DecoderLoad("a", True, 0, 1, info(capacity=1)).is_at_capacity
+    assert not DecoderLoad("a", True, 0, 0, info(capacity=1, num_waiting=3, num_free_blocks=0)).is_at_capacity
 
 
 def _embedding_keys(client, sha: str) -> list[bytes]:
