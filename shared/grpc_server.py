@@ -7,6 +7,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -21,6 +22,7 @@ from shared.drain import DrainInterceptor
 from shared.errors import ServiceError
 from shared.logs import request_id_var
 from shared.metrics import GRPC_REQUESTS
+from shared.request_parsing import ParseErrorInterceptor
 from shared.rpc_errors import status_code, status_metadata
 from shared.streams import write_all
 
@@ -40,6 +42,13 @@ STARTUP_SERVICE = "startup"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Trailing metadata of every error: the request id, so a caller can quote it (and find it in every role's logs).
 REQUEST_ID_KEY = "x-request-id"
+# What gRPC accepts in an ASCII metadata value: a value outside it fails the whole call as INTERNAL ("Invalid
+# metadata"), which would hide the error it was meant to accompany.
+_METADATA_SAFE = re.compile(r"^[\x20-\x7e]{1,1024}$")
+
+
+def is_metadata_safe(value: str) -> bool:
+    return bool(_METADATA_SAFE.match(value))
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError, rpc: str = "") -> None:
@@ -48,7 +57,8 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError, rpc
     if rpc:
         GRPC_REQUESTS.labels(rpc, code.name).inc()
     request_id = request_id_var.get()
-    metadata = (((REQUEST_ID_KEY, request_id),) if request_id else ()) + status_metadata(error)
+    # An id that cannot travel as metadata is left out (the gateway refuses such ids; this guards every role).
+    metadata = (((REQUEST_ID_KEY, request_id),) if is_metadata_safe(request_id) else ()) + status_metadata(error)
     await context.abort(code, error.message, trailing_metadata=metadata)
 
 
@@ -117,7 +127,10 @@ class GrpcServer:
                  options: Iterable[tuple[str, object]] = (), credentials: grpc.ServerCredentials | None = None,
                  auth_token: str = "") -> None:
         self.drainer = DrainInterceptor(abort_with)
-        interceptors = [self.drainer, *([BearerTokenInterceptor(auth_token, abort_with)] if auth_token else [])]
+        # Outermost first: the parse check wraps the servicers' own handlers, so a caller refused for its token or
+        # by the drain is never parsed at all.
+        interceptors = [self.drainer, *([BearerTokenInterceptor(auth_token, abort_with)] if auth_token else []),
+                        ParseErrorInterceptor(abort_with)]
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

@@ -23,10 +23,12 @@ def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable:
     return getattr(handler, name)
 
 
-def with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and (de)serializers as `handler` that runs `behaviour` instead."""
+def with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable,
+                   request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as `handler` (or `request_deserializer`) that runs
+    `behaviour` instead."""
     make, _ = _KINDS[(handler.request_streaming, handler.response_streaming)]
-    return make(behaviour, request_deserializer=handler.request_deserializer,
+    return make(behaviour, request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 

@@ -83,6 +83,12 @@ class DecoderPool:
         """The Info of every healthy decoder that gave one."""
         return [decoder.info for decoder in self.decoders if decoder.is_healthy and decoder.info is not None]
 
+    def are_all_at_capacity(self) -> bool:
+        """Every healthy decoder would refuse a request now, by this gateway's requests on it (exact) and the
+        others' at its last Info. False when none is healthy or one's limits are unknown: then the decoders say."""
+        loads = [decoder.load() for decoder in self.decoders if decoder.is_healthy]
+        return bool(loads) and all(load.is_at_capacity for load in loads)
+
     def context_length(self) -> int | None:
         """The smallest context of the healthy decoders (None while none has given its Info)."""
         return min((info.max_model_len for info in self.infos()), default=None)

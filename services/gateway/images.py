@@ -42,6 +42,12 @@ class ImageFile:
 
 def _data_url_bytes(url: str, field: str) -> bytes:
     match = _DATA_URL.match(url)
+    if not match and url[:5].lower() == "data:":
+        media_type = url[5:].split(",", 1)[0].split(";", 1)[0][:64] or "text/plain"   # RFC 2397's default
+        if not media_type.lower().startswith("image/"):
+            raise InvalidRequest(f"{field}.url", f"a data: URL of media type {media_type!r}, not an image: only "
+                                 "data:image/...;base64 URLs are accepted")
+        raise InvalidRequest(f"{field}.url", "a data:image URL must be base64 (data:image/...;base64,...)")
     if not match:
         scheme = url.split(":", 1)[0][:16] if ":" in url else ""
         raise InvalidRequest(f"{field}.url", "only data:image/...;base64 URLs (and http(s) URLs where the gateway "

@@ -19,9 +19,9 @@ from services.gateway.decoders import DecoderPool
 from services.gateway.images import ImageFile, ImageResolver
 from services.gateway.outputs import Output, choice_seeds, resolve_output
 from services.gateway.prompt import Prompt, PromptBuilder, PromptImage
-from services.gateway.request import ChatInput, ImageSource, Role, Sampling, TextPart
+from services.gateway.request import ChatInput, ChatMessage, ImageSource, Role, Sampling, TextPart
 from services.gateway.vision_pool import VisionPool
-from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest
+from shared.errors import DeadlineExceeded, ImageNotCached, InvalidRequest, Overloaded
 from shared.generation import GenerateRequest, ImageRef
 from shared.structured_output import FormatCompiler
 
@@ -72,6 +72,17 @@ def remaining(give_up: float | None) -> float | None:
     return None if give_up is None else give_up - time.monotonic()
 
 
+def _check_content(message: ChatMessage) -> None:
+    """A message says something: text, images, or (an assistant's) tool calls; no text part is empty."""
+    if not message.parts and not message.tool_calls:
+        raise InvalidRequest(f"{message.field}.content", "a message needs content (an assistant's: or tool calls)")
+    if message.tool_calls:
+        return   # OpenAI clients send an assistant's tool calls with the content "": nothing to tokenize, no harm
+    for j, part in enumerate(message.parts):
+        if isinstance(part, TextPart) and not part.text:
+            raise InvalidRequest(f"{message.field}.content[{j}].text", "empty text")
+
+
 def _discard(task: asyncio.Task) -> None:
     """Stops waiting for a task nobody needs any more (its error, if it had one, is not worth a warning)."""
     task.cancel()
@@ -98,6 +109,10 @@ class Route:
         num_choices = self._num_choices(chat)
         output = await resolve_output(chat, self.formats)
         images = await self._images(self._check_messages(chat), give_up)
+        if images.missing and self.decoders.are_all_at_capacity():
+            # Refused before the encodes, which cost far more than the decoder's own refusal would (a text-only
+            # request is left to the decoders, whose count is exact).
+            raise Overloaded("decoders are full (every one at its admission capacity); retry later")
         context = self.context_length
         encoding = None
         if images.missing and (self._prompt_bound(chat, images, output) + (sampling.requested_max_tokens or 1)
@@ -171,6 +186,7 @@ class Route:
         for message in chat.messages:
             if message.role is None:
                 raise InvalidRequest(f"{message.field}.role", "must be system, user or assistant, or tool")
+            _check_content(message)
             for part in message.parts:
                 if isinstance(part, ImageSource):
                     if message.role is not Role.USER:
@@ -231,10 +247,10 @@ class Route:
 
     def _max_tokens(self, prompt: Prompt, sampling: Sampling, context: int) -> int:
         room = context - len(prompt.token_ids)
+        if room <= 0:   # the prompt alone leaves no room for a token: whatever max_tokens says, it is the messages
+            raise InvalidRequest("messages", f"the prompt has {len(prompt.token_ids)} tokens, the context "
+                                 f"length is {context}")
         if sampling.requested_max_tokens is None:
-            if room <= 0:
-                raise InvalidRequest("messages", f"the prompt has {len(prompt.token_ids)} tokens, the context "
-                                     f"length is {context}")
             return min(self.config.default_max_tokens, room)
         if sampling.requested_max_tokens > room:
             raise InvalidRequest("sampling.max_tokens", f"prompt ({len(prompt.token_ids)} tokens) + max_tokens "

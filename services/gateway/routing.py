@@ -48,6 +48,11 @@ class DecoderLoad:
         return self.num_outstanding + self.num_elsewhere
 
     @property
+    def is_at_capacity(self) -> bool:
+        """It would refuse a request now (RESOURCE_EXHAUSTED); False while its limits are unknown."""
+        return self.info is not None and self.load >= self.info.capacity
+
+    @property
     def is_full(self) -> bool:
         """It would refuse or queue a request: at its admission capacity, or sequences waiting for KV memory."""
         info = self.info

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from contextlib import aclosing
 
 from pixtral.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -11,8 +10,8 @@ from services.gateway.chat import ChatDelta, ChatService
 from services.gateway.prompt import PromptImage
 from services.gateway.route import StoredImage
 from services.gateway.request import (ChatInput, ChatMessage, FormatInput, ImageSource, Role, SamplingInput, TextPart,
-                                     ToolCallInput, ToolInput)
-from shared.errors import Unavailable
+                                     ToolCallInput, ToolInput, request_id_or_new)
+from shared.errors import InvalidRequest, Unavailable
 from shared.grpc_server import map_errors
 from shared.logs import request_id_var
 
@@ -55,8 +54,10 @@ def message_from_pb(message: gateway_pb2.Message, i: int) -> ChatMessage:
         kind = part.WhichOneof("part")
         if kind == "image":
             parts.append(image_from_pb(part.image, f"messages[{i}].content[{j}].image"))
-        else:
-            parts.append(TextPart(part.text if kind == "text" else ""))
+        elif kind == "text":
+            parts.append(TextPart(part.text))
+        else:   # the oneof unset (or a kind this gateway does not know, from a newer client)
+            raise InvalidRequest(f"messages[{i}].content[{j}]", "a content part needs its text or its image")
     calls = tuple(ToolCallInput(call.id, call.name, call.arguments, f"messages[{i}].tool_calls[{k}]")
                   for k, call in enumerate(message.tool_calls))
     return ChatMessage(ROLES.get(message.role), parts, f"messages[{i}]", calls, message.tool_call_id, message.prefix)
@@ -71,11 +72,11 @@ def format_from_pb(request: gateway_pb2.ChatRequest) -> FormatInput | None:
     return FormatInput(kind, "" if kind == "json_object" else getattr(request.response_format, kind))
 
 
-def chat_from_pb(request: gateway_pb2.ChatRequest) -> ChatInput:
+def chat_from_pb(request: gateway_pb2.ChatRequest, request_id: str) -> ChatInput:
     sampling = request.sampling
     choice = request.tool_choice.WhichOneof("choice") if request.HasField("tool_choice") else None
     return ChatInput(
-        request_id=request.request_id or uuid.uuid4().hex,
+        request_id=request_id,
         messages=[message_from_pb(message, i) for i, message in enumerate(request.messages)],
         sampling=SamplingInput(**{name: _optional(sampling, name) for name in _SAMPLING_OPTIONAL},
                                stop=tuple(sampling.stop), logit_bias=tuple(sampling.logit_bias.items()),
@@ -120,8 +121,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @map_errors
     async def Chat(self, request, context):
-        chat = chat_from_pb(request)
-        request_id_var.set(chat.request_id)
+        request_id_var.set(request_id_or_new(request.request_id))   # first: every other error is reported with it
+        chat = chat_from_pb(request, request_id_var.get())
         service = self._ready()
         is_first = True
         async with aclosing(service.chat(chat, context.time_remaining())) as deltas:
@@ -134,15 +135,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @map_errors
     async def Tokenize(self, request, context):
-        chat = chat_from_pb(request)
-        request_id_var.set(chat.request_id)
+        request_id_var.set(request_id_or_new(request.request_id))
+        chat = chat_from_pb(request, request_id_var.get())
         prompt = await self._ready().route.prompt(chat, context.time_remaining())
         return gateway_pb2.TokenizeResponse(token_ids=prompt.token_ids,
                                             images=[image_info_to_pb(image) for image in prompt.images])
 
     @map_errors
     async def PutImages(self, request, context):
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request_id_or_new(request.request_id)
         request_id_var.set(request_id)
         sources = [image_from_pb(image, f"images[{i}]") for i, image in enumerate(request.images)]
         stored = await self._ready().route.put_images(sources, request_id, context.time_remaining())
