@@ -75,7 +75,8 @@ def remaining(give_up: float | None) -> float | None:
 def _check_content(message: ChatMessage) -> None:
     """A message says something: text, images, or (an assistant's) tool calls; no text part is empty."""
     if not message.parts and not message.tool_calls:
-        raise InvalidRequest(f"{message.field}.content", "a message needs content (an assistant's: or tool calls)")
+        raise InvalidRequest(f"{message.field}.content",
+                             "a message needs content (or, from the assistant, tool calls)")
     if message.tool_calls:
         return   # OpenAI clients send an assistant's tool calls with the content "": nothing to tokenize, no harm
     for j, part in enumerate(message.parts):
