@@ -3,7 +3,9 @@ gateway, the vision worker and the decoder, health on every server (readiness fo
 
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -146,3 +148,20 @@ def test_readiness_follows_redis_and_liveness_does_not(observed_stack, observed_
     with grpc.insecure_channel(observed_stack.gateway) as channel:
         last = list(gateway_pb2_grpc.GatewayStub(channel).Chat(request, timeout=60))[-1]
     assert last.usage.encoded_images == 1
+
+
+def listening_address(port: int) -> str | None:
+    """The IPv4 address a socket listening on TCP `port` is bound to, as the kernel lists it (/proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, _, hex_port = fields[1].partition(":")
+        if int(hex_port, 16) == port and fields[3] == "0A":   # 0A: LISTEN
+            return socket.inet_ntoa(bytes.fromhex(address)[::-1])
+    return None
+
+
+def test_every_roles_metrics_endpoint_listens_on_the_roles_host_only(observed_stack):
+    """The roles run with --host 127.0.0.1: their metrics are not served on every interface."""
+    assert set(observed_stack.metrics_ports) >= {"gateway", "decoder0", "vision0"}
+    for name, port in observed_stack.metrics_ports.items():
+        assert listening_address(port) == "127.0.0.1", name

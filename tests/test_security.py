@@ -180,6 +180,20 @@ def test_decoder_and_vision_servers_need_the_token_too(secure_stack, pki):
         assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
 
 
+def test_the_bearer_scheme_is_taken_in_any_case(secure_stack, pki):
+    """RFC 6750: `bearer`, `BEARER` and `Bearer` are one scheme; the token itself is compared exactly."""
+    with secure(secure_stack.gateway, pki) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        request = gateway_pb2.ChatRequest(messages=[gateway_pb2.Message(
+            role=gateway_pb2.ROLE_USER, content=[gateway_pb2.ContentPart(text="Hi")])])
+        for scheme in ("bearer", "BEARER", "bEaReR"):
+            response = stub.Tokenize(request, metadata=(("authorization", f"{scheme} {TOKEN}"),), timeout=30)
+            assert list(response.token_ids[:2]) == [1, 3], scheme
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Tokenize(request, metadata=(("authorization", f"Bearer {TOKEN.upper()}"),), timeout=30)
+        assert_status(caught.value, UNAUTHENTICATED, "missing or invalid bearer token")
+
+
 def test_the_token_is_compared_in_constant_time(monkeypatch):
     compared = []
     real = auth.hmac.compare_digest
