@@ -27,7 +27,6 @@ from services.decoder.sequence import PENDING_TOKEN
 from services.decoder.staging import ImageRowStaging, to_device
 from services.decoder.step_inputs import StepInputs
 from shared.generation import Logprobs
-from shared.sdpa import warm_up_cudnn
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +80,7 @@ class ModelRunner:
         variant, at start-up: the first request must not pay for library initialisation, kernel compilation or
         the allocator's growth."""
         if self.is_fused:
-            from services.decoder import kernels
-            from services.decoder.matmul_kernels import SKINNY_MAX_ROWS
-            spec = self.model.spec
-            dtype = self.model.embed_tokens.weight.dtype
-            kernels.warm_up(dtype, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                            self.cache.block_size, self.cache.is_fp8)
-            warm_up_cudnn(spec.num_heads, spec.num_kv_heads, spec.head_dim, True, dtype, self.device)
-            layer = self.model.layers[0]
-            self.ops.choose_linear([layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
-                                    layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
-                                    self.model.lm_head.weight])
-            log.info("weight matmuls of up to %d rows on the Triton kernel for weights %s, cuBLAS for the others",
-                     SKINNY_MAX_ROWS, sorted(self.ops.skinny_shapes))
-            for shape, plan in self.ops.fp8_skinny.items():
-                log.info("FP8 weight %s: the skinny kernel up to %d rows (launches %s), W8A8 above", shape,
-                         plan.max_rows, plan.launches)
+            self.ops.warm_up(self.model, self.cache.block_size, self.cache.is_fp8, self.device)
         self.prompt_pass(num_tokens)
 
     @torch.inference_mode()

@@ -9,10 +9,14 @@ with scales (`rotary_and_cache`).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from services.decoder.fp8 import Fp8Weight, fp8_linear, quantize_rows
+
+log = logging.getLogger(__name__)
 
 
 class TorchOps:
@@ -96,6 +100,23 @@ class TritonOps:
         if self.skinny_shapes is None or tuple(weight.shape) in self.skinny_shapes:
             return self.kernels.skinny_linear(x, weight)   # cuBLAS itself past SKINNY_MAX_ROWS rows
         return F.linear(x, weight)
+
+    def warm_up(self, model, block_size: int, is_fp8_cache: bool, device: torch.device) -> None:
+        """Every kernel variant compiled and the matmul kernels chosen for this GPU, at start-up."""
+        from services.decoder import kernels
+        from services.decoder.matmul_kernels import SKINNY_MAX_ROWS
+        from shared.sdpa import warm_up_cudnn
+        spec, dtype = model.spec, model.embed_tokens.weight.dtype
+        kernels.warm_up(dtype, device, spec.num_heads, spec.num_kv_heads, spec.head_dim, block_size, is_fp8_cache)
+        warm_up_cudnn(spec.num_heads, spec.num_kv_heads, spec.head_dim, True, dtype, device)
+        layer = model.layers[0]
+        self.choose_linear([layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+                            layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight, model.lm_head.weight])
+        log.info("weight matmuls of up to %d rows on the Triton kernel for weights %s, cuBLAS for the others",
+                 SKINNY_MAX_ROWS, sorted(self.skinny_shapes))
+        for shape, plan in self.fp8_skinny.items():
+            log.info("FP8 weight %s: the skinny kernel up to %d rows (launches %s), W8A8 above", shape,
+                     plan.max_rows, plan.launches)
 
     def choose_linear(self, weights: list[torch.Tensor | Fp8Weight]) -> None:
         """Measures, once on this GPU, which weights' small-batch matmuls run on the Triton kernel, and for FP8
