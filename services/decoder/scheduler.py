@@ -3,8 +3,8 @@
 Pure Python (no torch), unit tested on its own. Every step has a token budget shared by all sequences:
 decoding sequences take one token each, whatever their place in the order, and prompts are prefilled in chunks of
 what is left, so a long image prompt never stalls the streams that are decoding. A step that carries decoding
-streams prefills at most `max_prefill_tokens_while_decoding` tokens (sized at start-up from a time budget, see
-step_budget.py), so their time per output token stays bounded while prompts wait.
+streams prefills at most `max_prefill_tokens_while_decoding` tokens where that is set (from a time budget measured
+at start-up, step_budget.py), to bound their time per output token while prompts wait.
 
 Older sequences come first; when KV blocks run out, the newest running sequence is preempted (its blocks freed) and
 recomputed later. Head-of-line blocking by long prompts is bounded two ways: a prompt's chunk is at most half of the

@@ -1,10 +1,13 @@
 """How many prompt tokens a step that carries decoding streams may prefill: measured once at start-up.
 
 A step's time grows with the tokens it computes, roughly `fixed + per_token x tokens` (the fixed part is reading
-the weights once, the rest the prompt's compute). Streams that are decoding wait for the whole step, so a step
-that carries them prefills at most the tokens that fit in `--step-time-budget-ms`: their time per output token
-stays under it while long image prompts are prefilled beside them. A step without decoding streams keeps the
-whole `--max-num-batched-tokens` budget (nothing waits on it).
+the weights once, the rest the prompt's compute). Streams that are decoding wait for the whole step, so with
+`--step-time-budget-ms` a step that carries them prefills at most the tokens that fit in it. A step without
+decoding streams keeps the whole `--max-num-batched-tokens` budget (nothing waits on it).
+
+The model is fitted on prefill passes timed alone, which is the GPU's part of a step only: in the serving process
+a mixed step also waits for the host (eager launches, the GIL shared with the gRPC threads), so on the H200 such
+steps took far longer than the budget (docs/benchmarks.md, goodput) and the budget is off by default.
 """
 
 from __future__ import annotations
