@@ -44,7 +44,8 @@ def test_the_decoder_reports_its_limits(small_kv_stack):
         info = decoder_pb2_grpc.DecoderStub(channel).Info(decoder_pb2.InfoRequest(), timeout=10)
     assert (info.max_model_len, info.vocab_size, info.block_size, info.num_blocks) == (512, 131072, 16, 32)
     assert info.prefix_caching and len(info.model_fingerprint) == 16
-    assert (info.max_num_seqs, info.max_queued, info.num_unfinished) == (64, 256, 0)
+    # --max-num-seqs by default: what 512 KV tokens hold of 2,560-token sequences, at least 16
+    assert (info.max_num_seqs, info.max_queued, info.num_unfinished) == (16, 256, 0)
 
 
 def test_get_model_info_answers_with_the_decoders_context(stack, small_kv_stack):
