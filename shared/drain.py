@@ -7,15 +7,12 @@ and balancers see the instance leave, and an open health Watch does not hold the
 
 from __future__ import annotations
 
-import inspect
-
 import grpc
 
 from shared.auth import EXEMPT_PREFIX as HEALTH_PREFIX
 from shared.errors import Unavailable
-from shared.handlers import Refuse, behaviour_of, refusing_handler, with_behaviour
+from shared.handlers import Refuse, around_call, refusing_handler
 from shared.in_flight import InFlight
-from shared.streams import write_all
 
 
 class DrainInterceptor(grpc.aio.ServerInterceptor):
@@ -40,14 +37,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         if self.is_draining:
             error = Unavailable(f"{rpc}: server is shutting down; retry on another instance")
             return refusing_handler(self._refuse, error, rpc)
-        behaviour = behaviour_of(handler)
-        if inspect.isasyncgenfunction(behaviour):
-            async def counted_stream(request_or_iterator, context):
-                with self.in_flight:
-                    await write_all(behaviour(request_or_iterator, context), context)
-            return with_behaviour(handler, counted_stream)
 
-        async def counted(request_or_iterator, context):
+        async def counted(serve, request, context):
             with self.in_flight:
-                return await behaviour(request_or_iterator, context)
-        return with_behaviour(handler, counted)
+                return await serve()
+        return around_call(handler, counted)

@@ -7,7 +7,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from shared.auth import BearerTokenInterceptor
 from shared.drain import DrainInterceptor
 from shared.errors import ServiceError
-from shared.logs import request_id_var
+from shared.logs import is_metadata_safe, request_id_var
 from shared.metrics import GRPC_REQUESTS
 from shared.request_parsing import ParseErrorInterceptor
 from shared.rpc_errors import status_code, status_metadata
@@ -42,13 +41,6 @@ STARTUP_SERVICE = "startup"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Trailing metadata of every error: the request id, so a caller can quote it (and find it in every role's logs).
 REQUEST_ID_KEY = "x-request-id"
-# What gRPC accepts in an ASCII metadata value: a value outside it fails the whole call as INTERNAL ("Invalid
-# metadata"), which would hide the error it was meant to accompany.
-_METADATA_SAFE = re.compile(r"^[\x20-\x7e]{1,1024}$")
-
-
-def is_metadata_safe(value: str) -> bool:
-    return bool(_METADATA_SAFE.match(value))
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError, rpc: str = "") -> None:

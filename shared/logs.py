@@ -27,6 +27,14 @@ import time
 from pathlib import Path
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# A request id travels in every error's trailing metadata: what gRPC accepts in an ASCII metadata value. A value
+# outside it fails the whole call as INTERNAL ("Invalid metadata"), which would hide the error it accompanies.
+_METADATA_SAFE_ID = re.compile(r"^[\x20-\x7e]{1,1024}$")
+
+
+def is_metadata_safe(request_id: str) -> bool:
+    """Printable ASCII, 1 to 1,024 characters: an id that can go back to the caller in metadata."""
+    return bool(_METADATA_SAFE_ID.match(request_id))
 
 # The logger name of lines that reached stderr without going through logging.
 STDERR_LOGGER = "stderr"

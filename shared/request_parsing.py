@@ -10,7 +10,6 @@ with INVALID_ARGUMENT, logged at warning. The message names the field when the w
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import grpc
@@ -18,8 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from shared.errors import InvalidRequest
-from shared.handlers import Refuse, behaviour_of, with_behaviour
-from shared.streams import write_all
+from shared.handlers import Refuse, around_call
 
 log = logging.getLogger(__name__)
 
@@ -134,23 +132,10 @@ class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
-        behaviour = behaviour_of(handler)
-        refuse = self._refuse
 
-        async def refused(request: Unparsable, context) -> None:
-            log.warning("refused %s: %s", rpc, request.error.message)
-            await refuse(context, request.error, rpc)
-
-        if inspect.isasyncgenfunction(behaviour):
-            async def checked_stream(request, context):
-                if isinstance(request, Unparsable):
-                    await refused(request, context)
-                else:
-                    await write_all(behaviour(request, context), context)
-            checked = checked_stream
-        else:
-            async def checked(request, context):
-                if isinstance(request, Unparsable):
-                    return await refused(request, context)
-                return await behaviour(request, context)
-        return with_behaviour(handler, checked, _parsing(handler.request_deserializer))
+        async def checked(serve, request, context):
+            if isinstance(request, Unparsable):
+                log.warning("refused %s: %s", rpc, request.error.message)
+                return await self._refuse(context, request.error, rpc)
+            return await serve()
+        return around_call(handler, checked, _parsing(handler.request_deserializer))

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 import secrets
 import uuid
 from dataclasses import dataclass, field, replace
 
 from shared.errors import InvalidRequest
+from shared.logs import is_metadata_safe
 from shared.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_TOKENS_LIMIT = 1 << 20   # anything above is absurd for this model (context 128K)
 MAX_STOP_LENGTH = 256        # characters per stop string
-MAX_REQUEST_ID_LENGTH = 128
-# A caller's id goes back in the trailing metadata of every error and into every role's log lines: printable ASCII
-# only, which is what gRPC accepts in a metadata value (anything else would turn the real error into INTERNAL).
-_REQUEST_ID = re.compile(r"^[\x20-\x7e]*$")
+MAX_REQUEST_ID_LENGTH = 128   # a caller's id goes back in every error's metadata and into every role's log lines
 
 
 class Role(enum.Enum):
@@ -154,7 +151,7 @@ def request_id_or_new(request_id: str, field: str = "request_id") -> str:
         return uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidRequest(field, f"at most {MAX_REQUEST_ID_LENGTH} characters, got {len(request_id)}")
-    if not _REQUEST_ID.match(request_id):
+    if not is_metadata_safe(request_id):
         raise InvalidRequest(field, "printable ASCII characters only (no control characters, no non-ASCII)")
     return request_id
 
