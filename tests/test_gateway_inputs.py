@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -249,8 +248,12 @@ def test_a_prompt_longer_than_the_context_is_blamed_on_the_messages_whatever_max
 # -- unauthenticated huge calls: refused before their request is read ----------------------------------------------
 
 TOKEN = "inputs-test-token"
-HUGE_BYTES = 60 * 2**20
+HUGE_BYTES = 200 * 2**20
 NUM_HUGE_CALLS = 16
+# A refused call still costs the gateway its HTTP/2 receive window and some allocator growth (10-16 MiB measured,
+# whatever the message's size), more where calls overlap and glibc gives gRPC's threads new arenas. So the calls go
+# one after another and the bound is half of one message: reading it would cost its bytes, then their parse.
+HUGE_GROWTH_BOUND = HUGE_BYTES // 2
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +271,7 @@ def test_unauthenticated_huge_calls_are_refused_without_the_gateway_reading_them
     rss, peak = token_stack.rss_bytes("gateway"), token_stack.peak_rss_bytes("gateway")
     options = [("grpc.max_send_message_length", -1)]
 
-    def call(_) -> grpc.RpcError | None:
+    def call() -> grpc.RpcError | None:
         with grpc.insecure_channel(token_stack.gateway, options=options) as channel:
             try:
                 list(channel.unary_stream(CHAT)(huge, timeout=120))
@@ -276,13 +279,12 @@ def test_unauthenticated_huge_calls_are_refused_without_the_gateway_reading_them
                 return error
         return None
 
-    with ThreadPoolExecutor(NUM_HUGE_CALLS) as pool:
-        errors = list(pool.map(call, range(NUM_HUGE_CALLS)))
+    errors = [call() for _ in range(NUM_HUGE_CALLS)]
     for error in errors:
         assert error is not None
         assert_status(error, grpc.StatusCode.UNAUTHENTICATED, "Chat: missing or invalid bearer token")
-    assert token_stack.rss_bytes("gateway") - rss < 100 * 2**20
-    assert token_stack.peak_rss_bytes("gateway") - peak < 100 * 2**20
+    assert token_stack.rss_bytes("gateway") - rss < HUGE_GROWTH_BOUND
+    assert token_stack.peak_rss_bytes("gateway") - peak < HUGE_GROWTH_BOUND
     with grpc.insecure_channel(token_stack.gateway) as channel:
         request = chat_request([("user", ["Hi"])], max_tokens=2, temperature=0.0)
         last = list(gateway_pb2_grpc.GatewayStub(channel).Chat(request, metadata=bearer_metadata(TOKEN),
