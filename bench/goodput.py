@@ -54,6 +54,8 @@ from bench.load_calls import parse_range, parse_sizes
 from bench.load_run import LoadSpec, run_load
 from bench.load_stack import start_stack
 from bench.slo import Slo, goodput, meets_slo
+from services.gpu_placement import VISION_PLACEMENTS
+from services.serve_config import ServeConfig
 
 WORKLOADS = ("new-images", "repeats-90", "text-256", "rate-sweep")
 DEFAULT_MAX_NUM_SEQS = 64   # the decoders' default (services/decoder/config.py)
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "random-12b (the Pixtral-12B shape, random weights)")
     parser.add_argument("--vision-workers", type=int, default=1, help="stack started here: vision workers")
     parser.add_argument("--decoders", type=int, default=1, help="stack started here: decoders")
+    parser.add_argument("--vision-gpus", choices=VISION_PLACEMENTS, default=ServeConfig.vision_gpus,
+                        help="stack started here, on CUDA: where the vision workers run (pixtral-serve --vision-gpus)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="stack started here: a role setting (PIXTRAL_NAME) for every role")
     parser.add_argument("--redis-maxmemory-mib", type=int, default=0,

@@ -30,6 +30,7 @@ def start_stack(args, model: str = "tiny", device: str = "cpu", metrics_port: in
     metrics = {} if metrics_port is None else {"metrics_port": metrics_port}
     launcher = Launcher(ServeConfig(model=model, device=device, redis=redis_server.url,
                                     vision_workers=args.vision_workers, decoders=args.decoders, port=free_port(),
+                                    vision_gpus=getattr(args, "vision_gpus", ServeConfig.vision_gpus),
                                     http_port=http_port, **metrics), log_dir=log_dir)
     gateway = launcher.start()
     pids = {name.replace(" ", ""): process.pid for name, process in launcher.children}

@@ -34,16 +34,23 @@ class DecoderConfig(ModelRoleOptions):
     cuda_graphs: bool = option(True, "capture decode steps as CUDA graphs (CUDA only)")
     async_scheduling: bool = option(True, "queue each decode step on the GPU before reading the tokens of the one "
                                           "running, so the host's work overlaps the GPU's (CUDA only)")
+    stream_interval: int = option(1, "new tokens a stream's message carries at least, its first and last message "
+                                     "excepted: fewer messages, less host time a token at high token rates, tokens "
+                                     "reach the caller in runs of this many; 1: each token as it is sampled")
     feature_cache_mib: int = option(2048, "image features kept in this decoder's memory for reuse (LRU)")
     max_forward_failures: int = option(3, "forward passes failing in a row before the decoder exits for its "
                                           "supervisor to restart it (NOT_SERVING from the first failure on)")
+    vision_in_process: bool = option(False, "also encode images: a vision worker in this process, sharing the "
+                                            "pool's job stream and cache, on a CUDA stream of the highest priority "
+                                            "(on a GPU shared with the decoder, no waiting behind its prefill)")
     fault_forward_file: str = option("", "fault injection, for tests only: while this file exists every forward "
                                          "pass fails; empty (default): off")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.max_num_batched_tokens, self.block_size, self.max_forward_failures) <= 0:
-            raise ValueError("--max-num-batched-tokens, --block-size and --max-forward-failures must be positive")
+        if min(self.max_num_batched_tokens, self.block_size, self.max_forward_failures, self.stream_interval) <= 0:
+            raise ValueError("--max-num-batched-tokens, --block-size, --max-forward-failures and --stream-interval "
+                             "must be positive")
         if min(self.max_num_seqs, self.max_queued, self.max_model_len, self.kv_cache_gib,
                self.step_time_budget_ms) < 0:
             raise ValueError("--max-num-seqs, --max-queued, --max-model-len, --kv-cache-gib and "

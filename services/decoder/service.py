@@ -62,8 +62,11 @@ def image_spans(refs: list[ImageRef], images: ImageInputs | None) -> tuple[tuple
 
 class DecoderService:
     def __init__(self, engine: Engine, features: FeatureStore, spec: TextModelSpec, max_model_len: int,
-                 fingerprint: str, prefix_caching: bool, formats: FormatCompiler) -> None:
+                 fingerprint: str, prefix_caching: bool, formats: FormatCompiler, stream_interval: int = 1) -> None:
         self.formats = formats   # compiles the output formats requests name (each once, cached)
+        # Tokens a message carries at least, but a completion's first and last: fewer messages cost both event
+        # loops (this one's and the gateway's) less host time per token.
+        self.stream_interval = stream_interval
         self.engine = engine
         self.features = features
         self.spec = spec
@@ -170,9 +173,18 @@ class DecoderService:
         for seq in seqs:
             self.engine.add(seq, self._router.sink(outputs), is_reserved=True)
         unfinished = set(index_of)
+        held: dict[str, EngineOutput] = {}   # per completion: tokens kept back for its next message
+        started: set[str] = set()             # completions whose first message went out
         try:
             while unfinished:
                 for output in _coalesced(await outputs.get(), outputs):
+                    if output.request_id in held:
+                        output = _merged(held.pop(output.request_id), output)
+                    if output.finish_reason is None and output.request_id in started and \
+                            len(output.token_ids) < self.stream_interval:
+                        held[output.request_id] = output
+                        continue
+                    started.add(output.request_id)
                     if output.finish_reason is not None:
                         unfinished.discard(output.request_id)
                     yield index_of[output.request_id], output
@@ -189,11 +201,14 @@ def _coalesced(first: EngineOutput, queue: asyncio.Queue) -> list[EngineOutput]:
     merged: list[EngineOutput] = [first]
     while not queue.empty():
         output = queue.get_nowait()
-        last = merged[-1]
-        if last.request_id == output.request_id and last.finish_reason is None:
-            merged[-1] = EngineOutput(output.request_id, last.token_ids + output.token_ids, output.finish_reason,
-                                      output.error, last.logprobs + output.logprobs,
-                                      output.num_cached_prompt_tokens)
+        if merged[-1].request_id == output.request_id and merged[-1].finish_reason is None:
+            merged[-1] = _merged(merged[-1], output)
         else:
             merged.append(output)
     return merged
+
+
+def _merged(earlier: EngineOutput, later: EngineOutput) -> EngineOutput:
+    """Two consecutive outputs of one completion as one."""
+    return EngineOutput(later.request_id, earlier.token_ids + later.token_ids, later.finish_reason, later.error,
+                        earlier.logprobs + later.logprobs, later.num_cached_prompt_tokens)

@@ -71,7 +71,8 @@ class TowerGraphs:
 
     def _capture_cuda(self, pixels: list[torch.Tensor]) -> Replay:
         inputs = [p.clone() for p in pixels]
-        graph, outputs = capture(lambda: self.tower(inputs, captured=True), self._pool)
+        # Captured while serving: in a decoder's process (colocated.py) its engine thread launches meanwhile.
+        graph, outputs = capture(lambda: self.tower(inputs, captured=True), self._pool, error_mode="thread_local")
         self._pool = graph.pool()
 
         def replay(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
