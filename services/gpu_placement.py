@@ -15,7 +15,7 @@ from dataclasses import dataclass
 # Of a GPU's memory, what its decoders' --gpu-memory-utilization add up to: the rest is for vision workers on it,
 # the CUDA contexts and the allocator's slack.
 DECODERS_SHARE = 0.85
-VISION_PLACEMENTS = ("shared", "own", "decoder")
+VISION_PLACEMENTS = ("shared", "own")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +41,7 @@ def visible_gpus(requested: str = "") -> list[str]:
 
 def place(gpus: list[str], num_decoders: int, num_vision: int, vision: str = "shared") -> Placement:
     """Decoder i on gpus[i % len(gpus)], sharing DECODERS_SHARE of it with the other decoders there; vision
-    workers in turn over the decoders' GPUs ("shared") or over the GPUs left without a decoder ("own"); "decoder":
-    none, every decoder encodes in its own process."""
+    workers in turn over the decoders' GPUs ("shared") or over the GPUs left without a decoder ("own")."""
     if not gpus:
         raise ValueError("no GPU to place the roles on (--gpus, CUDA_VISIBLE_DEVICES or nvidia-smi)")
     if vision not in VISION_PLACEMENTS:
@@ -55,8 +54,6 @@ def place(gpus: list[str], num_decoders: int, num_vision: int, vision: str = "sh
             raise ValueError(f"--vision-gpus own needs a GPU without a decoder: {num_decoders} decoders take all "
                              f"{len(gpus)} GPUs")
         vision_gpus = free
-    elif vision == "decoder":
-        vision_gpus, num_vision = [], 0
     else:
         vision_gpus = list(dict.fromkeys(decoder_gpus))
     return Placement(tuple((gpu, round(DECODERS_SHARE / per_gpu[gpu], 3)) for gpu in decoder_gpus),

@@ -77,7 +77,7 @@ class Launcher(Supervisor):
         workers' (0 for all with --metrics-port 0)."""
         c = self.config
         names = ["gateway", *(f"decoder{i}" for i in range(c.decoders)),
-                 *(f"vision{i}" for i in range(c.num_vision_processes))]
+                 *(f"vision{i}" for i in range(c.vision_workers))]
         return {name: c.metrics_port + index if c.metrics_port else 0 for index, name in enumerate(names)}
 
     def start(self) -> str:
@@ -99,17 +99,16 @@ class Launcher(Supervisor):
         cache = ("--cache-redis", cache_url) if cache_url != jobs_url else ()
         common = ["--model", model, "--redis", jobs_url, *cache, "--drain-grace-s", f"{c.drain_grace_s:g}"]
         # On CPU the model processes share the cores: give each its share of torch threads.
-        threads = ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (c.decoders + c.num_vision_processes)))] \
+        threads = ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (c.decoders + c.vision_workers)))] \
             if c.device == "cpu" else []
         # On CUDA each model process sees one GPU; decoders sharing one split the memory their KV caches are sized
         # from (vision workers use little).
         try:
-            placement = place(visible_gpus(c.gpus), c.decoders, c.num_vision_processes, c.vision_gpus) \
+            placement = place(visible_gpus(c.gpus), c.decoders, c.vision_workers, c.vision_gpus) \
                 if c.device == "cuda" else None
         except ValueError as error:
             raise SystemExit(f"pixtral-serve: {error}") from None
         precision = ["--quantization", c.quantization, "--kv-cache-dtype", c.kv_cache_dtype]
-        vision = ["--vision-in-process", "true"] if c.decoders_encode else []
         decoder_addresses, worker_addresses = [], []
         for index in range(c.decoders):
             name, port = f"decoder{index}", free_port()
@@ -119,9 +118,9 @@ class Launcher(Supervisor):
                 memory, env = ["--gpu-memory-utilization", f"{share:g}"], (("CUDA_VISIBLE_DEVICES", gpu),)
             self.spawn(ChildSpec(name, (*python, "services.decoder", *common, "--port", str(port), "--host",
                                         "127.0.0.1", "--device", c.device, "--metrics-port", str(metrics[name]),
-                                        *threads, *memory, *precision, *vision), WORKER_STAGE, env))
+                                        *threads, *memory, *precision), WORKER_STAGE, env))
             decoder_addresses.append(f"127.0.0.1:{port}")
-        for index in range(c.num_vision_processes):
+        for index in range(c.vision_workers):
             name, port = f"vision{index}", free_port()
             # The consumer name outlives a restart: the new process takes up the jobs the old one held.
             self.spawn(ChildSpec(name, (*python, "services.vision", *common, "--port", str(port), "--host",

@@ -30,9 +30,8 @@ class ServeConfig:
     device: str = option("cpu", "cpu or cuda")
     gpus: str = option("", "with --device cuda: the GPUs the roles are placed on, as CUDA_VISIBLE_DEVICES names "
                            "them (e.g. 0,1); empty: every GPU visible. One decoder per GPU while there are enough")
-    vision_gpus: str = option("shared", "with --device cuda: shared (vision workers on the decoders' GPUs, in turn), "
-                                        "own (on the GPUs no decoder uses) or decoder (no vision worker processes: "
-                                        "every decoder also encodes, in its process, ahead of its own work)")
+    vision_gpus: str = option("shared", "with --device cuda: shared (vision workers on the decoders' GPUs, in turn) "
+                                        "or own (on the GPUs no decoder uses)")
     quantization: str = option("", "the decoders' --quantization: empty (the checkpoint's weights) or fp8")
     kv_cache_dtype: str = option("auto", "the decoders' --kv-cache-dtype: auto (the model's dtype) or fp8")
     host: str = option("127.0.0.1", "address the gateway listens on and `ready` prints")
@@ -48,16 +47,6 @@ class ServeConfig:
                                            f"within the window, up to {MAX_BACKOFF_S:.0f} s")
     auth_token: str = option("", "bearer token of every role (the gateway's callers and its decoder calls); "
                                  "prefer the environment to the flag; empty: none", secret=True)
-
-    @property
-    def num_vision_processes(self) -> int:
-        """Vision worker processes started: none where the decoders encode themselves."""
-        return 0 if self.decoders_encode else self.vision_workers
-
-    @property
-    def decoders_encode(self) -> bool:
-        """Whether every decoder runs a vision worker in its process (--vision-gpus decoder, on CUDA)."""
-        return self.device == "cuda" and self.vision_gpus == "decoder"
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port < 65536:

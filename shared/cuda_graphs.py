@@ -10,19 +10,18 @@ import torch
 T = TypeVar("T")
 
 
-def capture(fn: Callable[[], T], pool=None, error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, T]:
+def capture(fn: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
     """fn() once on a side stream, then captured -> (the graph, fn's outputs, which each replay overwrites).
 
     The first call makes outside the capture what cannot be made in it: library handles, kernel plans and
     compiled kernels, the allocator's blocks. `pool`: another graph's memory pool to share (graphs that never run
-    at the same time). `error_mode`: torch's capture_error_mode; "thread_local" where other threads of the process
-    use the GPU meanwhile (their calls would otherwise end the capture)."""
+    at the same time)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+    with torch.cuda.graph(graph, pool=pool):
         outputs = fn()
     return graph, outputs

@@ -40,9 +40,6 @@ class DecoderConfig(ModelRoleOptions):
     feature_cache_mib: int = option(2048, "image features kept in this decoder's memory for reuse (LRU)")
     max_forward_failures: int = option(3, "forward passes failing in a row before the decoder exits for its "
                                           "supervisor to restart it (NOT_SERVING from the first failure on)")
-    vision_in_process: bool = option(False, "also encode images: a vision worker in this process, sharing the "
-                                            "pool's job stream and cache, on a CUDA stream of the highest priority "
-                                            "(on a GPU shared with the decoder, no waiting behind its prefill)")
     fault_forward_file: str = option("", "fault injection, for tests only: while this file exists every forward "
                                          "pass fails; empty (default): off")
 

@@ -6,7 +6,6 @@ values a patch for Pixtral-12B instead of 5120): the decoder applies the project
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,8 @@ from shared import checkpoint, sdpa
 
 
 class VisionEncoder:
-    def __init__(self, tower: VisionTower, device: torch.device, dtype: torch.dtype, max_graphs: int = 0,
-                 stream: torch.cuda.Stream | None = None) -> None:
-        """`stream`: the CUDA stream every pass runs on (default: the calling thread's current one)."""
+    def __init__(self, tower: VisionTower, device: torch.device, dtype: torch.dtype, max_graphs: int = 0) -> None:
         self.tower = tower
-        self.stream = stream
         self.device = device
         self.dtype = dtype
         self.num_columns = tower.spec.hidden_size
@@ -40,10 +36,6 @@ class VisionEncoder:
     def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """[(3, H, W) float32 preprocessed pixels] -> [(H/16 * W/16, hidden) features on CPU], one per image,
         encoded together in one forward pass."""
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            return self._encode(images)
-
-    def _encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         pixels = [torch.from_numpy(image).to(self.device, non_blocking=True) for image in images]
         features = self.graphs(pixels) if self.graphs is not None else None
         if features is None:
@@ -51,17 +43,17 @@ class VisionEncoder:
         return [rows.cpu() for rows in features]
 
 
-def load_vision_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype, max_graphs: int = 0,
-                        stream: torch.cuda.Stream | None = None) -> VisionEncoder:
+def load_vision_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype,
+                        max_graphs: int = 0) -> VisionEncoder:
     spec = VisionSpec.from_config(checkpoint.load_config(model_dir).vision_config)
     seed = checkpoint.random_weights_seed(model_dir)
     if seed is not None:
-        return VisionEncoder(random_tower(spec, dtype, device, seed), device, dtype, max_graphs, stream)
+        return VisionEncoder(random_tower(spec, dtype, device, seed), device, dtype, max_graphs)
     tensors = checkpoint.read_tensors(model_dir, checkpoint.part_renamer("vision_tower"), dtype, device)
     with torch.device("meta"):
         tower = VisionTower(spec, use_fused_kernels=device.type == "cuda")
     tower.load_state_dict(state_from_checkpoint(tensors, spec), strict=True, assign=True)
-    return VisionEncoder(tower.eval().requires_grad_(False), device, dtype, max_graphs, stream)
+    return VisionEncoder(tower.eval().requires_grad_(False), device, dtype, max_graphs)
 
 
 def random_tower(spec: VisionSpec, dtype: torch.dtype, device: torch.device, seed: int) -> VisionTower:

@@ -71,8 +71,7 @@ class TowerGraphs:
 
     def _capture_cuda(self, pixels: list[torch.Tensor]) -> Replay:
         inputs = [p.clone() for p in pixels]
-        # Captured while serving: in a decoder's process (colocated.py) its engine thread launches meanwhile.
-        graph, outputs = capture(lambda: self.tower(inputs, captured=True), self._pool, error_mode="thread_local")
+        graph, outputs = capture(lambda: self.tower(inputs, captured=True), self._pool)
         self._pool = graph.pool()
 
         def replay(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
