@@ -310,6 +310,31 @@ def test_a_decoder_is_at_capacity_by_this_gateways_requests_and_the_others():
     assert not DecoderLoad("a", True, 0, 0, info(capacity=1, num_waiting=3, num_free_blocks=0)).is_at_capacity
 
 
+def test_a_decoder_full_by_an_old_count_of_other_requests_is_asked_again_before_a_refusal():
+    from services.gateway.decoders import DecoderPool
+
+    async def at_capacity(num_outstanding: int, num_elsewhere: int, fresh_elsewhere: int) -> tuple[bool, int]:
+        pool = DecoderPool(("127.0.0.1:1",))
+        decoder, asked = pool.decoders[0], []
+        decoder.info, decoder.num_outstanding, decoder.num_elsewhere = info(capacity=1), num_outstanding, num_elsewhere
+
+        async def refresh_info() -> None:   # the decoder's Info now: its own count, current
+            asked.append(True)
+            decoder.num_elsewhere = fresh_elsewhere
+
+        decoder.refresh_info = refresh_info
+        return await pool.are_all_at_capacity(), len(asked)
+
+    # Full at the last Info by a request that has ended since: asked again, not refused.
+    assert asyncio.run(at_capacity(0, 1, fresh_elsewhere=0)) == (False, 1)
+    # Still full when asked again: refused.
+    assert asyncio.run(at_capacity(0, 1, fresh_elsewhere=1)) == (True, 1)
+    # Full by this gateway's own requests, which it counts exactly: refused without asking.
+    assert asyncio.run(at_capacity(1, 0, fresh_elsewhere=0)) == (True, 0)
+    # Room left: nothing asked.
+    assert asyncio.run(at_capacity(0, 0, fresh_elsewhere=0)) == (False, 0)
+
+
 def _embedding_keys(client, sha: str) -> list[bytes]:
     return list(client.scan_iter(match=f"pixtral:emb:*:{sha}"))
 

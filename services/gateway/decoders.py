@@ -83,9 +83,21 @@ class DecoderPool:
         """The Info of every healthy decoder that gave one."""
         return [decoder.info for decoder in self.decoders if decoder.is_healthy and decoder.info is not None]
 
-    def are_all_at_capacity(self) -> bool:
+    async def are_all_at_capacity(self) -> bool:
         """Every healthy decoder would refuse a request now, by this gateway's requests on it (exact) and the
-        others' at its last Info. False when none is healthy or one's limits are unknown: then the decoders say."""
+        others' at its last Info. False when none is healthy or one's limits are unknown: then the decoders say.
+
+        The others' count is up to `info_interval_s` old (and may still hold a request of this gateway's that
+        ended just after that Info), so the decoders it takes part in filling are asked again before a refusal."""
+        if not self._are_all_at_capacity():
+            return False
+        stale = [decoder for decoder in self.decoders if decoder.is_healthy and decoder.num_elsewhere > 0]
+        if not stale:
+            return True
+        await asyncio.gather(*(decoder.refresh_info() for decoder in stale))
+        return self._are_all_at_capacity()
+
+    def _are_all_at_capacity(self) -> bool:
         loads = [decoder.load() for decoder in self.decoders if decoder.is_healthy]
         return bool(loads) and all(load.is_at_capacity for load in loads)
 

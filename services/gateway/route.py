@@ -110,7 +110,7 @@ class Route:
         num_choices = self._num_choices(chat)
         output = await resolve_output(chat, self.formats)
         images = await self._images(self._check_messages(chat), give_up)
-        if images.missing and self.decoders.are_all_at_capacity():
+        if images.missing and await self.decoders.are_all_at_capacity():
             # Refused before the encodes, which cost far more than the decoder's own refusal would (a text-only
             # request is left to the decoders, whose count is exact).
             raise Overloaded("decoders are full (every one at its admission capacity); retry later")
