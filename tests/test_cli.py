@@ -87,11 +87,12 @@ def test_pixtral_chat_failure_exits_nonzero_with_the_status_on_stderr(stack):
 
 def test_pixtral_serve_starts_every_role_and_stops_them_all_on_sigterm(tmp_path, redis_server):
     port = free_port()
+    # No fixed ports (HTTP 8000, metrics 9100 on): another stack on this host must not make it exit before `ready`.
     serve = subprocess.Popen(
         [str(BIN / "pixtral-serve") if (BIN / "pixtral-serve").exists() else sys.executable, *(
             [] if (BIN / "pixtral-serve").exists() else ["-m", "services.launcher"]),
          "--model", "tiny", "--redis", redis_server.url, "--vision-workers", "2", "--decoders", "2",
-         "--port", str(port)],
+         "--port", str(port), "--http-port", str(free_port()), "--metrics-port", "0"],
         cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert serve.stdout.readline().strip() == f"ready 127.0.0.1:{port}"
