@@ -173,18 +173,13 @@ class DecoderService:
         for seq in seqs:
             self.engine.add(seq, self._router.sink(outputs), is_reserved=True)
         unfinished = set(index_of)
-        held: dict[str, EngineOutput] = {}   # per completion: tokens kept back for its next message
-        started: set[str] = set()             # completions whose first message went out
+        runs = MessageRuns(self.stream_interval)
         try:
             while unfinished:
                 for output in _coalesced(await outputs.get(), outputs):
-                    if output.request_id in held:
-                        output = _merged(held.pop(output.request_id), output)
-                    if output.finish_reason is None and output.request_id in started and \
-                            len(output.token_ids) < self.stream_interval:
-                        held[output.request_id] = output
+                    output = runs.take(output)
+                    if output is None:
                         continue
-                    started.add(output.request_id)
                     if output.finish_reason is not None:
                         unfinished.discard(output.request_id)
                     yield index_of[output.request_id], output
@@ -206,6 +201,28 @@ def _coalesced(first: EngineOutput, queue: asyncio.Queue) -> list[EngineOutput]:
         else:
             merged.append(output)
     return merged
+
+
+class MessageRuns:
+    """A stream's outputs as messages of at least `interval` new tokens each; a completion's first output (the
+    time to first token is not held back) and its last go out as they come."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self._held: dict[str, EngineOutput] = {}   # per completion: tokens kept back for its next message
+        self._started: set[str] = set()             # completions whose first message went out
+
+    def take(self, output: EngineOutput) -> EngineOutput | None:
+        """The message to send now, with the tokens held back before it; None: held back too."""
+        held = self._held.pop(output.request_id, None)
+        if held is not None:
+            output = _merged(held, output)
+        if output.finish_reason is None and output.request_id in self._started and \
+                len(output.token_ids) < self.interval:
+            self._held[output.request_id] = output
+            return None
+        self._started.add(output.request_id)
+        return output
 
 
 def _merged(earlier: EngineOutput, later: EngineOutput) -> EngineOutput:
