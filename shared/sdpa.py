@@ -76,3 +76,20 @@ def prefill_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch
                                                                    scale=scale)[0]
     except RuntimeError:
         return None
+
+
+def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_query: torch.Tensor,
+                            cu_context: torch.Tensor, max_query: int, max_context: int,
+                            scale: float) -> torch.Tensor | None:
+    """Causal attention of packed sequences in one flash attention call: sequence i's query rows
+    cu_query[i]:cu_query[i+1] of query [Tq, H, D] are the last L_i positions of its context, the key/value rows
+    cu_context[i]:cu_context[i+1] of [Tk, Hkv, D] (C_i >= L_i); query j of a sequence sees keys <= C_i - L_i + j
+    (the causal mask aligned to the bottom right, as prefill_chunk_attention). Grouped heads are taken as they
+    are. -> [Tq, H, D]; None where flash attention cannot run it (not CUDA, a dtype it does not take)."""
+    if not query.is_cuda:
+        return None
+    try:
+        return torch.ops.aten._flash_attention_forward(query, key, value, cu_query, cu_context, max_query,
+                                                       max_context, 0.0, True, False, scale=scale)[0]
+    except RuntimeError:
+        return None

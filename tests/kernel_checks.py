@@ -287,6 +287,52 @@ def check_prefill_chunk_attention_matches_a_mask() -> None:
         assert out is not None and relative_error(out, ref) < 2e-2, (query_len, relative_error(out, ref))
 
 
+def check_prompt_chunks_attended_in_one_call() -> None:
+    """AttentionBackend over a step of two decoding rows and four prompt chunks (a whole prompt, a later chunk of
+    one, a one-row chunk after a cached prefix, a whole prompt of one token): each chunk's rows attend to its own
+    context under the chunk mask, as SDPA with that mask computes it. On CUDA in bfloat16 the chunks take one
+    variable-length flash attention call (PackedPrefills, built here as the step inputs build it); elsewhere,
+    and in float32, one call each."""
+    from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PackedPrefills, \
+        PrefillSpan
+    torch.manual_seed(2)
+    heads, kv_heads, dim, block_size, num_blocks = 8, 2, 64, 16, 40
+    chunks = [(23, 23), (7, 50), (1, 96), (1, 1)]   # (query_len, context_len) of each chunk
+    for dtype, tolerance in DTYPES:
+        cache = KVCache(1, num_blocks, block_size, kv_heads, dim, dtype, DEVICE)
+        keys, values = (torch.randn(num_blocks * block_size, kv_heads, dim, device=DEVICE) for _ in range(2))
+        cache.keys[0].copy_(keys)
+        cache.values[0].copy_(values)
+        tables = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32, device=DEVICE)
+        spans, row, first_block = [], 2, 3
+        for query_len, context_len in chunks:   # each context in blocks of its own, after the decoding rows'
+            slots = torch.arange(first_block * block_size, first_block * block_size + context_len, device=DEVICE)
+            spans.append(PrefillSpan(row, query_len, context_len, slots))
+            row, first_block = row + query_len, first_block + -(-context_len // block_size)
+        q = torch.randn(row, heads, dim, device=DEVICE).to(dtype)
+        packed = PackedPrefills.of(spans)
+        assert (packed.first_row, packed.num_rows, packed.max_query, packed.max_context) == (2, 32, 23, 96)
+        assert packed.cu_query.tolist() == [0, 23, 30, 31, 32] and packed.cu_context.tolist() == [0, 23, 73, 169, 170]
+        assert torch.equal(packed.context_slots, torch.cat([span.context_slots for span in spans]))
+        assert PackedPrefills.of([spans[0], spans[2]]) is None   # rows not one after the other: one call each
+        for packed in (None, packed):
+            meta = AttentionMetadata(slot_mapping=torch.full((row,), -1, device=DEVICE), num_decode=2,
+                                     block_tables=tables, num_splits=1,
+                                     context_lens=torch.tensor([20, 9], dtype=torch.int32, device=DEVICE),
+                                     prefills=spans, packed=packed)
+            out = AttentionBackend(cache, dim ** -0.5).attend(0, q, meta)
+            for span in spans:
+                rows = slice(span.query_start, span.query_start + span.query_len)
+                positions = torch.arange(span.context_len - span.query_len, span.context_len, device=DEVICE)
+                mask = torch.arange(span.context_len, device=DEVICE)[None, :] <= positions[:, None]
+                ref = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1).float(), cache.keys[0][span.context_slots].transpose(0, 1).float(),
+                    cache.values[0][span.context_slots].transpose(0, 1).float(), attn_mask=mask,
+                    scale=dim ** -0.5, enable_gqa=True).transpose(0, 1)
+                error = relative_error(out[rows], ref)
+                assert error < tolerance, (dtype, packed is not None, span.query_len, span.context_len, error)
+
+
 def check_image_row_staging_keeps_rows_in_flight() -> None:
     """CUDA only: image rows staged for the device arrive intact while the device is still busy with earlier work,
     and a buffer is not refilled before the copy out of it has run."""
@@ -729,7 +775,7 @@ CHECKS = [check_add_rms_norm, check_rotary_and_cache, check_paged_decode_attenti
           check_fused_engine_matches_reference_engine, check_cuda_graph_decode_matches_eager,
           check_rotate_heads, check_paired_matmuls, check_fused_vision_tower_matches_reference,
           check_prefill_chunk_attention_matches_a_mask, check_image_row_staging_keeps_rows_in_flight,
-          check_vision_graphs_match_eager, check_gumbel_noise]
+          check_vision_graphs_match_eager, check_gumbel_noise, check_prompt_chunks_attended_in_one_call]
 # Run by tests/test_fp8.py; `python -m tests.kernel_checks all` runs both lists
 FP8_CHECKS = [check_fp8_skinny_linear, check_fp8_skinny_w8a8, check_fp8_quantize_rows, check_fp8_wide_linear,
               check_fp8_kv_cache_write, check_fp8_paged_decode_attention, check_fp8_attention_backend,

@@ -227,6 +227,7 @@ class Stack:
     with_metrics: bool = False   # each process gets a metrics port of its own (metrics_ports[name])
     credentials: grpc.ChannelCredentials | None = None   # for the health checks of TLS servers
     cache_redis_url: str = ""   # the embedding cache's Redis, when it is not redis_url's
+    serve_timeout_s: float = 120.0   # how long a process may take to serve (a 12B model on a GPU: longer)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     gateway: str = ""
     decoders: list[str] = field(default_factory=list)
@@ -255,7 +256,8 @@ class Stack:
         """Starts a stopped process again with the same flags (same port) and `extra_args` (a flag given again
         wins), its log appended to."""
         role, args = self._commands[name]
-        wait_serving(address, self._spawn(name, role, [*args, *extra_args], mode="ab"), credentials=self.credentials)
+        wait_serving(address, self._spawn(name, role, [*args, *extra_args], mode="ab"), self.serve_timeout_s,
+                     credentials=self.credentials)
 
     def start_vision(self, name: str | None = None, extra_args: tuple[str, ...] = (), wait: bool = True) -> str:
         """A vision worker (consumer `name`) with the stack's vision flags and `extra_args`; its health address."""
@@ -266,7 +268,7 @@ class Stack:
             "--consumer", name, "--metrics-port", self._metrics_port(name), *self.vision_args, *extra_args])
         address = f"127.0.0.1:{port}"
         if wait:
-            wait_serving(address, process, credentials=self.credentials)
+            wait_serving(address, process, self.serve_timeout_s, credentials=self.credentials)
         self.vision.append(address)
         return address
 
@@ -281,7 +283,7 @@ class Stack:
         for _ in range(self.num_vision):
             self.start_vision()
         for name, address in zip([f"decoder{i}" for i in range(self.num_decoders)], self.decoders):
-            wait_serving(address, self.processes[name], credentials=self.credentials)
+            wait_serving(address, self.processes[name], self.serve_timeout_s, credentials=self.credentials)
         self.gateway = self.start_gateway("gateway", self.gateway_args)
         return self
 
@@ -292,7 +294,7 @@ class Stack:
             "--model", str(self.model_dir), *self._redis(), "--host", "127.0.0.1", "--port", str(port),
             "--decoder-addresses", ",".join(self.decoders), "--metrics-port", self._metrics_port(name), *args])
         address = f"127.0.0.1:{port}"
-        wait_serving(address, process, credentials=self.credentials)
+        wait_serving(address, process, self.serve_timeout_s, credentials=self.credentials)
         return address
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from services.decoder.fp8 import FP8_DTYPE, dequantize_rows
-from shared.sdpa import attention, prefill_chunk_attention
+from services.decoder.staging import to_device
+from shared.sdpa import attention, prefill_chunk_attention, varlen_causal_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,47 @@ class PrefillSpan:
     context_slots: torch.Tensor  # [context_len] int64 cache slots, in position order
 
 
+# Chunks a step must have for one call to take them all. A call per chunk costs ~0.1 ms of host time a layer, but
+# SDPA's calls run on cuDNN for frequent shapes (shared/sdpa.py), ~0.25 ms a layer faster than flash attention on a
+# 4k-token image prompt: a step of one or a few prompts keeps them.
+MIN_PACKED_SPANS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PackedPrefills:
+    """A step's prompt chunks as one variable-length attention call: their rows follow each other from
+    `first_row` on, and their contexts' slots likewise, so all of a step's prompts take one kernel a layer (a
+    call per chunk costs tens of microseconds of host time a layer: a step of hundreds of short prompts spent
+    over a second in them)."""
+
+    first_row: int
+    num_rows: int
+    context_slots: torch.Tensor   # [sum C_i] int64: each chunk's context slots, chunk after chunk
+    cu_query: torch.Tensor        # [n + 1] int32: cumulative chunk lengths L_i
+    cu_context: torch.Tensor      # [n + 1] int32: cumulative context lengths C_i (C_i >= L_i)
+    max_query: int
+    max_context: int
+
+    @staticmethod
+    def of(spans: list[PrefillSpan], context_slots: torch.Tensor | None = None,
+           device: torch.device | None = None) -> PackedPrefills | None:
+        """The spans packed (`context_slots`: their slots concatenated, when the caller has them), or None when
+        their rows do not follow each other."""
+        row = spans[0].query_start
+        for span in spans:
+            if span.query_start != row:
+                return None
+            row += span.query_len
+        if context_slots is None:
+            context_slots = torch.cat([span.context_slots for span in spans])
+        device = device or context_slots.device
+        offsets = torch.tensor([[0, 0]] + [[span.query_len, span.context_len] for span in spans]).cumsum(0)
+        cu_query, cu_context = (to_device(offsets[:, column].to(torch.int32).contiguous(), device)
+                                for column in (0, 1))
+        return PackedPrefills(spans[0].query_start, row - spans[0].query_start, context_slots, cu_query, cu_context,
+                              max(span.query_len for span in spans), max(span.context_len for span in spans))
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor                 # [T] int64: cache slot of each row (-1: write nothing)
@@ -40,6 +82,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None   # [num_decode(+padding)] int32, decode rows (0: padding)
     num_splits: int = 1                        # context splits of the paged decode kernel
     prefills: list[PrefillSpan] = field(default_factory=list)
+    packed: PackedPrefills | None = None       # the prefills as one call (CUDA, MIN_PACKED_SPANS of them or more)
 
 
 class KVCache:
@@ -78,8 +121,10 @@ class KVCache:
 
 
 class AttentionBackend:
-    """Prompt chunks: SDPA per sequence over its gathered context. Decode rows (metadata.num_decode, set by the
-    runner when it uses the fused kernels): one call of the paged decode kernel for all of them."""
+    """Prompt chunks on CUDA, MIN_PACKED_SPANS of them or more: one variable-length flash attention call for all of
+    them over their gathered contexts; otherwise (or where flash attention cannot run them) SDPA per chunk. Decode rows
+    (metadata.num_decode, set by the runner when it uses the fused kernels): one call of the paged decode kernel
+    for all of them."""
 
     def __init__(self, cache: KVCache, scale: float) -> None:
         self.cache = cache
@@ -94,6 +139,8 @@ class AttentionBackend:
             out[:meta.num_decode] = self._decode(q[:meta.num_decode], layer, meta)
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         key_scales, value_scales = self.cache.scales(layer)
+        if q.is_cuda and self._attend_packed(q, out, keys, values, key_scales, value_scales, meta):
+            return out
         for span in meta.prefills:
             query = q[span.query_start:span.query_start + span.query_len].transpose(0, 1)[None]  # [1, H, L, D]
             key = _gather(keys, key_scales, span.context_slots, q.dtype).transpose(0, 1)[None]  # [1, Hkv, C, D]
@@ -111,6 +158,23 @@ class AttentionBackend:
                                      enable_gqa=True)
             out[span.query_start:span.query_start + span.query_len] = attended[0].transpose(0, 1)
         return out
+
+    def _attend_packed(self, q, out, keys, values, key_scales, value_scales, meta: AttentionMetadata) -> bool:
+        """The prompt rows of `q` attended in one call into `out`; False where that cannot run (nothing written)."""
+        if meta.packed is None and len(meta.prefills) >= MIN_PACKED_SPANS:
+            meta.packed = PackedPrefills.of(meta.prefills)
+        packed = meta.packed
+        if packed is None:
+            return False
+        rows = slice(packed.first_row, packed.first_row + packed.num_rows)
+        attended = varlen_causal_attention(
+            q[rows], _gather(keys, key_scales, packed.context_slots, q.dtype),
+            _gather(values, value_scales, packed.context_slots, q.dtype), packed.cu_query, packed.cu_context,
+            packed.max_query, packed.max_context, self.scale)
+        if attended is None:
+            return False
+        out[rows] = attended
+        return True
 
     def _decode(self, q: torch.Tensor, layer: int, meta: AttentionMetadata) -> torch.Tensor:
         from services.decoder.kernels import paged_decode_attention

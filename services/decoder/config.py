@@ -37,6 +37,9 @@ class DecoderConfig(ModelRoleOptions):
     stream_interval: int = option(1, "new tokens a stream's message carries at least, its first and last message "
                                      "excepted: fewer messages, less host time a token at high token rates, tokens "
                                      "reach the caller in runs of this many; 1: each token as it is sampled")
+    switch_interval_ms: float = option(0.0, "the interpreter's thread switch interval: how long the engine thread "
+                                            "waits at most for the event loop to hand over the GIL; 0: Python's "
+                                            "(5 ms)")
     feature_cache_mib: int = option(2048, "image features kept in this decoder's memory for reuse (LRU)")
     max_forward_failures: int = option(3, "forward passes failing in a row before the decoder exits for its "
                                           "supervisor to restart it (NOT_SERVING from the first failure on)")
@@ -49,9 +52,9 @@ class DecoderConfig(ModelRoleOptions):
             raise ValueError("--max-num-batched-tokens, --block-size, --max-forward-failures and --stream-interval "
                              "must be positive")
         if min(self.max_num_seqs, self.max_queued, self.max_model_len, self.kv_cache_gib,
-               self.step_time_budget_ms) < 0:
-            raise ValueError("--max-num-seqs, --max-queued, --max-model-len, --kv-cache-gib and "
-                             "--step-time-budget-ms must not be negative")
+               self.step_time_budget_ms, self.switch_interval_ms) < 0:
+            raise ValueError("--max-num-seqs, --max-queued, --max-model-len, --kv-cache-gib, "
+                             "--step-time-budget-ms and --switch-interval-ms must not be negative")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.quantization not in ("", "fp8"):

@@ -24,7 +24,8 @@ from shared.structured_output import FormatCompiler, FormatError
 
 class OutputRouter:
     """Hands engine outputs (from the engine thread) to each request's asyncio queue with one event-loop wake-up
-    per engine step instead of one per token."""
+    per engine step instead of one per token. A stream's tokens held back for its next message (`interval`) are
+    held here, on the engine thread, so that its handler wakes only for a message it sends."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -32,8 +33,13 @@ class OutputRouter:
         self._pending: list[tuple[asyncio.Queue, EngineOutput]] = []
         self._is_scheduled = False
 
-    def sink(self, queue: asyncio.Queue):
+    def sink(self, queue: asyncio.Queue, interval: int = 1):
+        runs = MessageRuns(interval)   # called from the engine thread only, as the sink is
+
         def push(output: EngineOutput) -> None:
+            output = runs.take(output)
+            if output is None:
+                return
             with self._lock:
                 self._pending.append((queue, output))
                 if self._is_scheduled:
@@ -170,16 +176,13 @@ class DecoderService:
         if self._router is None:
             self._router = OutputRouter(asyncio.get_running_loop())
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        sink = self._router.sink(outputs, self.stream_interval)
         for seq in seqs:
-            self.engine.add(seq, self._router.sink(outputs), is_reserved=True)
+            self.engine.add(seq, sink, is_reserved=True)
         unfinished = set(index_of)
-        runs = MessageRuns(self.stream_interval)
         try:
             while unfinished:
                 for output in _coalesced(await outputs.get(), outputs):
-                    output = runs.take(output)
-                    if output is None:
-                        continue
                     if output.finish_reason is not None:
                         unfinished.discard(output.request_id)
                     yield index_of[output.request_id], output

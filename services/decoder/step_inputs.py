@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.decoder.attention import AttentionMetadata, PrefillSpan
+from services.decoder.attention import MIN_PACKED_SPANS, AttentionMetadata, PackedPrefills, PrefillSpan
 from services.decoder.scheduler import ScheduledChunk
 from services.decoder.staging import ImageRowStaging, to_device
 
@@ -76,7 +76,7 @@ class StepInputs:
 
     def prepare_prefill(self, order: list[ScheduledChunk], num_decode: int, num_splits: int) -> EagerInputs:
         """The rows of `order`, whose first `num_decode` chunks decode one token each (paged kernel)."""
-        token_ids, positions, slot_mapping, prefills, logits_rows, pending = [], [], [], [], [], []
+        token_ids, positions, slot_mapping, spans, logits_rows, pending = [], [], [], [], [], []
         row = 0
         for index, chunk in enumerate(order):
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
@@ -87,13 +87,21 @@ class StepInputs:
             else:
                 context_slots = self._slots(seq.block_table, 0, end)
                 slot_mapping.append(context_slots[start:end])
-                prefills.append(PrefillSpan(row, chunk.num_tokens, end, to_device(context_slots, self.device)))
+                spans.append((row, chunk.num_tokens, context_slots))
             if chunk.is_sampling:
                 logits_rows.append(row + chunk.num_tokens - 1)
             pending.append((row, chunk))
             row += chunk.num_tokens
         meta = AttentionMetadata(slot_mapping=to_device(torch.cat(slot_mapping), self.device),
-                                 num_decode=num_decode, prefills=prefills)
+                                 num_decode=num_decode)
+        if spans:   # every context's slots in one copy, each span's a view of it
+            all_slots = to_device(torch.cat([slots for _, _, slots in spans]), self.device)
+            offset = 0
+            for first, length, slots in spans:
+                meta.prefills.append(PrefillSpan(first, length, len(slots), all_slots[offset:offset + len(slots)]))
+                offset += len(slots)
+            if self.device.type == "cuda" and len(spans) >= MIN_PACKED_SPANS:   # one attention call (attention.py)
+                meta.packed = PackedPrefills.of(meta.prefills, all_slots, self.device)
         if num_decode:
             decode = self.prepare_decode(order[:num_decode])
             meta.block_tables = to_device(torch.from_numpy(decode.tables), self.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import torch
 
@@ -34,6 +35,8 @@ async def build(servicer: DecoderServicer, context: RoleContext) -> DecoderRole:
     config = context.options
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)  # processes sharing a CPU must not oversubscribe it
+    if config.switch_interval_ms:
+        sys.setswitchinterval(config.switch_interval_ms / 1000)
     loaded = await asyncio.to_thread(build_engine, config)
     loop, failed = asyncio.get_running_loop(), asyncio.Event()
     await context.readiness.set("engine", True)   # and NOT_SERVING from a failed forward pass until one works
