@@ -36,3 +36,6 @@ def test_invalid_values_exit_with_the_flag_named(capsys):
     with pytest.raises(SystemExit):
         load_config(VisionConfig, ["--max-cuda-graphs", "-1"], {})
     assert "--max-cuda-graphs not negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_config(DecoderConfig, ["--switch-interval-ms", "-0.5"], {})
+    assert "--switch-interval-ms must not be negative" in capsys.readouterr().err
