@@ -291,8 +291,8 @@ def check_prompt_chunks_attended_in_one_call() -> None:
     """AttentionBackend over a step of two decoding rows and four prompt chunks (a whole prompt, a later chunk of
     one, a one-row chunk after a cached prefix, a whole prompt of one token): each chunk's rows attend to its own
     context under the chunk mask, as SDPA with that mask computes it. On CUDA in bfloat16 the chunks take one
-    variable-length flash attention call (PackedPrefills, built here as the step inputs build it); elsewhere,
-    and in float32, one call each."""
+    variable-length flash attention call (PackedPrefills, given as the step inputs give it, or built by the
+    backend); on the CPU, and in float32, one call each."""
     from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PackedPrefills, \
         PrefillSpan
     torch.manual_seed(2)
