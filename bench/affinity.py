@@ -122,10 +122,11 @@ def main() -> None:
     kv = ("--kv-cache-gib", str(args.kv_cache_gib)) if args.kv_cache_gib else ()
     device = ("--device", args.device)
     shares = ("--gpu-memory-utilization", str(args.gpu_memory_utilization)) if args.device == "cuda" else ()
-    model = resolve_model(args.model) if args.model != "random-12b" else None
-    if model is None:
+    if args.model == "random-12b":
         from bench.e2e import random_12b_dir
         model = random_12b_dir()
+    else:
+        model = resolve_model(args.model)
     server = RedisServer().start()
     workdir = Path(tempfile.mkdtemp(prefix="pixtral-affinity-"))
     stack = Stack(model, server.url, workdir, num_decoders=2, decoder_args=(*threads, *kv, *device, *shares),

@@ -15,12 +15,14 @@ step, and the time to first token (from the request's arrival at the engine) at 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import time
 
 import torch
 
 from bench.common import gpu_name, percentile, save, sync
+from bench.gpu_decoder import run_until
 from services.decoder.config import DecoderConfig
 from services.decoder.factory import build_engine_for
 from services.decoder.model import TextModelSpec
@@ -51,8 +53,9 @@ def main() -> None:
     rng = random.Random(0)
     arrivals: dict[str, float] = {}
     firsts: list[float] = []
-    left = {"requests": 0}
-    indexes = iter(range(10**9))
+    done: list = []
+    left = {"requests": 0}   # requests still to send, the callers' together
+    indexes = itertools.count()
 
     def submit() -> None:
         index = next(indexes)
@@ -73,12 +76,10 @@ def main() -> None:
                 submit()   # this caller's next request
 
     # warm-up: a few requests through every path (prefill, mixed steps, graphs), not counted
-    done: list = []
     left["requests"] = args.warmup
     for _ in range(args.warmup):
         submit()
-    while len(done) < args.warmup:
-        engine.step()
+    run_until(engine, lambda: len(done) >= args.warmup)
     done.clear()
     firsts.clear()
     num_requests = args.callers * args.requests_per_caller
@@ -89,8 +90,7 @@ def main() -> None:
     started = time.perf_counter()
     for _ in range(args.callers):
         submit()
-    while len(done) < num_requests:
-        engine.step()
+    run_until(engine, lambda: len(done) >= num_requests)
     seconds = time.perf_counter() - started
     num_steps = engine.counters.num_steps - steps_before
     num_tokens = engine.counters.num_generated_tokens - tokens_before

@@ -291,8 +291,8 @@ def check_prompt_chunks_attended_in_one_call() -> None:
     """AttentionBackend over a step of two decoding rows and four prompt chunks (a whole prompt, a later chunk of
     one, a one-row chunk after a cached prefix, a whole prompt of one token): each chunk's rows attend to its own
     context under the chunk mask, as SDPA with that mask computes it. On CUDA in bfloat16 the chunks take one
-    variable-length flash attention call (PackedPrefills, given as the step inputs give it, or built by the
-    backend); on the CPU, and in float32, one call each."""
+    variable-length flash attention call when they are packed (PackedPrefills, as the step inputs give it), one
+    call each when not; on the CPU, and in float32, one call each either way."""
     from services.decoder.attention import AttentionBackend, AttentionMetadata, KVCache, PackedPrefills, \
         PrefillSpan
     torch.manual_seed(2)

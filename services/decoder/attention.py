@@ -66,10 +66,9 @@ class PackedPrefills:
             row += span.query_len
         if context_slots is None:
             context_slots = torch.cat([span.context_slots for span in spans])
-        device = device or context_slots.device
-        offsets = torch.tensor([[0, 0]] + [[span.query_len, span.context_len] for span in spans]).cumsum(0)
-        cu_query, cu_context = (to_device(offsets[:, column].to(torch.int32).contiguous(), device)
-                                for column in (0, 1))
+        lengths = torch.tensor([[0, 0]] + [[span.query_len, span.context_len] for span in spans])
+        cu_query, cu_context = to_device(lengths.cumsum(0).to(torch.int32).T.contiguous(),
+                                         device or context_slots.device)   # one copy for both
         return PackedPrefills(spans[0].query_start, row - spans[0].query_start, context_slots, cu_query, cu_context,
                               max(span.query_len for span in spans), max(span.context_len for span in spans))
 
@@ -82,7 +81,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None   # [num_decode(+padding)] int32, decode rows (0: padding)
     num_splits: int = 1                        # context splits of the paged decode kernel
     prefills: list[PrefillSpan] = field(default_factory=list)
-    packed: PackedPrefills | None = None       # the prefills as one call (CUDA, MIN_PACKED_SPANS of them or more)
+    packed: PackedPrefills | None = None       # the prefills as one call (StepInputs: CUDA, MIN_PACKED_SPANS or more)
 
 
 class KVCache:
@@ -121,8 +120,8 @@ class KVCache:
 
 
 class AttentionBackend:
-    """Prompt chunks on CUDA, MIN_PACKED_SPANS of them or more: one variable-length flash attention call for all of
-    them over their gathered contexts; otherwise (or where flash attention cannot run them) SDPA per chunk. Decode rows
+    """Prompt chunks packed (metadata.packed, on CUDA): one variable-length flash attention call for all of them
+    over their gathered contexts; otherwise (or where flash attention cannot run them) SDPA per chunk. Decode rows
     (metadata.num_decode, set by the runner when it uses the fused kernels): one call of the paged decode kernel
     for all of them."""
 
@@ -160,9 +159,8 @@ class AttentionBackend:
         return out
 
     def _attend_packed(self, q, out, keys, values, key_scales, value_scales, meta: AttentionMetadata) -> bool:
-        """The prompt rows of `q` attended in one call into `out`; False where that cannot run (nothing written)."""
-        if meta.packed is None and len(meta.prefills) >= MIN_PACKED_SPANS:
-            meta.packed = PackedPrefills.of(meta.prefills)
+        """The packed prompt rows of `q` attended in one call into `out`; False where there are none or flash
+        attention cannot run them (nothing written)."""
         packed = meta.packed
         if packed is None:
             return False
