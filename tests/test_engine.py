@@ -368,7 +368,7 @@ def test_n_completions_wait_for_the_first_ones_prompt_and_share_its_blocks(model
     first = make_request(95, num_prompt=70, num_images=0, sampling=SamplingParams(4, temperature=1.0, seed=1))
     others = [clone(first) for _ in range(2)]
     for index, seq in enumerate(others, start=1):
-        seq.request_id, seq.after, seq.choice_index = f"{first.request_id}.{index}", first, index
+        seq.request_id, seq.choice_index = f"{first.request_id}.{index}", index
         seq.sampling = SamplingParams(4, temperature=1.0, seed=1 + index)
     for seq in (first, *others):
         engine.add(seq, collector.sink)

@@ -162,6 +162,56 @@ def test_a_preempted_sequence_is_recomputed_from_its_cached_blocks():
     assert a.is_finished and b.is_finished and len(b.output_token_ids) == 8
 
 
+def test_a_prompt_waits_for_the_blocks_another_is_computing_and_later_prompts_pass_it():
+    s = make_scheduler(budget=8)   # the first prompt's 18 tokens take three steps
+    first = text_seq("a", PROMPT)
+    s.add(first)
+    batch = s.schedule()
+    assert [c.seq.request_id for c in batch.chunks] == ["a"]
+    same = text_seq("b", PROMPT, arrival=1)           # the same prompt, while the first is being computed
+    other = text_seq("c", list(range(500, 505)), arrival=2)
+    s.add(same)
+    s.add(other)
+    s.postprocess(batch, [None])
+    admitted = []
+    while not first.is_prompt_computed:
+        batch = s.schedule()
+        admitted += [c.seq.request_id for c in batch.chunks if c.start == 0 and c.seq is not first]
+        assert all(c.seq is not same for c in batch.chunks)
+        s.postprocess(batch, [7 if c.is_sampling else None for c in batch.chunks])
+    assert admitted == ["c"]   # the other prompt passed the waiting one
+    chunk = next(c for c in s.schedule().chunks if c.seq is same)
+    assert (chunk.start, chunk.num_tokens) == (16, 2)   # four full blocks shared, not computed twice
+    assert same.block_table[:4] == first.block_table[:4] and same.num_cached_prompt_tokens == 16
+
+
+def test_a_prompt_waits_only_while_the_blocks_it_would_share_are_being_computed():
+    s = make_scheduler(budget=8)
+    first = text_seq("a", PROMPT)
+    admit(s, first)
+    bm = s.block_manager
+    assert bm.being_computed(text_seq("b", PROMPT, arrival=1), 0) is first
+    assert bm.being_computed(text_seq("c", PROMPT[:4] + [900] * 14, arrival=2), 1) is None   # it parts after block 0
+    assert bm.being_computed(text_seq("d", list(range(500, 518)), arrival=3), 0) is None
+    img = [1, 2, 3, 4] + [10] * 8 + [20, 21, 22, 23, 24]
+    admit(s, text_seq("e", img, arrival=4, spans=[(4, 12, "aa" * 32)], images=object()))
+    assert bm.being_computed(text_seq("f", img, arrival=5, spans=[(4, 12, "aa" * 32)], images=object()), 1)
+    assert not bm.being_computed(text_seq("g", img, arrival=6, spans=[(4, 12, "bb" * 32)], images=object()), 1)
+    # The one computing them ends (cancelled, preempted): the waiting prompt computes them itself.
+    s.finish(first, FinishReason.CANCELLED)
+    waiting = text_seq("h", PROMPT, arrival=7)
+    assert bm.being_computed(waiting, 0) is None
+    chunk, _ = admit(s, waiting)
+    assert chunk.start == 0
+
+
+def test_without_prefix_caching_nothing_waits():
+    s = make_scheduler(enabled=False, budget=8)
+    admit(s, text_seq("a", PROMPT))
+    chunk, _ = admit(s, text_seq("b", PROMPT, arrival=1))
+    assert chunk.start == 0
+
+
 # -- the engine on the tiny model: tokens never change --------------------------------------------------------
 
 @pytest.fixture(scope="module")

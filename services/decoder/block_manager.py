@@ -9,13 +9,17 @@ shares them (reference counts) and only computes the rest: the same image asked 
 earlier turns of a chat. Shared blocks are full and never written again. A registered block that no sequence uses
 any more stays cached until its memory is needed: free blocks are handed out first, then cached ones, least
 recently used first.
+
+A prompt whose next blocks a running sequence is computing now (the same image asked about twice at once, the n
+completions of one request) waits for them rather than computing them too: each admitted sequence claims the full
+blocks of its prompt it will compute, and `being_computed` tells the scheduler which sequence holds a claim.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from services.decoder.sequence import Sequence
+from services.decoder.sequence import Sequence, SequenceStatus
 
 
 class BlockManager:
@@ -30,6 +34,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}                 # content hash -> block holding that KV
         self._hash_of: dict[int, bytes] = {}                # block -> its content hash, for registered blocks
         self._evictable: OrderedDict[int, None] = OrderedDict()   # registered, unused; least recently used first
+        self._claims: dict[bytes, Sequence] = {}            # content hash -> the running sequence computing it
         self.num_queried_tokens = 0   # prompt tokens of sequences admitted (stats)
         self.num_hit_tokens = 0       # of those, tokens whose KV came from the prefix cache
 
@@ -63,6 +68,7 @@ class BlockManager:
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
+        self._drop_claims(seq)
         # Last blocks first: a prompt's tail is evicted before its head, which more sequences share.
         for block in reversed(seq.block_table):
             self._refs[block] -= 1
@@ -125,13 +131,47 @@ class BlockManager:
         hashes = seq.block_hashes(self.block_size, num_full)
         for index in range(seq.num_cached_blocks, num_full):
             block, digest = seq.block_table[index], hashes[index]
+            if self._claims.get(digest) is seq:
+                del self._claims[digest]
             if digest not in self._cached and block not in self._hash_of:
                 self._cached[digest] = block
                 self._hash_of[block] = digest
         seq.num_cached_blocks = num_full
 
+    def claim_prompt_blocks(self, seq: Sequence) -> None:
+        """Records the full blocks of an admitted sequence's prompt past those it shares, which it computes now."""
+        if not self.enable_prefix_caching or not seq.is_shareable:
+            return
+        for digest in seq.block_hashes(self.block_size, seq.num_prompt_tokens // self.block_size)[
+                seq.num_cached_blocks:]:
+            self._claims.setdefault(digest, seq)
+
+    def being_computed(self, seq: Sequence, num_shared: int) -> Sequence | None:
+        """The running sequence computing the block of `seq`'s prompt that follows its `num_shared` cached ones
+        (match_prefix), if another one is: `seq` can wait and share it."""
+        count = num_shared + 1
+        if not self._claims or not seq.is_shareable or count * self.block_size > len(seq) - 1:
+            return None
+        digest = seq.block_hashes(self.block_size, count)[-1]
+        owner = self._claims.get(digest)
+        if owner is None or owner is seq:
+            return None
+        if owner.status is not SequenceStatus.RUNNING or owner.num_computed_tokens >= count * self.block_size:
+            del self._claims[digest]   # preempted since, or computed without registering (another block has it)
+            return None
+        return owner
+
+    def _drop_claims(self, seq: Sequence) -> None:
+        if not self._claims or not seq.is_shareable:
+            return
+        for digest in seq.block_hashes(self.block_size, seq.num_prompt_tokens // self.block_size)[
+                seq.num_cached_blocks:]:
+            if self._claims.get(digest) is seq:
+                del self._claims[digest]
+
     def reset_prefix_cache(self) -> None:
         """Forgets every registered block (their KV may be wrong: a forward pass failed while writing)."""
+        self._claims.clear()
         for block in list(self._evictable):
             self._free.append(block)
         self._evictable.clear()

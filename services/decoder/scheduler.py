@@ -10,7 +10,8 @@ Older sequences come first; when KV blocks run out, the newest running sequence 
 recomputed later. Head-of-line blocking by long prompts is bounded two ways: a prompt's chunk is at most half of the
 step's prefill budget while other prompts wait behind it, and a waiting prompt too large for the free KV blocks
 lets later ones pass it, `max_head_passes` steps at most (then it is served first, as by arrival). A sequence
-admitted with a prompt whose leading blocks are in the prefix cache (block_manager.py) starts after them.
+admitted with a prompt whose leading blocks are in the prefix cache (block_manager.py) starts after them; one whose
+next blocks another running sequence is computing waits until they are cached, and later prompts pass it.
 
 `continue_decoding` lets the engine queue the next decode step before the current one's tokens are read: each
 sequence advances by one PENDING_TOKEN that `postprocess` later replaces with the sampled token.
@@ -128,16 +129,16 @@ class Scheduler:
                 prefill_budget -= num_tokens
             index += 1
         # Admit new sequences only when nothing had to be preempted: they would take the blocks just freed. A
-        # completion of n > 1 waits for its first one's prompt (its blocks are then shared); the others pass it.
+        # prompt whose next blocks a running sequence is computing waits to share them; the others pass it.
         position = 0
         while (position < len(self.waiting) and min(budget, prefill_budget) > 0 and not batch.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[position]
-            if seq.after is not None and not (seq.after.is_prompt_computed or seq.after.is_finished):
-                position += 1
-                continue
             blocks = self.block_manager
             shared = blocks.match_prefix(seq)   # leading blocks whose KV is cached already
+            if blocks.being_computed(seq, len(shared)) is not None:
+                position += 1
+                continue
             num_cached = len(shared) * blocks.block_size
             num_tokens = prompt_chunk(len(seq) - num_cached, min(budget, prefill_budget),
                                      position + 1 < len(self.waiting))
@@ -152,6 +153,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             blocks.share_prefix(seq, shared)
             blocks.allocate(seq, num_tokens)
+            blocks.claim_prompt_blocks(seq)
             self.running.append(seq)
             batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens

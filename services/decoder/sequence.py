@@ -46,9 +46,6 @@ class Sequence:
     # the engine advances by each token and the runner asks for the next token's mask.
     constraint: Any = None
     choice_index: int = 0           # which of its request's completions this is
-    # For a completion of n > 1: the first completion of its request, whose prompt this one waits for, to share
-    # its KV blocks through the prefix cache rather than compute them again.
-    after: Sequence | None = None
     num_cached_prompt_tokens: int = 0   # prompt tokens whose KV came from the prefix cache at its admission
     num_times_passed: int = 0       # steps in which later prompts were admitted past it (scheduler.py)
     status: SequenceStatus = SequenceStatus.WAITING

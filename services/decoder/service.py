@@ -140,8 +140,8 @@ class DecoderService:
             raise InvalidRequest("format", str(error)) from None
 
     def _sequences(self, request: GenerateRequest, images: ImageInputs | None, compiled) -> list[Sequence]:
-        """The request's n completions: each its own seed and grammar matcher; after the first, each waits for its
-        prompt to share its KV blocks (with the prefix cache)."""
+        """The request's n completions: each its own seed and grammar matcher. With the prefix cache, the others
+        wait for the first one's prompt blocks and share them (the scheduler)."""
         arrival = next(self._arrivals)
         seqs: list[Sequence] = []
         for index in range(request.n):
@@ -151,8 +151,7 @@ class DecoderService:
                 num_prompt_tokens=len(request.prompt_token_ids), sampling=replace(request.sampling, seed=seed),
                 max_model_len=self.max_model_len, arrival=arrival, images=images,
                 image_spans=image_spans(request.images, images), eos_token_id=self.spec.eos_token_id,
-                constraint=compiled.matcher() if compiled is not None else None, choice_index=index,
-                after=seqs[0] if seqs and self.prefix_caching else None))
+                constraint=compiled.matcher() if compiled is not None else None, choice_index=index))
         return seqs
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[tuple[int, EngineOutput]]:
