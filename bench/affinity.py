@@ -4,6 +4,7 @@ caches when most requests repeat an image, both policies in one run over the sam
     python -m bench.affinity                        # CPU, tiny model, two decoders, 90% repeated images
     python -m bench.affinity --kv-cache-gib 0.003   # each decoder's KV cache holds about half the images
     python -m bench.affinity --load-factor 2        # a looser load bound for the affinity gateway
+    python -m bench.affinity --load-slack 0         # the load factor's bound alone
     python -m bench.affinity --device cuda --model random-12b --image-size 512   # both decoders on one GPU
 
 One stack (a Redis of its own, one vision worker, two decoders) and two gateways over the same decoders, one with
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="side of the square images")
     parser.add_argument("--kv-cache-gib", type=float, default=0.0, help="each decoder's; 0: the decoder's default")
     parser.add_argument("--load-factor", type=float, default=1.25, help="the affinity gateway's --routing-load-factor")
+    parser.add_argument("--load-slack", type=int, default=32, help="the affinity gateway's --routing-load-slack")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the three model processes on one GPU")
     parser.add_argument("--model", default="tiny", help="a checkpoint directory, tiny, or random-12b (the "
@@ -130,11 +132,13 @@ def main() -> None:
     server = RedisServer().start()
     workdir = Path(tempfile.mkdtemp(prefix="pixtral-affinity-"))
     stack = Stack(model, server.url, workdir, num_decoders=2, decoder_args=(*threads, *kv, *device, *shares),
-                  vision_args=(*threads, *device), gateway_args=("--routing-load-factor", str(args.load_factor)),
+                  vision_args=(*threads, *device), gateway_args=("--routing-load-factor", str(args.load_factor),
+                                                                 "--routing-load-slack", str(args.load_slack)),
                   with_metrics=True, serve_timeout_s=600.0 if args.device == "cuda" else 120.0)
     results = {"cpus": os.cpu_count(), "requests": args.requests, "repeat": args.repeat, "images": num_images,
                "concurrency": args.concurrency, "image_size": args.image_size, "kv_cache_gib": args.kv_cache_gib,
-               "load_factor": args.load_factor, "device": args.device, "model": args.model}
+               "load_factor": args.load_factor, "load_slack": args.load_slack, "device": args.device,
+               "model": args.model}
     try:
         stack.start()
         gateways = {"affinity": stack.gateway,

@@ -77,18 +77,38 @@ def test_keys_spread_over_the_decoders():
 def test_a_decoder_over_the_load_bound_sends_the_request_to_the_keys_second_choice():
     two = idle(ADDRESSES[:2])
     key = keys(1)[0]
-    ranked = Affinity(1.25).rank(key, two).addresses
+    ranked = Affinity(1.25, 0).rank(key, two).addresses
     preferred, second = ranked
     # 1 in flight there, none on the other: the bound is ceil(1.25 x (1 + 1) / 2) = 2, so it still takes one
     loaded = with_load(two, preferred, num_outstanding=1)
-    assert Affinity(1.25).rank(key, loaded) == Ranking((preferred, second), "affinity")
+    assert Affinity(1.25, 0).rank(key, loaded) == Ranking((preferred, second), "affinity")
     # 2 in flight: the bound is ceil(1.25 x 3 / 2) = 2, reached
     loaded = with_load(two, preferred, num_outstanding=2)
-    ranking = Affinity(1.25).rank(key, loaded)
+    ranking = Affinity(1.25, 0).rank(key, loaded)
     assert ranking.addresses == (second, preferred) and ranking.reason == "spilled"
     # A looser bound keeps it there; others' requests (from their Info) count like this gateway's own.
-    assert first(Affinity(2.0).rank(key, loaded)) == preferred
-    assert first(Affinity(1.25).rank(key, with_load(two, preferred, num_elsewhere=2))) == second
+    assert first(Affinity(2.0, 0).rank(key, loaded)) == preferred
+    assert first(Affinity(1.25, 0).rank(key, with_load(two, preferred, num_elsewhere=2))) == second
+
+
+def test_the_load_slack_keeps_a_request_with_its_decoder_until_it_is_that_far_ahead_of_the_least_loaded():
+    two = idle(ADDRESSES[:2])
+    key = keys(1)[0]
+    preferred, second = Affinity().rank(key, two).addresses
+    # 31 in flight there, 0 on the other: far over ceil(1.25 x 32 / 2) = 20, within the default slack of 32
+    loaded = with_load(two, preferred, num_outstanding=31)
+    assert Affinity().rank(key, loaded) == Ranking((preferred, second), "affinity")
+    assert first(Affinity().rank(key, with_load(two, preferred, num_outstanding=32))) == second
+    # The slack counts from the least loaded decoder: with 10 on the other, 41 still stays.
+    busy = with_load(with_load(two, preferred, num_outstanding=41), second, num_outstanding=10)
+    assert first(Affinity().rank(key, busy)) == preferred
+    assert first(Affinity().rank(key, with_load(busy, preferred, num_outstanding=42))) == second
+    # Under heavy load the factor's bound is the larger: ceil(1.25 x 301 / 2) = 189.
+    roomy = [replace(decoder, info=info(capacity=512)) for decoder in two]
+    heavy = with_load(with_load(roomy, preferred, num_outstanding=188), second, num_outstanding=112)
+    assert first(Affinity().rank(key, heavy)) == preferred
+    assert first(Affinity().rank(key, with_load(heavy, preferred, num_outstanding=189))) == second
+    assert first(Affinity(1.25, 8).rank(key, with_load(two, preferred, num_outstanding=8))) == second
 
 
 def test_the_spill_goes_to_the_same_second_choice_every_time():
@@ -96,7 +116,7 @@ def test_the_spill_goes_to_the_same_second_choice_every_time():
     for key in keys(20):
         preferred, second, *_ = Affinity().rank(key, decoders).addresses
         loaded = with_load(decoders, preferred, num_outstanding=5)
-        assert {first(Affinity().rank(key, loaded)) for _ in range(3)} == {second}
+        assert {first(Affinity(1.25, 0).rank(key, loaded)) for _ in range(3)} == {second}
 
 
 def test_a_full_decoder_is_passed_over_even_under_the_bound():
@@ -175,7 +195,9 @@ def test_the_routing_flag():
     assert GatewayConfig.load([]).routing == "affinity"
     assert GatewayConfig.load(["--routing", "least-busy"]).routing == "least-busy"
     assert isinstance(policy("least-busy"), LeastBusy) and policy("affinity", 1.5).load_factor == 1.5
-    for field, value in (("routing", "random"), ("routing_load_factor", 1.0), ("decoder_info_interval_s", 0.0)):
+    assert policy("affinity", 1.5, 4).load_slack == 4 and GatewayConfig.load([]).routing_load_slack == 32
+    for field, value in (("routing", "random"), ("routing_load_factor", 1.0), ("decoder_info_interval_s", 0.0),
+                         ("routing_load_slack", -1)):
         with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
             GatewayConfig(**{field: value})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.gateway.routing import POLICIES
+from services.gateway.routing import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, POLICIES
 from shared import tls
 from shared.role import RoleOptions
 from shared.settings import option
@@ -47,8 +47,10 @@ class GatewayConfig(RoleOptions):
     routing: str = option("affinity", "how a request's decoder is chosen: affinity (prompts that start with the same "
                                       "image or the same tokens go to the same decoder, whose prefix cache holds "
                                       "them, unless it is overloaded) or least-busy (the fewest requests in flight)")
-    routing_load_factor: float = option(1.25, "affinity: a decoder takes a request while its load stays within this "
-                                              "factor of the decoders' average, else the next one does")
+    routing_load_factor: float = option(DEFAULT_LOAD_FACTOR, "affinity: a decoder takes a request while its load stays within this "
+                                              "factor of the decoders' average (or the slack), else the next one does")
+    routing_load_slack: int = option(DEFAULT_LOAD_SLACK, "affinity: a decoder also takes a request while its load is less than this "
+                                         "many requests above the least loaded one's; 0: the factor alone")
     decoder_info_interval_s: float = option(1.0, "how often each decoder's load and prefix-cache state is read "
                                                  "(its Info), for routing")
     decoder_auth_token: str = option("", "bearer token sent to the decoders; empty: --auth-token", secret=True)
@@ -77,6 +79,8 @@ class GatewayConfig(RoleOptions):
             raise ValueError(f"--routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
         if self.routing_load_factor <= 1.0 or self.decoder_info_interval_s <= 0:
             raise ValueError("--routing-load-factor must be above 1, --decoder-info-interval-s positive")
+        if self.routing_load_slack < 0:
+            raise ValueError(f"--routing-load-slack must not be negative, got {self.routing_load_slack}")
         try:
             parse_networks(self.image_url_allowed_networks)
         except ValueError as error:

@@ -16,7 +16,7 @@ from pixtral.v1 import common_pb2, decoder_pb2
 from services.gateway import metrics
 from services.gateway.decoder_client import DecoderClient
 from services.gateway.decoder_messages import DecodeOutput, output_from_pb, request_to_pb
-from services.gateway.routing import affinity_key, policy
+from services.gateway.routing import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, affinity_key, policy
 from shared.auth import bearer_metadata
 from shared.errors import ServiceError, Unavailable
 from shared.generation import DecoderInfo, GenerateRequest
@@ -53,7 +53,8 @@ class DecoderPool:
 
     def __init__(self, addresses: tuple[str, ...], credentials: grpc.ChannelCredentials | None = None,
                  token: str = "", health_retry_s: float = 1.0, discovery_interval_s: float = 10.0,
-                 routing: str = "affinity", load_factor: float = 1.25, info_interval_s: float = 1.0) -> None:
+                 routing: str = "affinity", load_factor: float = DEFAULT_LOAD_FACTOR,
+                 load_slack: int = DEFAULT_LOAD_SLACK, info_interval_s: float = 1.0) -> None:
         self.credentials = credentials
         self.metadata = bearer_metadata(token)
         self.names = [address.removeprefix("dns:///") for address in addresses if address.startswith("dns:///")]
@@ -62,7 +63,7 @@ class DecoderPool:
         self._static_addresses = {decoder.address for decoder in self.decoders}
         self.health_retry_s = health_retry_s
         self.discovery_interval_s = discovery_interval_s
-        self.policy = policy(routing, load_factor)
+        self.policy = policy(routing, load_factor, load_slack)
         self.info_interval_s = info_interval_s
         self._watchers: dict[str, asyncio.Task] = {}
         self._pollers: dict[str, asyncio.Task] = {}

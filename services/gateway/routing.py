@@ -10,8 +10,11 @@ that computed it. `Affinity` sends the prompts that start alike to the same deco
   hash(key, address) and the highest score wins. Every gateway computes the same choice with no shared state, and a
   decoder that joins or leaves moves only the keys it wins or won;
 - with a load bound (consistent hashing with bounded loads): a decoder takes a request only while its load stays
-  within ceil(load_factor x the average load, this request included), and never while it is full (at its
-  admission capacity, or with sequences waiting for KV memory). A request its decoder cannot take goes to the next
+  within ceil(load_factor x the average load, this request included) or within `load_slack` requests of the least
+  loaded decoder, and never while it is full (at its admission capacity, or with sequences waiting for KV memory).
+  The slack is there because a few more streams cost a decoder's step little (continuous batching) while a
+  repeated image's prefill sent elsewhere costs it all again: a handful of callers over a few decoders would
+  otherwise overflow the factor's bound all the time. A request its decoder cannot take goes to the next
   decoder in the key's own order (its second choice, the same for every request of that key), so a hot image
   spills over to one more decoder rather than to all of them; when every decoder is full, the least loaded.
 
@@ -91,11 +94,16 @@ def _candidates(decoders: Sequence[DecoderLoad]) -> Sequence[DecoderLoad]:
     return [decoder for decoder in decoders if decoder.is_healthy] or decoders
 
 
+DEFAULT_LOAD_FACTOR = 1.25
+DEFAULT_LOAD_SLACK = 32
+
+
 class Affinity:
-    def __init__(self, load_factor: float = 1.25) -> None:
-        if load_factor <= 1.0:
-            raise ValueError("the load factor must be above 1")
+    def __init__(self, load_factor: float = DEFAULT_LOAD_FACTOR, load_slack: int = DEFAULT_LOAD_SLACK) -> None:
+        if load_factor <= 1.0 or load_slack < 0:
+            raise ValueError("the load factor must be above 1 and the load slack not negative")
         self.load_factor = load_factor
+        self.load_slack = load_slack
 
     def rank(self, key: bytes, decoders: Sequence[DecoderLoad]) -> Ranking:
         candidates = _candidates(decoders)
@@ -103,7 +111,8 @@ class Affinity:
             return Ranking((), "affinity")
         order = sorted(candidates, key=lambda decoder: score(key, decoder.address), reverse=True)
         total = sum(decoder.load for decoder in candidates) + 1
-        bound = math.ceil(self.load_factor * total / len(candidates))
+        bound = max(math.ceil(self.load_factor * total / len(candidates)),
+                    min(decoder.load for decoder in candidates) + self.load_slack)
         chosen = next((decoder for decoder in order if not decoder.is_full and decoder.load < bound), None)
         if chosen is None:   # every one is full: the least loaded
             chosen = min(order, key=lambda decoder: decoder.load)
@@ -124,9 +133,10 @@ class LeastBusy:
         return Ranking(tuple(decoder.address for decoder in ranked), "least_busy")
 
 
-def policy(name: str, load_factor: float = 1.25) -> Affinity | LeastBusy:
+def policy(name: str, load_factor: float = DEFAULT_LOAD_FACTOR,
+           load_slack: int = DEFAULT_LOAD_SLACK) -> Affinity | LeastBusy:
     if name == "affinity":
-        return Affinity(load_factor)
+        return Affinity(load_factor, load_slack)
     if name == "least-busy":
         return LeastBusy()
     raise ValueError(f"routing must be one of {', '.join(POLICIES)}, got {name!r}")

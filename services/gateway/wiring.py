@@ -54,7 +54,8 @@ async def build(servicer: GatewayServicer, context: RoleContext) -> GatewayRole:
         config.decoder_addresses,
         tls.channel_credentials(config.decoder_tls_ca, config.decoder_tls_cert, config.decoder_tls_key),
         config.decoder_token, config.health_check_interval_s, routing=config.routing,
-        load_factor=config.routing_load_factor, info_interval_s=config.decoder_info_interval_s)
+        load_factor=config.routing_load_factor, load_slack=config.routing_load_slack,
+        info_interval_s=config.decoder_info_interval_s)
     await decoders.start()
     resolver = ImageResolver(config.max_image_bytes, config.max_image_pixels, url_fetcher(config))
     model_context = min(config.max_model_len or checkpoint.context_length(model_config),
