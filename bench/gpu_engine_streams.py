@@ -106,7 +106,8 @@ def main() -> None:
     num_steps = engine.counters.num_steps - steps_before
     num_tokens = engine.counters.num_generated_tokens - tokens_before
     results = {"device": gpu_name(), "quantization": args.quantization or "none",
-               "kv_cache_dtype": args.kv_cache_dtype, "callers": args.callers, "tokens": args.tokens, "requests": num_requests,
+               "kv_cache_dtype": args.kv_cache_dtype, "callers": args.callers, "tokens": args.tokens,
+               "requests": num_requests,
                "seconds": seconds, "tokens_per_s": num_tokens / seconds, "steps_per_s": num_steps / seconds,
                "tokens_per_step": num_tokens / num_steps,
                "ttft_p50_ms": 1000 * percentile(firsts, 0.5), "ttft_p99_ms": 1000 * percentile(firsts, 0.99)}
@@ -114,8 +115,8 @@ def main() -> None:
         results["graph_replay_ms"] = replay_ms(engine.runner.graphs)
         if args.kernels:
             from bench.gpu_profile import kernel_table
-            results["graph_kernels"] = kernel_table(engine.runner.graphs.graphs[engine.runner.graphs.sizes[-1]].replay,
-                                                    repeats=5)
+            graphs = engine.runner.graphs
+            results["graph_kernels"] = kernel_table(graphs.graphs[graphs.sizes[-1]].replay, repeats=5)
     print(results, flush=True)
     save("engine_streams", results)
 

@@ -47,10 +47,12 @@ class GatewayConfig(RoleOptions):
     routing: str = option("affinity", "how a request's decoder is chosen: affinity (prompts that start with the same "
                                       "image or the same tokens go to the same decoder, whose prefix cache holds "
                                       "them, unless it is overloaded) or least-busy (the fewest requests in flight)")
-    routing_load_factor: float = option(DEFAULT_LOAD_FACTOR, "affinity: a decoder takes a request while its load stays within this "
-                                              "factor of the decoders' average (or the slack), else the next one does")
-    routing_load_slack: int = option(DEFAULT_LOAD_SLACK, "affinity: a decoder also takes a request while its load is less than this "
-                                         "many requests above the least loaded one's; 0: the factor alone")
+    routing_load_factor: float = option(
+        DEFAULT_LOAD_FACTOR, "affinity: a decoder takes a request while its load stays within this factor of the "
+                             "decoders' average (or the slack), else the next one does")
+    routing_load_slack: int = option(
+        DEFAULT_LOAD_SLACK, "affinity: a decoder also takes a request while its load is less than this many "
+                            "requests above the least loaded one's; 0: the factor alone")
     decoder_info_interval_s: float = option(1.0, "how often each decoder's load and prefix-cache state is read "
                                                  "(its Info), for routing")
     decoder_auth_token: str = option("", "bearer token sent to the decoders; empty: --auth-token", secret=True)

@@ -34,6 +34,8 @@ from shared.generation import DecoderInfo, GenerateRequest
 
 POLICIES = ("affinity", "least-busy")
 NUM_PREFIX_TOKENS = 64   # a text prompt's key: its first tokens (BOS, [INST], the start of the first message)
+DEFAULT_LOAD_FACTOR = 1.25
+DEFAULT_LOAD_SLACK = 32   # requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +94,6 @@ def score(key: bytes, address: str) -> int:
 def _candidates(decoders: Sequence[DecoderLoad]) -> Sequence[DecoderLoad]:
     # When no decoder is healthy all are tried: health answers lag behind, and one that cannot serve fails at once.
     return [decoder for decoder in decoders if decoder.is_healthy] or decoders
-
-
-DEFAULT_LOAD_FACTOR = 1.25
-DEFAULT_LOAD_SLACK = 32
 
 
 class Affinity:
