@@ -18,8 +18,9 @@ class DecoderConfig(ModelRoleOptions):
                                   "sequences (an image prompt and its answer), 16 to 256")
     max_num_batched_tokens: int = option(8192, "tokens in one forward pass (chunked-prefill budget)")
     step_time_budget_ms: float = option(0.0, "a step that carries decoding streams prefills only the prompt tokens "
-                                             "that fit in this time (a prefill pass timed at start-up, CUDA), to "
-                                             "bound their time per output token; 0 (default): no bound")
+                                             "that fit in this time (as the steps run take; from prefill passes "
+                                             "timed at start-up on CUDA), to bound their time per output token; "
+                                             "0 (default): no bound")
     max_queued: int = option(256, "requests queued beyond max_num_seqs before RESOURCE_EXHAUSTED")
     max_model_len: int = option(0, "prompt + generated tokens per request; 0: the model's, capped by the KV cache")
     block_size: int = option(16, "tokens per KV-cache block")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 from services.decoder.admission import Admission
 from services.decoder.failures import FailurePolicy, probe_sequence
@@ -30,6 +31,7 @@ from services.decoder.outputs import Outputs, Sink
 from services.decoder.scheduler import ScheduledBatch, Scheduler
 from services.decoder.sequence import FinishReason, Sequence
 from services.decoder.stats import EngineStats, StepCounters
+from services.decoder.step_budget import StepBudget
 
 PROBE_PREFIX = "engine-probe#"
 
@@ -37,9 +39,10 @@ PROBE_PREFIX = "engine-probe#"
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_queued: int, *, eos_token_id: int,
                  probe_token_id: int, max_forward_failures: int = 3, retry_interval_s: float = 1.0,
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, step_budget: StepBudget | None = None) -> None:
         """`max_queued`: requests waiting for a slot beyond max_num_seqs before we refuse; `probe_token_id`: a
-        one-token prompt any checkpoint can run (BOS)."""
+        one-token prompt any checkpoint can run (BOS); `step_budget`: moves the scheduler's prefill bound for steps
+        with decoding streams by how long the steps take."""
         self.runner = runner
         self.scheduler = scheduler
         self.admission = Admission(scheduler.config.max_num_seqs, max_queued)
@@ -47,6 +50,8 @@ class Engine:
         self.eos_token_id = eos_token_id
         self.probe_token_id = probe_token_id
         self.overlap = overlap
+        self.step_budget = step_budget
+        self._last_read_s: float | None = None   # when the last step was read; None after idling
         self.counters = StepCounters()
         self._in_flight: LaunchedStep | None = None   # launched and sampled, tokens not read yet
         self.inbox = Inbox(self.admission)
@@ -84,6 +89,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._is_stopping:
             if self.scheduler.num_unfinished == 0 and self._in_flight is None:
+                self._last_read_s = None
                 item = self.inbox.wait(timeout_s=0.5)   # idle: sleep until work arrives
                 if item is None:
                     continue
@@ -170,7 +176,17 @@ class Engine:
             return False
         self.failures.succeeded()
         self.counters.count(step.batch, self.outputs.emit_step(step.batch, sampled, logprobs))
+        self._time_step(step.batch)
         return True
+
+    def _time_step(self, batch: ScheduledBatch) -> None:
+        """A step read: the interval since the one before goes to the step budget, which moves the bound."""
+        now = time.perf_counter()
+        if self.step_budget is not None and self._last_read_s is not None:
+            num_decoding = batch.num_decoding
+            self.step_budget.observe(batch.num_tokens - num_decoding, num_decoding, 1000 * (now - self._last_read_s))
+            self.scheduler.max_prefill_tokens_while_decoding = self.step_budget.tokens
+        self._last_read_s = now
 
     def _fail(self, batches: list[ScheduledBatch], error: Exception) -> None:
         num_ended = self.outputs.fail(batches, f"forward pass failed: {type(error).__name__}")

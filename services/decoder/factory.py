@@ -17,7 +17,7 @@ from services.decoder.model import PixtralDecoder, TextModelSpec
 from services.decoder.weights import load_decoder
 from services.decoder.model_runner import ModelRunner
 from services.decoder.scheduler import Scheduler, SchedulerConfig
-from services.decoder.step_budget import prefill_tokens_while_decoding, time_prompt_pass_ms
+from services.decoder.step_budget import step_budget, time_prompt_pass_ms
 from shared import fingerprints
 from shared.tiny import resolve_model
 
@@ -86,21 +86,21 @@ def build_engine_for(model: PixtralDecoder, config: DecoderConfig, device: torch
     runner = ModelRunner(model, cache, device, max_num_seqs, max_model_len, use_fused_kernels=is_cuda,
                          use_cuda_graphs=is_cuda and config.cuda_graphs,
                          max_step_tokens=config.max_num_batched_tokens)
-    prefill_while_decoding = 0
     if is_cuda:
         runner.warm_up(config.max_num_batched_tokens)
-        prefill_while_decoding = prefill_tokens_while_decoding(
-            functools.partial(time_prompt_pass_ms, runner), config.step_time_budget_ms, config.max_num_batched_tokens,
-            min_tokens=min(MIN_PREFILL_CHUNK, config.max_num_batched_tokens))
+    budget = step_budget(functools.partial(time_prompt_pass_ms, runner) if is_cuda else None,
+                         config.step_time_budget_ms, config.max_num_batched_tokens,
+                         min_tokens=min(MIN_PREFILL_CHUNK, config.max_num_batched_tokens))
     if runner.graphs is not None:
         runner.graphs.capture()
     if config.fault_forward_file:
         runner = FailingRunner(runner, config.fault_forward_file)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs, config.max_num_batched_tokens, prefill_while_decoding),
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs, config.max_num_batched_tokens,
+                                          budget.tokens if budget is not None else 0),
                           BlockManager(num_blocks, config.block_size, config.enable_prefix_caching))
     engine = Engine(runner, scheduler, config.max_queued, eos_token_id=spec.eos_token_id,
                     probe_token_id=spec.bos_token_id, max_forward_failures=config.max_forward_failures,
-                    overlap=is_cuda and config.async_scheduling)
+                    overlap=is_cuda and config.async_scheduling, step_budget=budget)
     return engine, max_model_len
 
 

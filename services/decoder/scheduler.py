@@ -3,8 +3,8 @@
 Pure Python (no torch), unit tested on its own. Every step has a token budget shared by all sequences:
 decoding sequences take one token each, whatever their place in the order, and prompts are prefilled in chunks of
 what is left, so a long image prompt never stalls the streams that are decoding. A step that carries decoding
-streams prefills at most `max_prefill_tokens_while_decoding` tokens where that is set (from a time budget measured
-at start-up, step_budget.py), to bound their time per output token while prompts wait.
+streams prefills at most `max_prefill_tokens_while_decoding` tokens where that is set (the engine keeps it within a
+time budget by the steps it runs, step_budget.py), to bound their time per output token while prompts wait.
 
 Older sequences come first; when KV blocks run out, the newest running sequence is preempted (its blocks freed) and
 recomputed later. Head-of-line blocking by long prompts is bounded two ways: a prompt's chunk is at most half of the
@@ -30,13 +30,8 @@ from services.decoder.sequence import PENDING_TOKEN, FinishReason, Sequence, Seq
 class SchedulerConfig:
     max_num_seqs: int            # sequences holding KV blocks at once
     max_num_batched_tokens: int  # tokens in one forward pass (the chunked-prefill budget)
-    max_prefill_tokens_while_decoding: int = 0   # prompt tokens of a step with decoding streams; 0: no bound
+    max_prefill_tokens_while_decoding: int = 0   # prompt tokens of a step with decoding streams at first; 0: no bound
     max_head_passes: int = 8     # steps in which later prompts may pass a waiting one that does not fit
-
-    @property
-    def prefill_budget_while_decoding(self) -> int:
-        return min(self.max_prefill_tokens_while_decoding or self.max_num_batched_tokens,
-                   self.max_num_batched_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +59,11 @@ class ScheduledBatch:
         return sum(chunk.num_tokens for chunk in self.chunks)
 
     @property
+    def num_decoding(self) -> int:
+        """Rows of sequences that decode (one generated token each); the rest are prompt tokens."""
+        return sum(1 for chunk in self.chunks if chunk.num_tokens == 1 and chunk.start >= chunk.seq.num_prompt_tokens)
+
+    @property
     def is_decode_only(self) -> bool:
         return all(chunk.num_tokens == 1 and chunk.is_sampling for chunk in self.chunks)
 
@@ -85,6 +85,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()   # by arrival; preempted sequences return to the front
         self.running: list[Sequence] = []         # by arrival
+        self.max_prefill_tokens_while_decoding = config.max_prefill_tokens_while_decoding   # the engine moves it
 
     @property
     def num_unfinished(self) -> int:
@@ -99,7 +100,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         # Each decoding sequence's token is set aside before any prompt takes from the budget.
         num_decoding_after = sum(1 for seq in self.running if seq.num_uncomputed_tokens == 1)
-        prefill_budget = self.config.prefill_budget_while_decoding if num_decoding_after else budget
+        prefill_budget = min(self.max_prefill_tokens_while_decoding or budget, budget) if num_decoding_after \
+            else budget
         num_prefilling = sum(1 for seq in self.running if seq.num_uncomputed_tokens > 1) + len(self.waiting)
         index = 0
         while index < len(self.running) and budget > 0:

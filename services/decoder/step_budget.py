@@ -1,13 +1,15 @@
-"""How many prompt tokens a step that carries decoding streams may prefill: measured once at start-up.
+"""How many prompt tokens a step that carries decoding streams may prefill, within a time budget.
 
 A step's time grows with the tokens it computes, roughly `fixed + per_token x tokens` (the fixed part is reading
 the weights once, the rest the prompt's compute). Streams that are decoding wait for the whole step, so with
 `--step-time-budget-ms` a step that carries them prefills at most the tokens that fit in it. A step without
 decoding streams keeps the whole `--max-num-batched-tokens` budget (nothing waits on it).
 
-The model is fitted on prefill passes timed alone, which is the GPU's part of a step only: in the serving process
-a mixed step also waits for the host (eager launches, the GIL shared with the gRPC threads), so on the H200 such
-steps took far longer than the budget (docs/benchmarks.md, goodput) and the budget is off by default.
+The start-up measurement times prefill passes alone, which is the GPU's part of a step only: in the serving
+process a mixed step also waits for the host (eager launches, the GIL shared with the gRPC threads), and on the
+H200 such steps took far longer than a budget set from it (docs/benchmarks.md, goodput). So `StepBudget` follows
+the steps the engine really runs: the interval between two steps' reads, which is what a decoding stream waits
+for between its tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 SMALL_PASS_TOKENS = 256
 LARGE_PASS_TOKENS = 2048
 REPEATS = 3
+SMOOTHING = 0.2          # weight of a step's sample in the running estimates
+MIN_SAMPLE_TOKENS = 64   # prompt tokens a step needs for its interval to tell the cost of one
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +68,51 @@ def time_prompt_pass_ms(runner, num_tokens: int) -> float:
     return start.elapsed_time(end)
 
 
-def prefill_tokens_while_decoding(time_pass_ms: Callable[[int], float], budget_ms: float, max_tokens: int,
-                                  min_tokens: int) -> int:
-    """The scheduler's `max_prefill_tokens_while_decoding` for this model on this device (0: no bound)."""
+class StepBudget:
+    """The prompt tokens a step with decoding streams may prefill, kept within `budget_ms` by the steps the engine
+    runs. A step's interval (from the read of the step before to its own: host work, launches and the device's
+    time) is modelled as `fixed + per_token x prompt tokens`; the fixed part follows the steps that only decode, the
+    per-token part those that also prefill, each a running average. They start from the passes timed at start-up
+    (CUDA); without them there is no bound until both have been seen."""
+
+    def __init__(self, budget_ms: float, min_tokens: int, max_tokens: int, start: StepCost | None = None) -> None:
+        self.budget_ms, self.min_tokens, self.max_tokens = budget_ms, min_tokens, max_tokens
+        self.fixed_ms = start.fixed_ms if start is not None else None
+        self.per_token_ms = start.per_token_ms if start is not None else None
+
+    @property
+    def tokens(self) -> int:
+        """The scheduler's bound now (max_tokens while the cost is not known yet)."""
+        if self.fixed_ms is None or self.per_token_ms is None:
+            return self.max_tokens
+        return StepCost(self.fixed_ms, self.per_token_ms).tokens_within(self.budget_ms, self.min_tokens,
+                                                                         self.max_tokens)
+
+    def observe(self, num_prompt_tokens: int, num_decoding: int, interval_ms: float) -> None:
+        """A step read: its prompt tokens, its decoding rows and the interval since the step before was read."""
+        if num_decoding == 0:
+            return   # nobody waited on it
+        if num_prompt_tokens == 0:
+            self.fixed_ms = _averaged(self.fixed_ms, interval_ms)
+        elif num_prompt_tokens >= MIN_SAMPLE_TOKENS and self.fixed_ms is not None:
+            self.per_token_ms = _averaged(self.per_token_ms,
+                                          max(interval_ms - self.fixed_ms, 0.0) / num_prompt_tokens)
+
+
+def _averaged(average: float | None, sample: float) -> float:
+    return sample if average is None else average + SMOOTHING * (sample - average)
+
+
+def step_budget(time_pass_ms: Callable[[int], float] | None, budget_ms: float, max_tokens: int,
+                min_tokens: int) -> StepBudget | None:
+    """The engine's step budget for this model on this device (None: no bound); `time_pass_ms` times a prefill
+    pass (CUDA), None where nothing is measured at start-up."""
     if budget_ms <= 0:
-        return 0
-    cost = measure_step_cost(time_pass_ms, max_tokens)
-    tokens = cost.tokens_within(budget_ms, min_tokens, max_tokens)
-    log.info("steps with decoding streams prefill at most %d tokens (a pass: %.1f ms + %.4f ms a token; "
-             "budget %.0f ms)", tokens, cost.fixed_ms, cost.per_token_ms, budget_ms)
-    return tokens
+        return None
+    start = measure_step_cost(time_pass_ms, max_tokens) if time_pass_ms is not None else None
+    budget = StepBudget(budget_ms, min_tokens, max_tokens, start)
+    if start is not None:
+        log.info("steps with decoding streams prefill at most %d tokens to start with (a pass: %.1f ms + %.4f ms a "
+                 "token; budget %.0f ms), then as the steps run", budget.tokens, start.fixed_ms, start.per_token_ms,
+                 budget_ms)
+    return budget
