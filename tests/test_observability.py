@@ -37,6 +37,7 @@ DECODER_METRICS = [
     "pixtral_decoder_batch_occupancy_ratio",
     "pixtral_decoder_generated_tokens_total",
     "pixtral_decoder_steps_total",
+    "pixtral_decoder_prefill_tokens_while_decoding",        # the step-time budget's bound now
 ]
 VISION_METRICS = [
     "pixtral_vision_encode_seconds_count",                  # encode latency of a batch

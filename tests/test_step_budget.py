@@ -120,5 +120,5 @@ def test_the_engine_moves_the_bound_by_its_steps(tiny_model):
         assert stream.num_output_tokens == before + 1
         computed.append(prompt.num_computed_tokens)
     chunks = [b - a for a, b in zip([0, *computed], computed)]
-    assert chunks[0] == 1023 and engine.scheduler.max_prefill_tokens_while_decoding == 256
+    assert chunks[0] == 1023 and engine.stats().max_prefill_tokens_while_decoding == 256
     assert all(chunk == 256 for chunk in chunks[1:-1]) and chunks[-1] <= 256

@@ -20,6 +20,7 @@ judge (failures.py).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 
@@ -34,6 +35,8 @@ from services.decoder.stats import EngineStats, StepCounters
 from services.decoder.step_budget import StepBudget
 
 PROBE_PREFIX = "engine-probe#"
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -52,6 +55,7 @@ class Engine:
         self.overlap = overlap
         self.step_budget = step_budget
         self._last_read_s: float | None = None   # when the last step was read; None after idling
+        self._logged_bound = scheduler.max_prefill_tokens_while_decoding
         self.counters = StepCounters()
         self._in_flight: LaunchedStep | None = None   # launched and sampled, tokens not read yet
         self.inbox = Inbox(self.admission)
@@ -185,7 +189,11 @@ class Engine:
         if self.step_budget is not None and self._last_read_s is not None:
             num_decoding = batch.num_decoding
             self.step_budget.observe(batch.num_tokens - num_decoding, num_decoding, 1000 * (now - self._last_read_s))
-            self.scheduler.max_prefill_tokens_while_decoding = self.step_budget.tokens
+            bound = self.scheduler.max_prefill_tokens_while_decoding = self.step_budget.tokens
+            if not 0.8 <= bound / max(self._logged_bound, 1) <= 1.25:   # logged as it moves, not every step
+                log.info("steps with decoding streams now prefill at most %d tokens (%.1f ms + %.4f ms a token)",
+                         bound, self.step_budget.fixed_ms or 0.0, self.step_budget.per_token_ms or 0.0)
+                self._logged_bound = bound
         self._last_read_s = now
 
     def _fail(self, batches: list[ScheduledBatch], error: Exception) -> None:

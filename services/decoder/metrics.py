@@ -43,6 +43,9 @@ class EngineCollector:
                                   "prefix cache (not computed)", value=stats.num_prefix_hit_tokens)
         yield GaugeMetricFamily("pixtral_decoder_prefix_cache_blocks", "KV blocks registered in the prefix cache, "
                                 "in use or kept for reuse", value=stats.num_prefix_cached_blocks)
+        yield GaugeMetricFamily("pixtral_decoder_prefill_tokens_while_decoding", "Prompt tokens a step with "
+                                "decoding streams may prefill now, by --step-time-budget-ms (0: no bound)",
+                                value=stats.max_prefill_tokens_while_decoding)
         yield GaugeMetricFamily("pixtral_decoder_engine_healthy", "1 while forward passes work, 0 after a failure "
                                 "until one works again", value=float(stats.is_healthy))
 

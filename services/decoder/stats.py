@@ -40,6 +40,7 @@ class EngineStats:
     num_prefix_hit_tokens: int = 0       # of those, tokens whose KV came from the prefix cache
     num_prefix_cached_blocks: int = 0    # blocks registered in the prefix cache (in use or not)
     num_overlapped_steps: int = 0
+    max_prefill_tokens_while_decoding: int = 0   # the step-time budget's bound now; 0: none
 
     @staticmethod
     def of(scheduler, counters: StepCounters, failures) -> EngineStats:
@@ -51,4 +52,5 @@ class EngineStats:
             num_preempted=counters.num_preempted, last_batch_size=counters.last_batch_size,
             num_failed_steps=failures.num_failed_steps, is_healthy=failures.is_healthy,
             num_prefix_queried_tokens=blocks.num_queried_tokens, num_prefix_hit_tokens=blocks.num_hit_tokens,
-            num_prefix_cached_blocks=blocks.num_cached_blocks, num_overlapped_steps=counters.num_overlapped_steps)
+            num_prefix_cached_blocks=blocks.num_cached_blocks, num_overlapped_steps=counters.num_overlapped_steps,
+            max_prefill_tokens_while_decoding=scheduler.max_prefill_tokens_while_decoding)
