@@ -437,6 +437,8 @@ def test_a_full_decoder_sends_its_images_to_the_other_one(tiny_model, redis_serv
         long_stream.call.cancel()
         assert long_stream.result().code == grpc.StatusCode.CANCELLED
         wait_gateway_idle()
+        # The decoder frees the cancelled stream's slot when its engine takes the abort, after the gateway let go.
+        wait_until(lambda: decoder_info(preferred).num_unfinished == 0, 30, "the cancelled stream still holds its slot")
         request_id, last = ask(stack.gateway, image)   # free again: back to its own decoder and its prefix cache
         assert served_by(stack, request_id) == preferred and last.usage.cached_prompt_tokens > 0
         assert gateway_metric("pixtral_gateway_decoder_choices_total", reason="affinity") == 2
