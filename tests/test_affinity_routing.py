@@ -22,6 +22,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.decoders import DecoderPool
 from services.gateway.routing import (Affinity, DecoderLoad, LeastBusy, Ranking, affinity_key, image_key,
                                       policy, score)
+from shared.errors import Overloaded
 from shared.generation import DecoderInfo, GenerateRequest, ImageRef
 from shared.grpc_server import GrpcServer
 from shared.images import sha256_hex
@@ -211,9 +212,12 @@ class ReportingDecoder(decoder_pb2_grpc.DecoderServicer):
         self.num_calls = 0
         self.num_info_calls = 0
         self.num_unfinished = 0
+        self.is_refusing = False   # its admission refuses every request, whatever its Info says
 
     async def Generate(self, request, context):
         self.num_calls += 1
+        if self.is_refusing:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decoder queue is full (4 requests); retry later")
         yield decoder_pb2.GenerateResponse(token_ids=[7], finish_reason=common_pb2.FINISH_REASON_LENGTH)
 
     async def Info(self, request, context):
@@ -290,6 +294,24 @@ def test_the_pool_sends_a_key_to_one_decoder_and_away_from_one_others_have_fille
         before = other.num_calls
         await served(pool, request)
         assert other.num_calls == before + 1
+    run_pool(scenario)
+
+
+def test_a_decoder_that_refuses_as_full_passes_the_request_to_the_next_one():
+    """Its Info (read a moment before) said it had room: the refusal, before any work, sends the request on; with
+    every decoder refusing, the caller gets RESOURCE_EXHAUSTED."""
+    async def scenario(pool, fakes):
+        request = text_request(0)
+        preferred = pool._ranked(request)[0]
+        refusing, other = fakes[pool.decoders.index(preferred)], fakes[1 - pool.decoders.index(preferred)]
+        refusing.is_refusing = True
+        await served(pool, request)
+        assert (refusing.num_calls, other.num_calls) == (1, 1)
+        other.is_refusing = True
+        with pytest.raises(Overloaded, match="decoder queue is full"):
+            await served(pool, request)
+        assert (refusing.num_calls, other.num_calls) == (2, 2)
+        assert all(decoder.num_outstanding == 0 for decoder in pool.decoders)
     run_pool(scenario)
 
 

@@ -155,7 +155,8 @@ class DecoderPool:
 
     async def _open(self, decoder: DecoderClient, message: decoder_pb2.GenerateRequest, timeout_s: float | None):
         """Starts the call on `decoder` up to its first message -> (call, first response); a decoder that is
-        UNAVAILABLE, or fails, before sending anything raises _FailedBeforeOutput (the next one is tried)."""
+        UNAVAILABLE or full (RESOURCE_EXHAUSTED: its admission refused the request before doing anything), or that
+        fails before sending anything, raises _FailedBeforeOutput (the next one is tried)."""
         call = decoder.stub.Generate(message, timeout=timeout_s, metadata=self.metadata)
         try:
             first = await call.read()
@@ -165,6 +166,9 @@ class DecoderPool:
             if error.code() == grpc.StatusCode.UNAVAILABLE:
                 log.warning("decoder %s unavailable; trying another", decoder.address)
                 raise _FailedBeforeOutput(mapped) from None
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:   # what its last Info said is out of date
+                log.info("decoder %s full; trying another", decoder.address)
+                raise _FailedBeforeOutput(mapped) from None
             raise mapped from None
         if first is grpc.aio.EOF or first.finish_reason == common_pb2.FINISH_REASON_ERROR:
             call.cancel()
@@ -173,8 +177,9 @@ class DecoderPool:
         return call, first
 
     async def generate(self, request: GenerateRequest, timeout_s: float | None) -> AsyncIterator[DecodeOutput]:
-        """Streams the decoder's outputs. A decoder that is UNAVAILABLE before sending anything is skipped (tried
-        on the next one: nothing happened yet, so the call is safe to repeat).
+        """Streams the decoder's outputs. A decoder that is UNAVAILABLE or full before sending anything is skipped
+        (tried on the next one: nothing happened yet, so the call is safe to repeat); when every one is, the last
+        one's error is raised.
 
         A decoder whose forward pass failed sends finish_reason ERROR, then ends the call UNAVAILABLE: that is
         raised as Unavailable (the caller ends its stream with an error), or, before any token, retried elsewhere.
