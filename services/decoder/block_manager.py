@@ -142,8 +142,7 @@ class BlockManager:
         """Records the full blocks of an admitted sequence's prompt past those it shares, which it computes now."""
         if not self.enable_prefix_caching or not seq.is_shareable:
             return
-        for digest in seq.block_hashes(self.block_size, seq.num_prompt_tokens // self.block_size)[
-                seq.num_cached_blocks:]:
+        for digest in self._uncached_prompt_hashes(seq):
             self._claims.setdefault(digest, seq)
 
     def being_computed(self, seq: Sequence, num_shared: int) -> Sequence | None:
@@ -157,17 +156,20 @@ class BlockManager:
         if owner is None or owner is seq:
             return None
         if owner.status is not SequenceStatus.RUNNING or owner.num_computed_tokens >= count * self.block_size:
-            del self._claims[digest]   # preempted since, or computed without registering (another block has it)
+            del self._claims[digest]   # not expected (free and registration drop claims): never let one hold a prompt
             return None
         return owner
 
     def _drop_claims(self, seq: Sequence) -> None:
         if not self._claims or not seq.is_shareable:
             return
-        for digest in seq.block_hashes(self.block_size, seq.num_prompt_tokens // self.block_size)[
-                seq.num_cached_blocks:]:
+        for digest in self._uncached_prompt_hashes(seq):
             if self._claims.get(digest) is seq:
                 del self._claims[digest]
+
+    def _uncached_prompt_hashes(self, seq: Sequence) -> list[bytes]:
+        """Hashes of the full blocks of `seq`'s prompt past those registered for it: the ones it claims."""
+        return seq.block_hashes(self.block_size, seq.num_prompt_tokens // self.block_size)[seq.num_cached_blocks:]
 
     def reset_prefix_cache(self) -> None:
         """Forgets every registered block (their KV may be wrong: a forward pass failed while writing)."""
